@@ -1,0 +1,56 @@
+"""The `mmcl` command: one entry point, one subcommand per job (shard, train, eval, demo).
+
+Each subcommand module contributes `add_parser(subparsers)` and a `run(args) -> int`; this file only
+parses, dispatches and turns UsageError into a one-line message with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mmcl import __version__
+from mmcl.errors import EXIT_USAGE, UsageError
+
+
+class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples in descriptions as written and shows defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shards_tools.cli import add_shard_parser
+
+    parser = argparse.ArgumentParser(
+        prog="mmcl",
+        formatter_class=HelpfulFormatter,
+        description=(
+            "Multimodal contrastive pretraining on streaming WebDataset shards.\n\n"
+            "example:\n"
+            "  mmcl shard image-text --input captions.csv --output shards/ --image-size 256\n"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"mmcl {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_shard_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as err:
+        prog = getattr(args, "prog_name", "mmcl")
+        for line in str(err).splitlines() or [""]:
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
