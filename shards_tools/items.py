@@ -53,3 +53,7 @@ class ItemError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):
+        # readers attach ItemErrors to items that travel to worker processes: pickle by fields
+        return (ItemError, (self.reason, self.detail))

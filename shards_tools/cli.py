@@ -1,0 +1,268 @@
+"""`mmcl shard ...`: image-text, audio-text, merge, verify, stats. Parses flags into a ShardConfig and calls
+the library; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmcl.errors import UsageError
+from shards_tools.config import build_config
+
+IMAGE_EXAMPLE = """example:
+  mmcl shard image-text --input captions.csv --output shards/cc --image-size 256 --shard-size 10000
+  mmcl shard image-text --input train2017_captions.json --format coco --media-root train2017 --output shards/coco
+  mmcl shard image-text --input imagenet/train --output shards/inet --template "a photo of a {label}."
+"""
+AUDIO_EXAMPLE = """example:
+  mmcl shard audio-text --input clotho_captions_development.csv --output shards/clotho --sample-rate 48000
+  mmcl shard audio-text --input ESC-50-master --output shards/esc50 --folds 5 --sample-rate 16000
+"""
+
+# pydantic field path -> the flag a user typed, so messages name the flag.
+FLAG_NAMES = {
+    "input.path": "--input",
+    "input.format": "--format",
+    "output": "--output",
+    "prefix": "--prefix",
+    "shard_size": "--shard-size",
+    "max_shard_bytes": "--max-shard-bytes",
+    "workers": "--workers",
+    "distributor": "--distributor",
+    "part": "--part",
+    "noise_rate": "--noise-rate",
+    "max_error_rate": "--max-error-rate",
+    "image.image_size": "--image-size",
+    "image.resize_mode": "--resize-mode",
+    "image.min_size": "--min-size",
+    "image.quality": "--quality",
+    "audio.sample_rate": "--sample-rate",
+    "audio.max_seconds": "--max-seconds",
+    "fetch.timeout": "--timeout",
+    "fetch.retries": "--retries",
+}
+
+
+def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
+    from mmcl.cli import HelpfulFormatter
+
+    shard = subparsers.add_parser(
+        "shard",
+        help="convert datasets to WebDataset shards",
+        formatter_class=HelpfulFormatter,
+        description="Convert image-text and audio-text datasets into WebDataset tar shards.\n\n"
+        + IMAGE_EXAMPLE
+        + "  mmcl shard verify shards/cc\n",
+    )
+    sub = shard.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", required=True)
+    for modality, example in (("image", IMAGE_EXAMPLE), ("audio", AUDIO_EXAMPLE)):
+        p = sub.add_parser(
+            f"{modality}-text",
+            help=f"shard {modality}-text pairs",
+            formatter_class=HelpfulFormatter,
+            description=f"Shard {modality}-text pairs from a manifest, folder or public layout.\n\n{example}",
+        )
+        _add_common(p)
+        _add_image(p) if modality == "image" else _add_audio(p)
+        p.set_defaults(run=_run_shard, modality=modality, prog_name=f"mmcl shard {modality}-text")
+
+    merge = sub.add_parser(
+        "merge",
+        help="join the manifests of --part K/N runs",
+        formatter_class=HelpfulFormatter,
+        description="Join the records of all --part K/N runs in OUT into manifest.json and sizes.json.\n\n"
+        "example:\n  mmcl shard merge shards/cc\n",
+    )
+    merge.add_argument("output", type=Path, help="the --output folder the parts wrote to")
+    merge.set_defaults(run=_run_merge, prog_name="mmcl shard merge")
+
+    verify = sub.add_parser(
+        "verify",
+        help="re-read every shard and check it",
+        formatter_class=HelpfulFormatter,
+        description="Re-read every shard: counts, sha256, keys and that every sample decodes.\n"
+        "Exits 1 and lists the problems if anything is wrong.\n\nexample:\n  mmcl shard verify shards/cc\n",
+    )
+    verify.add_argument("output", type=Path)
+    verify.add_argument("--no-decode", action="store_true", help="check counts and hashes only")
+    verify.set_defaults(run=_run_verify, prog_name="mmcl shard verify")
+
+    stats = sub.add_parser(
+        "stats",
+        help="counts, sizes and distributions of a shard set",
+        formatter_class=HelpfulFormatter,
+        description="Counts, sizes, caption lengths, image sizes or durations, errors by reason.\n\n"
+        "example:\n  mmcl shard stats shards/cc --plot cc_stats.png\n",
+    )
+    stats.add_argument("output", type=Path)
+    stats.add_argument("--plot", type=Path, help="write histograms to this PNG")
+    stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    stats.set_defaults(run=_run_stats, prog_name="mmcl shard stats")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from shards_tools.config import InputSpec
+
+    formats = InputSpec.model_fields["format"].annotation.__args__
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, type=Path, help="manifest file, media folder or dataset root")
+    g.add_argument("--format", default="auto", choices=formats, help="input layout (auto-detected by default)")
+    g.add_argument("--media-root", type=Path, help="media folder for layouts that keep it apart (COCO, Clotho, ...)")
+    g.add_argument("--url-column", help="manifest column with the path or URL")
+    g.add_argument("--caption-column", action="append", help="manifest caption column (repeat for several)")
+    g.add_argument("--label-column", help="manifest column with a class label")
+    g.add_argument("--template", action="append", help="caption template for labelled inputs, with {label}")
+    g.add_argument("--folds", type=int, nargs="+", help="ESC-50/UrbanSound8K folds to keep")
+    g.add_argument("--allow-outside-root", action="store_true", help="accept manifest paths outside its folder")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, type=Path, help="folder for the shards and manifest.json")
+    g.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
+    g.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    g.add_argument("--max-shard-bytes", type=int, help="also close a shard when its inputs reach this many bytes")
+    g.add_argument("--seed", type=int, default=0, help="seed for --shuffle and --noise-rate")
+    g.add_argument("--shuffle", action="store_true", help="shuffle items before sharding")
+    g.add_argument("--noise-rate", type=float, default=0.0, help="benchmark noise: permute this fraction of captions")
+    g.add_argument("--max-error-rate", type=float, default=1.0, help="abort when more items than this are skipped")
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    g.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "ray"])
+    g.add_argument("--part", help="do part K of N (0-based), e.g. 3/16, for job arrays; then `mmcl shard merge`")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per URL fetch")
+    g.add_argument("--retries", type=int, default=2, help="retries per URL")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_image(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images")
+    g.add_argument("--image-size", type=int, help="resize to this size (see --resize-mode)")
+    g.add_argument(
+        "--resize-mode",
+        default="keep-ratio-largest",
+        choices=["none", "keep-ratio-largest", "center-crop", "shortest-side"],
+    )
+    g.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
+    g.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"])
+    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+
+
+def _add_audio(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("audio")
+    g.add_argument("--sample-rate", type=int, help="resample to this rate (Hz)")
+    g.add_argument("--max-seconds", type=float, help="keep at most this many seconds from the start")
+    g.add_argument("--keep-channels", action="store_true", help="do not mix down to mono")
+    g.add_argument("--audio-format", default="flac", choices=["flac", "wav"])
+
+
+def _parse_part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--part: expected K/N such as 0/4, got {text!r}") from None
+    return k, n
+
+
+def config_from_args(args: argparse.Namespace):
+    """Map parsed flags onto the typed ShardConfig (validation errors name the flag)."""
+    fields = {
+        "input": {
+            "modality": args.modality,
+            "path": args.input,
+            "format": args.format,
+            "media_root": args.media_root,
+            "url_column": args.url_column,
+            "caption_columns": args.caption_column,
+            "label_column": args.label_column,
+            "templates": args.template,
+            "folds": args.folds,
+            "allow_outside_root": args.allow_outside_root,
+        },
+        "output": args.output,
+        "prefix": args.prefix,
+        "shard_size": args.shard_size,
+        "max_shard_bytes": args.max_shard_bytes,
+        "distributor": args.distributor,
+        "part": _parse_part(args.part),
+        "seed": args.seed,
+        "shuffle": args.shuffle,
+        "noise_rate": args.noise_rate,
+        "max_error_rate": args.max_error_rate,
+        "fetch": {"timeout": args.timeout, "retries": args.retries},
+    }
+    if args.workers is not None:
+        fields["workers"] = args.workers
+    if args.modality == "image":
+        fields["image"] = {
+            "image_size": args.image_size,
+            "resize_mode": args.resize_mode,
+            "min_size": args.min_size,
+            "image_format": args.image_format,
+            "quality": args.quality,
+        }
+    else:
+        fields["audio"] = {
+            "sample_rate": args.sample_rate,
+            "max_seconds": args.max_seconds,
+            "mono": not args.keep_channels,
+            "audio_format": args.audio_format,
+        }
+    return build_config(fields, FLAG_NAMES)
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from shards_tools.run import ShardingAborted, run_sharding
+
+    config = config_from_args(args)
+    try:
+        result = run_sharding(config, progress=not args.quiet)
+    except ShardingAborted as err:
+        print(f"{args.prog_name}: aborted: {err}", file=sys.stderr)
+        return 1
+    if "totals" in result:
+        totals = result["totals"]
+        reasons = ", ".join(f"{k}: {v}" for k, v in result["errors_by_reason"].items()) or "none"
+        print(
+            f"wrote {totals['samples']} samples in {totals['shards']} shards to {config.output} "
+            f"({totals['skipped']} skipped: {reasons})\nmanifest: {config.output / 'manifest.json'}"
+        )
+        if totals["skipped"]:
+            print(f"skipped items and reasons: {config.output / '_errors.jsonl'}")
+    else:
+        print(
+            f"part {result['part']}/{result['parts']}: {result['samples']} samples in {result['shards']} shards; "
+            f"when every part is done: mmcl shard merge {config.output}"
+        )
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from shards_tools.manifest import merge_parts
+
+    manifest = merge_parts(args.output)
+    totals = manifest["totals"]
+    print(f"merged {totals['shards']} shards, {totals['samples']} samples: {args.output / 'manifest.json'}")
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from shards_tools.verify import verify_shards
+
+    report = verify_shards(args.output, decode=not args.no_decode)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from shards_tools.stats import collect_stats, format_stats, plot_stats
+
+    stats = collect_stats(args.output)
+    public = {k: v for k, v in stats.items() if not k.startswith("_")}
+    print(json.dumps(public, indent=1) if args.json else format_stats(stats))
+    if args.plot:
+        plot_stats(stats, args.plot)
+        print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,74 @@
+"""Run shard-writing tasks on an existing engine: in-process, a multiprocessing pool, or Ray.
+
+Each task is a whole shard and its result depends only on its plan, so the engine and the number of
+workers change the speed, never the output. At most `2 * workers` shards are in flight, which keeps
+memory flat however large the input is.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+from mmcl.errors import UsageError
+from shards_tools.plan import ShardPlan
+from shards_tools.writer import ShardJob, write_shard
+
+
+def run_shard_tasks(
+    plans: Iterable[ShardPlan], job: ShardJob, workers: int, distributor: str
+) -> Iterator[dict]:
+    """Yield each shard's record as it completes (completion order, not index order)."""
+    if distributor == "ray":
+        yield from _run_ray(plans, job, workers)
+    elif workers == 1:
+        for plan in plans:
+            yield write_shard(plan, job)
+    else:
+        yield from _run_pool(plans, job, workers)
+
+
+def _run_pool(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterator[dict]:
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    pending: set[Future] = set()
+    plan_iter = iter(plans)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        try:
+            for plan in plan_iter:
+                pending.add(pool.submit(write_shard, plan, job))
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _run_ray(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterator[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--distributor ray needs Ray: pip install 'mmcl[ray]' (or use --distributor multiprocessing)") from None
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    remote_write = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    job_ref = ray.put(job)
+    pending = []
+    for plan in plans:
+        pending.append(remote_write.remote(plan, job_ref))
+        if len(pending) >= 2 * workers:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])

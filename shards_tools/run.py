@@ -1,0 +1,141 @@
+"""One sharding run: read -> plan -> skip finished shards -> write the rest in parallel -> manifest.
+
+Re-running the same command on the same output resumes: shards whose tar still matches its record are
+kept, temporary files of a killed run are removed, the rest is redone, and the result is identical to an
+uninterrupted run. A run with other output options on the same folder is refused, so nothing is mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mmcl.errors import UsageError
+from shards_tools import readers
+from shards_tools.config import ShardConfig
+from shards_tools.distribute import run_shard_tasks
+from shards_tools.manifest import merge_parts, write_part
+from shards_tools.plan import ShardPlan, plan_shards
+from shards_tools.writer import PROGRESS_DIR, ShardJob, finished_record, shard_name, write_atomic
+
+OPTIONS_FILE = "options.json"
+
+
+class ShardingAborted(Exception):
+    """The run stopped on purpose (error rate above --max-error-rate); finished shards are kept."""
+
+
+def _check_options(config: ShardConfig) -> None:
+    """Refuse to resume into a folder written with different output options."""
+    progress = Path(config.output) / PROGRESS_DIR
+    progress.mkdir(parents=True, exist_ok=True)
+    path = progress / OPTIONS_FILE
+    wanted = config.output_options()
+    if path.exists():
+        stored = json.loads(path.read_text("utf-8"))
+        if stored != wanted:
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            raise UsageError(
+                f"{config.output} holds shards written with other options (differs in: {', '.join(changed)}); "
+                "re-run with the original options to resume, or choose a new --output"
+            )
+    else:
+        write_atomic(path, json.dumps(wanted, indent=1).encode("utf-8"))
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    for folder in (output, output / PROGRESS_DIR):
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _class_index(config: ShardConfig, plans: list[ShardPlan]) -> list[str] | None:
+    names = readers.class_names(config.input)
+    if names is None:
+        labels = {e.item.label for p in plans for e in p.items if e.item.label is not None}
+        names = sorted(labels) if labels else None
+    return names
+
+
+def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
+    """Write (or finish writing) the shards described by `config`; returns manifest.json's content, or
+    this part's summary for a `--part K/N` run with N > 1 (then `merge_parts` writes the manifest)."""
+    output = Path(config.output)
+    items = readers.read_items(config.input)  # raises UsageError on a missing or unreadable input
+    output.mkdir(parents=True, exist_ok=True)
+    _check_options(config)
+    _remove_stale_temporaries(output)
+
+    plans, permutation = plan_shards(
+        items,
+        shard_size=config.shard_size,
+        max_shard_bytes=config.max_shard_bytes,
+        shuffle=config.shuffle,
+        noise_rate=config.noise_rate,
+        seed=config.seed,
+    )
+    if not plans:
+        raise UsageError(f"{config.input.path} holds no items to shard (format: {config.input.format})")
+    class_names = _class_index(config, plans)
+    part, parts = config.part or (0, 1)
+    mine = [p for p in plans if p.index % parts == part]
+
+    records, todo = [], []
+    for plan in mine:
+        record = finished_record(output, shard_name(config.prefix, plan.index), len(plan.items))
+        (records.append(record) if record else todo.append(plan))
+
+    job = ShardJob(
+        config=config,
+        class_index={name: i for i, name in enumerate(class_names or [])},
+        noise_active=config.noise_rate > 0,
+    )
+    total_items = sum(len(p.items) for p in mine)
+    done_items = sum(r["items"] for r in records)
+    errors = sum(len(r["errors"]) for r in records)
+    bar = tqdm(
+        total=total_items,
+        initial=done_items,
+        unit="item",
+        desc=f"sharding {output.name}",
+        disable=not progress or None,
+        file=sys.stderr,
+    )
+    with bar:
+        for record in run_shard_tasks(todo, job, config.workers, config.distributor):
+            records.append(record)
+            done_items += record["items"]
+            errors += len(record["errors"])
+            bar.update(record["items"])
+            bar.set_postfix(skipped=errors)
+            if done_items and errors / done_items > config.max_error_rate:
+                reasons = Counter(e["reason"] for r in records for e in r["errors"])
+                raise ShardingAborted(
+                    f"{errors} of {done_items} items skipped ({errors / done_items:.1%}) exceeds "
+                    f"--max-error-rate {config.max_error_rate:g}; reasons: {dict(reasons)}. Finished shards are "
+                    f"kept in {output}; fix the input or raise --max-error-rate, then re-run to resume"
+                )
+
+    header = {
+        "modality": config.modality,
+        "prefix": config.prefix,
+        "planned_shards": len(plans),
+        "class_names": class_names,
+        "noise": {
+            "rate": config.noise_rate,
+            "seed": config.seed,
+            "noisy_pairs": len(permutation),
+            "permutation": [list(pair) for pair in permutation],
+        }
+        if config.noise_rate > 0
+        else None,
+        "options": config.output_options(),
+    }
+    write_part(output, part, parts, header, records)
+    if parts == 1:
+        return merge_parts(output)
+    return {"part": part, "parts": parts, "shards": len(records), "samples": sum(r["count"] for r in records)}

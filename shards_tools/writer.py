@@ -1,0 +1,145 @@
+"""Write one planned shard: fetch, encode and pack each item, then publish the tar atomically.
+
+A shard is written to a hidden temporary name, flushed to disk and renamed; only then is its record
+(count, bytes, sha256, the items it skipped and why) written beside it under `_progress/`. A killed run
+therefore leaves either a complete shard with its record or nothing that a re-run would keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+
+from shards_tools.config import ShardConfig
+from shards_tools.encode import EncodedMedia, check_captions, encode_audio, encode_image
+from shards_tools.fetch import fetch_bytes
+from shards_tools.items import ItemError
+from shards_tools.plan import PlannedItem, ShardPlan
+
+TAR_MTIME = 0.0  # fixed member timestamps make shards byte-reproducible
+PROGRESS_DIR = "_progress"
+
+
+@dataclass
+class ShardJob:
+    """Everything a worker needs besides the plan; small and picklable (sent once per shard)."""
+
+    config: ShardConfig
+    class_index: dict[str, int] = field(default_factory=dict)
+    noise_active: bool = False
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def record_path(output: Path, name: str) -> Path:
+    return output / PROGRESS_DIR / f"{name}.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes under a temporary name in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_item(entry: PlannedItem, job: ShardJob) -> dict[str, bytes | str]:
+    """Turn one planned item into a WebDataset sample, or raise ItemError saying why it is skipped."""
+    item = entry.item
+    if item.problem is not None:
+        raise item.problem
+    captions = check_captions(entry.captions)
+    raw = fetch_bytes(item.source, job.config.fetch)
+    media: EncodedMedia
+    if job.config.modality == "image":
+        media = encode_image(raw, job.config.image)
+    else:
+        media = encode_audio(raw, job.config.audio)
+
+    record: dict = {**item.meta, **media.meta, "key": entry.key, "source": item.source, "text": captions}
+    sample: dict[str, bytes | str] = {
+        "__key__": entry.key,
+        media.extension: media.data,
+        "txt": captions[0].encode("utf-8"),
+    }
+    if item.label is not None:
+        record["label"] = item.label
+        if item.label in job.class_index:
+            record["label_index"] = job.class_index[item.label]
+            sample["cls"] = str(job.class_index[item.label]).encode("ascii")
+    if job.noise_active:
+        record["noisy"] = entry.noisy
+        if entry.noisy:
+            record["original_text"] = check_captions(entry.original_captions or [])
+    sample["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return sample
+
+
+def write_shard(plan: ShardPlan, job: ShardJob) -> dict:
+    """Write shard `plan.index`; returns (and stores) its record. Runs in a worker process."""
+    output = Path(job.config.output)
+    name = shard_name(job.config.prefix, plan.index)
+    final = output / name
+    tmp = output / f".{name}.tmp-{os.getpid()}"
+    errors = []
+    count = 0
+    with open(tmp, "wb") as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="mmcl", group="mmcl") as writer:
+            for entry in plan.items:
+                try:
+                    sample = encode_item(entry, job)
+                except ItemError as err:
+                    errors.append(
+                        {"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail}
+                    )
+                    continue
+                writer.write(sample)
+                count += 1
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, final)
+    record = {
+        "name": name,
+        "index": plan.index,
+        "count": count,
+        "items": len(plan.items),
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
+        "errors": errors,
+    }
+    write_atomic(record_path(output, name), json.dumps(record, ensure_ascii=False).encode("utf-8"))
+    return record
+
+
+def finished_record(output: Path, name: str, expected_items: int) -> dict | None:
+    """The stored record of a shard that a previous run completed, if the tar on disk still matches it."""
+    tar = output / name
+    path = record_path(output, name)
+    if not tar.exists() or not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("items") != expected_items or record.get("bytes") != tar.stat().st_size:
+        return None
+    if record.get("sha256") != sha256_file(tar):
+        return None
+    return record
