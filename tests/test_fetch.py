@@ -1,0 +1,204 @@
+"""fetch_bytes against real files, real tar shards and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import socket
+import tarfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from shards_tools.config import FetchOptions
+from shards_tools.fetch import fetch_bytes, split_tar_member, url_scheme
+from shards_tools.items import ItemError
+
+SLOW_SECONDS = 1.0
+
+
+def fetch_error(source: str, options: FetchOptions | None = None) -> ItemError:
+    with pytest.raises(ItemError) as err:
+        fetch_bytes(source, options or FetchOptions())
+    return err.value
+
+
+# --- local files and tar members -------------------------------------------------------------------
+
+
+def test_local_files(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01data")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert fetch_bytes(str(tmp_path / "a.bin"), FetchOptions()) == b"\x00\x01data"
+    assert fetch_error(str(tmp_path / "nope.jpg")).reason == "missing_file"
+    assert fetch_error(str(tmp_path / "empty.txt")).reason == "empty_file"
+    assert fetch_error(str(tmp_path)).reason == "missing_file"
+    assert fetch_error("").reason == "missing_file"
+
+
+def test_other_schemes_are_unsupported(tmp_path):
+    for source in (
+        "file:///etc/hostname",
+        "ftp://127.0.0.1/a.jpg",
+        "s3://bucket/a.jpg",
+        "pipe:cat /etc/hostname",
+    ):
+        assert fetch_error(source).reason == "unsupported_url"
+    assert url_scheme("HTTPS://127.0.0.1/x") == "https"
+    assert url_scheme("C:\\data\\x.jpg") is None
+    assert url_scheme("/data/x:y.jpg") is None
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_members(tmp_path):
+    shard = write_tar(
+        tmp_path / "shard#1.tar", {"k1.jpg": b"one", "dir/k2.jpg": b"two", "k3.txt": b"", "k#4.jpg": b"four"}
+    )
+    options = FetchOptions()
+    assert fetch_bytes(f"{shard}#k1.jpg", options) == b"one"
+    assert fetch_bytes(f"{shard}#dir/k2.jpg", options) == b"two"
+    assert fetch_bytes(f"{shard}#k#4.jpg", options) == b"four"
+    assert split_tar_member(f"{shard}#k#4.jpg") == (str(shard), "k#4.jpg")
+    assert fetch_error(f"{shard}#k3.txt").reason == "empty_file"
+    assert fetch_error(f"{shard}#absent.jpg").reason == "missing_file"
+    assert fetch_error(f"{tmp_path / 'absent.tar'}#k1.jpg").reason == "missing_file"
+    not_tar = tmp_path / "plain.tar"
+    not_tar.write_bytes(b"this is not a tar file" * 40)
+    assert fetch_error(f"{not_tar}#k1.jpg").reason == "decode_error"
+
+
+def test_gzipped_tar_members(tmp_path):
+    shard = tmp_path / "shard.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        for i in range(5):
+            info = tarfile.TarInfo(f"{i}.wav")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(f"w{i:02d}".encode()[:3]))
+    assert [fetch_bytes(f"{shard}#{i}.wav", FetchOptions()) for i in (4, 0, 2)] == [b"w04", b"w00", b"w02"]
+
+
+def test_rewritten_tar_is_read_again(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", {"a.jpg": b"old"})
+    assert fetch_bytes(f"{shard}#a.jpg", FetchOptions()) == b"old"
+    write_tar(shard, {"a.jpg": b"new content", "b.jpg": b"b"})
+    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert fetch_bytes(f"{shard}#a.jpg", FetchOptions()) == b"new content"
+
+
+def _read_members(args: tuple[str, list[str]]) -> list[bytes]:
+    shard, names = args
+    return [fetch_bytes(f"{shard}#{name}", FetchOptions()) for name in names]
+
+
+def test_forked_workers_read_members_of_a_tar_the_parent_has_open(tmp_path):
+    members = {f"{i:04d}.jpg": bytes([i % 256]) * (100 + i) for i in range(60)}
+    shard = write_tar(tmp_path / "s.tar", members)
+    names = list(members)
+    assert _read_members((str(shard), names[:1])) == [members[names[0]]]  # the parent caches the open tar
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        chunks = pool.map(_read_members, [(str(shard), names[i::2]) for i in range(2)])
+    assert chunks == [[members[n] for n in names[i::2]] for i in range(2)]
+
+
+# --- http(s) against a real server on 127.0.0.1 ----------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """/ok, /empty, /status/<code>, /flaky/<id> (500 on the first request, then 200), /slow."""
+
+    hits: Counter = Counter()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = urlsplit(self.path).path
+        Handler.hits[path] += 1
+        if path == "/ok":
+            self.reply(200, b"image bytes")
+        elif path == "/empty":
+            self.reply(200, b"")
+        elif path.startswith("/status/"):
+            self.reply(int(path.rsplit("/", 1)[1]), b"error page")
+        elif path.startswith("/flaky/"):
+            self.reply(500 if Handler.hits[path] == 1 else 200, b"second time lucky")
+        elif path == "/slow":
+            time.sleep(SLOW_SECONDS)
+            self.reply(200, b"too late")
+        else:
+            self.reply(404, b"not found")
+
+    def reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """Requests to 127.0.0.1 must not go through a proxy the machine may have configured."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_http_ok_and_empty(server):
+    assert fetch_bytes(f"{server}/ok", FetchOptions()) == b"image bytes"
+    assert fetch_error(f"{server}/empty").reason == "empty_file"
+
+
+def test_http_4xx_is_final(server):
+    err = fetch_error(f"{server}/status/404", FetchOptions(retries=3))
+    assert err.reason == "fetch_error" and err.detail == f"{server}/status/404: HTTP 404"
+    assert Handler.hits["/status/404"] == 1
+
+
+def test_http_5xx_is_retried(server):
+    assert fetch_bytes(f"{server}/flaky/a", FetchOptions(retries=1)) == b"second time lucky"
+    assert Handler.hits["/flaky/a"] == 2
+    err = fetch_error(f"{server}/flaky/b", FetchOptions(retries=0))
+    assert err.detail == f"{server}/flaky/b: HTTP 500"
+    err = fetch_error(f"{server}/status/503", FetchOptions(retries=2))
+    assert err.detail == f"{server}/status/503: HTTP 503 (after 3 attempts)"
+    assert Handler.hits["/status/503"] == 3
+
+
+def test_http_timeout(server):
+    started = time.monotonic()
+    err = fetch_error(f"{server}/slow", FetchOptions(timeout=0.2, retries=0))
+    assert err.reason == "fetch_error" and "timed out after 0.2s" in err.detail
+    assert time.monotonic() - started < SLOW_SECONDS
+
+
+def test_http_connection_refused():
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    err = fetch_error(f"http://127.0.0.1:{port}/x.jpg", FetchOptions(timeout=1, retries=1))
+    assert err.reason == "fetch_error"
+    assert "refused" in err.detail.lower() and "(after 2 attempts)" in err.detail
