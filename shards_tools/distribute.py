@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -30,11 +31,19 @@ def run_shard_tasks(
         yield from _run_pool(plans, job, workers)
 
 
+def _one_thread_per_worker() -> None:
+    """Each worker already is one of `workers` parallel lanes; torch's own threads (audio resampling)
+    would oversubscribe the cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def _run_pool(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterator[dict]:
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     pending: set[Future] = set()
     plan_iter = iter(plans)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_per_worker) as pool:
         try:
             for plan in plan_iter:
                 pending.add(pool.submit(write_shard, plan, job))
