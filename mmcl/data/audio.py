@@ -1,0 +1,85 @@
+"""Audio samples: decode with soundfile, mix to mono, crop, resample to the model's rate, repeat-pad.
+
+soundfile (bundled libsndfile: FLAC, WAV, OGG, MP3) rather than torchaudio.load, which in torchaudio
+2.9 needs TorchCodec and ffmpeg. The window is chosen and read at the file's own rate before
+resampling, so a long recording is neither fully decoded nor fully resampled. The log-mel front end
+lives in the model, so what leaves here is a float32 waveform [T] with T = sample_rate * clip_seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional
+
+from mmcl.data.common import BadSample, call_seeded
+
+AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg")
+
+
+def fit_length(wave: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut to `length` samples, or repeat a short clip until it is that long (no silent padding)."""
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    return wave.repeat(math.ceil(length / wave.shape[-1]))[:length]
+
+
+def read_window(data: bytes, key: str, seconds: float, rng: random.Random | None) -> tuple[np.ndarray, int]:
+    """Decode a `seconds` window of a clip as mono float32 at its own rate (the whole clip if shorter).
+
+    The window is random when `rng` is given, else centred. Raises BadSample for undecodable,
+    empty or truncated audio.
+    """
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as handle:
+            rate, frames = handle.samplerate, handle.frames
+            want = math.ceil(seconds * rate)
+            excess = frames - want
+            start = 0 if excess <= 0 else (rng.randint(0, excess) if rng else excess // 2)
+            if start:
+                handle.seek(start)
+            count = min(want, frames) if frames > 0 else want
+            wave = handle.read(count, dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, ValueError, OSError) as err:
+        raise BadSample(key, f"undecodable audio ({err})") from err
+    if len(wave) == 0:
+        raise BadSample(key, "audio has no frames")
+    if frames > 0 and len(wave) < count:
+        raise BadSample(key, f"truncated audio: {len(wave)} of {count} frames readable")
+    return np.ascontiguousarray(wave.mean(axis=1)), rate
+
+
+def load_clip(
+    data: bytes, key: str, *, sample_rate: int, clip_seconds: float, rng: random.Random | None
+) -> torch.Tensor:
+    """Audio bytes -> float32 mono waveform [round(sample_rate * clip_seconds)] at `sample_rate`."""
+    wave, rate = read_window(data, key, clip_seconds, rng)
+    tensor = torch.from_numpy(wave)
+    if rate != sample_rate:
+        tensor = torchaudio.functional.resample(tensor, rate, sample_rate)
+    return fit_length(tensor, round(sample_rate * clip_seconds))
+
+
+def audio_media(
+    sample: dict,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    seed: int,
+    *,
+    sample_rate: int,
+    clip_seconds: float,
+    random_crop: bool,
+) -> torch.Tensor:
+    """The sample's audio as the model's input waveform [T]; the crop and `transform` seeded by `seed`."""
+    key = sample["__key__"]
+    ext = next((e for e in AUDIO_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise BadSample(key, f"no audio file (.{', .'.join(AUDIO_EXTENSIONS)})")
+    rng = random.Random(seed) if random_crop else None
+    wave = load_clip(sample[ext], key, sample_rate=sample_rate, clip_seconds=clip_seconds, rng=rng)
+    return wave if transform is None else call_seeded(transform, wave, seed)

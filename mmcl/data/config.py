@@ -1,0 +1,111 @@
+"""The typed schema of the training data section: where the shards are and how they are streamed.
+
+Unknown keys are errors, every default lives here, and each validation message names the key and
+says how to fix it. No torch import, so configs can be checked before anything expensive is built.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LOCAL_SCHEMES = ("", "file")
+HTTP_SCHEMES = ("http", "https")
+
+
+def url_scheme(url: str) -> str:
+    """'local', 'http', 'pipe' or the unsupported scheme itself (e.g. 's3')."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    scheme = urlparse(url).scheme.lower()
+    # A one-letter scheme is a Windows drive ("C:\\shards"), i.e. a local path.
+    if scheme in LOCAL_SCHEMES or len(scheme) == 1:
+        return "local"
+    return "http" if scheme in HTTP_SCHEMES else scheme
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """One shard collection, e.g. `{urls: data/cc3m/, weight: 2.0}`."""
+
+    urls: str | list[str] = Field(
+        description="a local shard, a folder of shards (*.tar), a brace pattern "
+        "(data/shard-{000000..000099}.tar), an http(s) URL or pattern, or a list of these",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="relative probability that the next sample comes from this source; a source that "
+        "runs out before the others starts over within the epoch",
+    )
+    num_samples: int | None = Field(
+        None,
+        gt=0,
+        description="samples in the source; overrides sizes.json / manifest.json beside the shards",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _non_empty(cls, urls: str | list[str]) -> str | list[str]:
+        listed = [urls] if isinstance(urls, str) else urls
+        if not listed or any(not u.strip() for u in listed):
+            raise ValueError("urls is empty: give a shard path, a folder of shards or a brace pattern")
+        return urls
+
+    def url_list(self) -> list[str]:
+        return [self.urls] if isinstance(self.urls, str) else list(self.urls)
+
+
+class DataConfig(_Strict):
+    """How training shards are read, mixed, shuffled, decoded and batched (the `data:` section)."""
+
+    sources: list[SourceConfig] = Field(min_length=1, description="one or more shard collections to mix")
+    allow_pipe: bool = Field(
+        False, description="allow `pipe:COMMAND` URLs, which run COMMAND in a shell: only for trusted configs"
+    )
+    batch_size: int = Field(64, gt=0, description="samples per batch on each process")
+    workers: int = Field(
+        2, ge=0, description="DataLoader worker processes per training process (0: in-process)"
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=0, description="samples held for shuffling per worker (0 or 1: no shuffle)"
+    )
+    shard_shuffle: bool = Field(True, description="permute the shard order every epoch (seeded)")
+    resampled: bool = Field(
+        False, description="draw shards with replacement (each worker draws its own); for few, large shards"
+    )
+    seed: int = Field(0, description="seeds shard order, mixing, shuffling and per-sample augmentation")
+    sample_rate: int = Field(
+        16000, gt=0, description="audio: Hz the waveforms are resampled to (the model's rate)"
+    )
+    clip_seconds: float = Field(
+        10.0, gt=0, description="audio: clip length; longer clips are cropped, shorter repeated"
+    )
+    random_crop: bool = Field(True, description="audio: a random window of long clips (else the centre)")
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="image: the model's input size; lets JPEG decoding downscale early (a hint only)",
+    )
+
+    @model_validator(mode="after")
+    def _check_schemes(self) -> DataConfig:
+        for i, source in enumerate(self.sources):
+            for url in source.url_list():
+                scheme = url_scheme(url)
+                where = f"data.sources[{i}].urls"
+                if scheme == "pipe" and not self.allow_pipe:
+                    raise ValueError(
+                        f"{where}: {url!r} is a pipe: URL, which runs a shell command; "
+                        "set data.allow_pipe: true if you trust this config"
+                    )
+                if scheme not in ("local", "http", "pipe"):
+                    raise ValueError(
+                        f"{where}: {url!r} uses the unsupported scheme {scheme!r}; use a local path, "
+                        f"http(s)://, or e.g. 'pipe:aws s3 cp {url} -' with data.allow_pipe: true"
+                    )
+        return self

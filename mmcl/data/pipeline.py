@@ -1,0 +1,525 @@
+"""The training stream: shards -> samples -> mixed and shuffled -> decoded -> batches, resumable exactly.
+
+Every DataLoader worker (a "reader"; rank r of the job has readers r*W .. r*W+W-1 for W workers)
+runs the stages below as a chain of small module-level generators and batches its own samples, so
+the DataLoader only forwards finished batches (batch_size=None).
+
+Determinism. What a reader reads, in which order (shard order, source interleaving, shuffle buffer)
+is a pure function of (seed, epoch, rank, worker); every random choice made on one sample (which
+caption, which audio window, the image augmentation) is a pure function of (seed, epoch, sample key).
+Nothing depends on wall time, process ids or how far another process has got.
+
+Epochs. The stream never ends: each reader runs epochs 0, 1, 2, ..., and epoch e permutes the shards
+anew. An epoch ends once every source has been read through once; a source that runs out earlier
+(a small or heavily weighted one) starts another pass with a fresh shard order, so the mixing
+weights hold for the whole epoch. Batches run across epoch boundaries.
+
+Resume. Every batch carries "worker", "epoch" and "position": the raw samples of that epoch the
+worker has taken from the shuffle stage (bad ones included) up to and including this batch, and
+"skipped", the bad samples it has dropped so far. `StreamState` keeps the latest of these per worker
+plus which worker yields next; its `state_dict()` is the resume state:
+
+    {"num_workers": W, "rank": r, "world_size": n, "next_worker": j,
+     "workers": {"0": {"epoch": e, "position": p, "skipped": s}, ...}}
+
+Passed back as `resume`, worker w starts at its epoch e and drops the first p raw samples *before
+decoding*, and the DataLoader's round robin is rotated so that worker j yields first. With the same
+workers, world size and batch size the resumed loader yields exactly the batches an uninterrupted
+one would have yielded next (a worker absent from the state starts from the beginning). Other batch
+sizes still neither repeat nor lose samples.
+
+Cost of resuming. Nothing is decoded or transformed twice, but the skipped part of each worker's
+current epoch is read again as raw tar bytes, because the shard order, the mixing and the shuffle
+buffer are replayed to reach the same state: up to one epoch of one worker's shards per worker, and
+for http(s) shards that part is downloaded again. More, smaller shards (shorter epochs per worker)
+keep it short. A shard that fails to read only sometimes (a flaky server) makes replays differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmcl.data.audio import audio_media
+from mmcl.data.common import BadSample, derive_seed, log_and_continue, logger
+from mmcl.data.config import DataConfig
+from mmcl.data.image import image_media
+from mmcl.data.sources import Source, resolve_sources
+from mmcl.data.text import choose_caption, read_meta, tokenize
+from mmcl.errors import UsageError
+
+Modality = Literal["image", "audio"]
+Handler = Callable[[Exception], bool]
+# This many unusable samples in a row means the data does not fit the pipeline (e.g. audio shards
+# read for an image model): stop with a message rather than spin forever.
+MAX_BAD_RUN = 1000
+
+
+@dataclass
+class ReaderState:
+    """Where one reader is; the stages update it as samples pass, the batch stage reports it."""
+
+    worker: int
+    epoch: int = 0
+    position: int = 0
+    skipped: int = 0
+    bad_run: int = 0
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """What identifies one reader's raw stream: the sources, the seed and the reader's place."""
+
+    sources: tuple[Source, ...]
+    seed: int
+    rank: int
+    worker: int
+    reader: int  # rank * num_workers + worker
+    readers: int  # world_size * num_workers
+    shard_shuffle: bool
+    resampled: bool
+    shuffle_buffer: int
+
+
+def check_shard_counts(sources: list[Source], readers: int, resampled: bool) -> None:
+    """Without resampling every reader needs at least one shard of every source."""
+    if resampled:
+        return
+    for i, source in enumerate(sources):
+        if len(source.urls) < readers:
+            raise UsageError(
+                f"data.sources[{i}] ({source.name}): {len(source.urls)} shards for world_size*workers = "
+                f"{readers} readers: write more, smaller shards with `mmcl shard --shard-size`, "
+                "lower data.workers, or set data.resampled: true"
+            )
+
+
+def reader_shards(plan: ReaderPlan, source_index: int, epoch: int, pass_index: int) -> list[str]:
+    """The shard URLs one reader reads from one source in one pass of one epoch.
+
+    The permutation depends on (seed, source, epoch, pass) only, so all ranks and workers agree on it
+    and take disjoint slices. Resampled: each reader draws its own shards with replacement, as many
+    as its slice would hold.
+    """
+    urls = list(plan.sources[source_index].urls)
+    if plan.resampled:
+        rng = random.Random(derive_seed(plan.seed, "resample", source_index, epoch, pass_index, plan.reader))
+        return rng.choices(urls, k=-(-len(urls) // plan.readers))
+    if plan.shard_shuffle:
+        random.Random(derive_seed(plan.seed, "shards", source_index, epoch, pass_index)).shuffle(urls)
+    return urls[plan.reader :: plan.readers]
+
+
+def keyed_samples(urls: list[str], handler: Handler) -> Iterator[dict]:
+    """Raw samples ({"__key__", "jpg": bytes, "json": bytes, ...}) of the given shards, in tar order."""
+    # stream: one {"url"} per shard -> webdataset opens, untars and groups files by key
+    samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url} for url in urls]))
+    # stream: samples; webdataset >= 0.2.96 marks each shard's end with an empty, keyless record
+    # (1.0.2 drops it while grouping, other versions may not): keep keyed samples only
+    return (s for s in samples if s.get("__key__"))
+
+
+def mix_sources(
+    passes: list[Callable[[int], Iterator[dict]]], weights: list[float], rng: random.Random
+) -> Iterator[dict]:
+    """Interleave sources, drawing the source of each next sample by weight; `passes[i](p)` streams
+    pass p of source i. A source that runs out starts its next pass; the epoch ends when every
+    source has finished its first. A pass with no samples at all drops its source for the epoch."""
+    streams = [make(0) for make in passes]
+    pass_index = [0] * len(passes)
+    seen_in_pass = [False] * len(passes)
+    finished = [False] * len(passes)
+    active = list(range(len(passes)))
+    while active:
+        s = active[0] if len(active) == 1 else rng.choices(active, weights=[weights[i] for i in active])[0]
+        sample = next(streams[s], None)
+        if sample is not None:
+            seen_in_pass[s] = True
+            yield sample
+            continue
+        finished[s] = True
+        if all(finished):
+            return
+        if not seen_in_pass[s]:
+            logger.warning(
+                "source %d has no readable samples for this worker: left out for the rest of the epoch", s
+            )
+            active.remove(s)
+            continue
+        pass_index[s] += 1
+        streams[s] = passes[s](pass_index[s])
+        seen_in_pass[s] = False
+
+
+def shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Buffer shuffle: hold `bufsize` samples, emit a random one for each new arrival, drain at the end."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < bufsize:
+            buffer.append(sample)
+            continue
+        k = rng.randrange(bufsize)
+        yield buffer[k]
+        buffer[k] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def source_pass(
+    plan: ReaderPlan, source_index: int, epoch: int, handler: Handler, pass_index: int
+) -> Iterator[dict]:
+    """Raw samples of one pass over one source's shards for this reader."""
+    return keyed_samples(reader_shards(plan, source_index, epoch, pass_index), handler)
+
+
+def epoch_samples(plan: ReaderPlan, epoch: int, handler: Handler) -> Iterator[dict]:
+    """One epoch of one reader's raw samples, mixed and shuffled; a pure function of its arguments."""
+    # stream: per source, pass number -> that pass's raw samples
+    passes = [partial(source_pass, plan, i, epoch, handler) for i in range(len(plan.sources))]
+    # stream: raw samples of all sources, interleaved by weight
+    mixed = mix_sources(
+        passes,
+        [s.weight for s in plan.sources],
+        random.Random(derive_seed(plan.seed, "mix", epoch, plan.rank, plan.worker)),
+    )
+    # stream: the same raw samples, shuffled within a buffer
+    return shuffle(
+        mixed,
+        plan.shuffle_buffer,
+        random.Random(derive_seed(plan.seed, "shuffle", epoch, plan.rank, plan.worker)),
+    )
+
+
+def epochs(plan: ReaderPlan, start: int, handler: Handler) -> Iterator[dict]:
+    """Epochs start, start+1, ... back to back; each raw sample is tagged with its "__epoch__"."""
+    for epoch in itertools.count(start):
+        empty = True
+        for sample in epoch_samples(plan, epoch, handler):
+            empty = False
+            sample["__epoch__"] = epoch
+            yield sample
+        if empty:
+            raise RuntimeError(
+                f"reader {plan.reader} (rank {plan.rank}, worker {plan.worker}) got no samples in epoch "
+                f"{epoch}: its shards are empty or unreadable (see the warnings above)"
+            )
+
+
+def count_and_skip(samples: Iterator[dict], state: ReaderState, skip_epoch: int, skip: int) -> Iterator[dict]:
+    """Count raw samples per epoch into `state`, and drop the first `skip` of `skip_epoch` (resume)."""
+    for sample in samples:
+        epoch = sample["__epoch__"]
+        if epoch != state.epoch:
+            state.epoch, state.position = epoch, 0
+        state.position += 1
+        if epoch == skip_epoch and state.position <= skip:
+            continue
+        yield sample
+
+
+@dataclass
+class SamplePreparer:
+    """Raw sample -> {"key", "media", "text", "noisy", "alignment_score", "label_index"} (picklable)."""
+
+    modality: Modality
+    media_transform: Callable[[Any], torch.Tensor] | None
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    seed: int
+    sample_rate: int
+    clip_seconds: float
+    random_crop: bool
+    image_size: int | None
+
+    def __call__(self, sample: dict) -> dict:
+        key, epoch = sample["__key__"], sample["__epoch__"]
+        meta = read_meta(sample)
+        caption = choose_caption(sample, meta, random.Random(derive_seed(self.seed, epoch, key, "text")))
+        media_seed = derive_seed(self.seed, epoch, key, "media")
+        if self.modality == "image":
+            media = image_media(sample, self.media_transform, media_seed, self.image_size)
+        else:
+            media = audio_media(
+                sample,
+                self.media_transform,
+                media_seed,
+                sample_rate=self.sample_rate,
+                clip_seconds=self.clip_seconds,
+                random_crop=self.random_crop,
+            )
+        return {
+            "key": key,
+            "media": media,
+            "text": tokenize(self.tokenizer, caption),
+            "noisy": meta["noisy"] if isinstance(meta.get("noisy"), bool) else None,
+            "alignment_score": _number(meta.get("alignment_score")),
+            "label_index": _label_index(sample, meta),
+        }
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _label_index(sample: dict, meta: dict) -> int | None:
+    value = meta.get("label_index")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = sample.get("cls", b"").decode("ascii", errors="replace").strip()
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def prepare(
+    samples: Iterator[dict], preparer: SamplePreparer, state: ReaderState, handler: Handler
+) -> Iterator[dict]:
+    """Decode, transform and tokenize; a BadSample goes to `handler` (True: skip and count it)."""
+    for sample in samples:
+        try:
+            item = preparer(sample)
+        except BadSample as err:
+            if not handler(err):
+                raise
+            state.skipped += 1
+            state.bad_run += 1
+            if state.bad_run >= MAX_BAD_RUN:
+                raise RuntimeError(
+                    f"{MAX_BAD_RUN} samples in a row could not be used (last: {err}); "
+                    "do data.sources hold the modality being trained?"
+                ) from err
+            continue
+        state.bad_run = 0
+        yield item
+
+
+def _optional(items: list[dict], name: str, dtype: torch.dtype, missing: object) -> torch.Tensor | None:
+    values = [item[name] for item in items]
+    if all(v is None for v in values):
+        return None
+    return torch.tensor([missing if v is None else v for v in values], dtype=dtype)
+
+
+def collate(items: list[dict]) -> dict[str, Any]:
+    """Prepared samples -> the batch's tensors. Optional fields are None when no sample has them;
+    otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1."""
+    return {
+        "media": torch.stack([item["media"] for item in items]),
+        "text": torch.stack([item["text"] for item in items]),
+        "keys": [item["key"] for item in items],
+        "noisy": _optional(items, "noisy", torch.bool, False),
+        "alignment_score": _optional(items, "alignment_score", torch.float32, float("nan")),
+        "label_index": _optional(items, "label_index", torch.long, -1),
+    }
+
+
+def batched(items: Iterator[dict], batch_size: int, state: ReaderState) -> Iterator[dict[str, Any]]:
+    """Full batches only, each stamped with the reader's position after its last sample."""
+    batch: list[dict] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield {
+                **collate(batch),
+                "worker": state.worker,
+                "epoch": state.epoch,
+                "position": state.position,
+                "skipped": state.skipped,
+            }
+            batch = []
+
+
+@dataclass
+class StreamState:
+    """The data state a trainer checkpoints: feed it every batch it trains on (`update`), save
+    `state_dict()`, and pass that as `resume` to `build_loader` (format in the module docstring)."""
+
+    num_workers: int
+    rank: int = 0
+    world_size: int = 1
+    next_worker: int = 0
+    workers: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        worker = int(batch["worker"])
+        self.workers[worker] = {k: int(batch[k]) for k in ("epoch", "position", "skipped")}
+        self.next_worker = (worker + 1) % self.num_workers
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "next_worker": self.next_worker,
+            "workers": {str(w): dict(v) for w, v in sorted(self.workers.items())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take a saved state (raises UsageError if it was saved for another layout of readers)."""
+        for name in ("num_workers", "rank", "world_size"):
+            saved = state.get(name)
+            if saved is not None and saved != getattr(self, name):
+                raise UsageError(
+                    f"the data state was saved with {name}={saved}, this run has {getattr(self, name)}: "
+                    f"resume with the same world size and data.workers (shard assignment depends on them)"
+                )
+        workers = {
+            int(w): {k: int(v.get(k, 0)) for k in ("epoch", "position", "skipped")}
+            for w, v in state.get("workers", {}).items()
+        }
+        unknown = sorted(w for w in workers if not 0 <= w < self.num_workers)
+        if unknown:
+            raise UsageError(f"the data state names workers {unknown}, but there are {self.num_workers}")
+        self.workers = workers
+        self.next_worker = int(state.get("next_worker", 0)) % self.num_workers
+
+
+class TrainStream(IterableDataset):
+    """An endless stream of training batches (dicts, see `collate` and `batched`) for one rank.
+
+    Built by `build_train_stream`; iterate it through `build_loader`'s DataLoader (or directly when
+    data.workers is 0).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        modality: Modality,
+        media_transform: Callable[[Any], torch.Tensor] | None,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        rank: int = 0,
+        world_size: int = 1,
+        resume: Mapping[str, Any] | None = None,
+        handler: Handler = log_and_continue,
+    ) -> None:
+        super().__init__()
+        if modality not in ("image", "audio"):
+            raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
+        if modality == "image" and media_transform is None:
+            raise ValueError(
+                "images need a media_transform: pass the model's, e.g. model.media_transform(train=True)"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = max(cfg.workers, 1)
+        self.handler = handler
+        self.sources = resolve_sources(cfg, modality)
+        check_shard_counts(self.sources, world_size * self.num_workers, cfg.resampled)
+        self.resume_state = self.new_state()
+        if resume:
+            self.resume_state.load_state_dict(resume)
+        self.preparer = SamplePreparer(
+            modality=modality,
+            media_transform=media_transform,
+            tokenizer=tokenizer,
+            seed=cfg.seed,
+            sample_rate=cfg.sample_rate,
+            clip_seconds=cfg.clip_seconds,
+            random_crop=cfg.random_crop,
+            image_size=cfg.image_size,
+        )
+
+    def new_state(self) -> StreamState:
+        """An empty StreamState for this stream's layout (what a trainer updates with each batch)."""
+        return StreamState(num_workers=self.num_workers, rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        dataloader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_workers:
+            raise RuntimeError(
+                f"this stream was built for {self.num_workers} worker(s) (data.workers) but runs in a "
+                f"DataLoader with {num_workers}; use build_loader"
+            )
+        # Rotate ids so that the worker that is due next after a resume is the DataLoader's first.
+        worker = (dataloader_worker + self.resume_state.next_worker) % num_workers
+        start = self.resume_state.workers.get(worker, {"epoch": 0, "position": 0, "skipped": 0})
+        plan = ReaderPlan(
+            sources=tuple(self.sources),
+            seed=self.cfg.seed,
+            rank=self.rank,
+            worker=worker,
+            reader=self.rank * num_workers + worker,
+            readers=self.world_size * num_workers,
+            shard_shuffle=self.cfg.shard_shuffle,
+            resampled=self.cfg.resampled,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+        )
+        state = ReaderState(worker=worker, epoch=start["epoch"], skipped=start["skipped"])
+        # stream: raw samples (tar bytes per key) of epochs start, start+1, ..., mixed and shuffled
+        raw = epochs(plan, start["epoch"], self.handler)
+        # stream: the same, counted into state.position; on resume the first ones are dropped undecoded
+        fresh = count_and_skip(raw, state, start["epoch"], start["position"])
+        # stream: decoded, transformed, tokenized samples; bad ones skipped and counted
+        items = prepare(fresh, self.preparer, state, self.handler)
+        # stream: batches with the reader's metadata
+        return batched(items, self.cfg.batch_size, state)
+
+
+def build_train_stream(
+    cfg: DataConfig,
+    *,
+    modality: Modality,
+    media_transform: Callable[[Any], torch.Tensor] | None,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    rank: int = 0,
+    world_size: int = 1,
+    resume: Mapping[str, Any] | None = None,
+    handler: Handler = log_and_continue,
+) -> TrainStream:
+    """The endless batch stream for one rank (checks sources, shard counts and `resume` up front).
+
+    `media_transform`: the model's per-sample transform (PIL image -> [3, H, W]; for audio an optional
+    waveform -> waveform step after the crop). `tokenizer`: list[str] -> LongTensor [N, context].
+    `rank`/`world_size` are explicit (no environment lookups). `resume`: a `StreamState.state_dict()`.
+    `handler` gets every bad sample and unreadable shard; returning True skips it.
+    """
+    return TrainStream(
+        cfg,
+        modality=modality,
+        media_transform=media_transform,
+        tokenizer=tokenizer,
+        rank=rank,
+        world_size=world_size,
+        resume=resume,
+        handler=handler,
+    )
+
+
+def build_loader(
+    cfg: DataConfig,
+    *,
+    modality: Modality,
+    media_transform: Callable[[Any], torch.Tensor] | None,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    rank: int = 0,
+    world_size: int = 1,
+    resume: Mapping[str, Any] | None = None,
+    handler: Handler = log_and_continue,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over `build_train_stream(...)` with data.workers processes and batch_size=None
+    (the workers batch). Keep it out of `accelerator.prepare`: the stream is already split by rank."""
+    stream = build_train_stream(
+        cfg,
+        modality=modality,
+        media_transform=media_transform,
+        tokenizer=tokenizer,
+        rank=rank,
+        world_size=world_size,
+        resume=resume,
+        handler=handler,
+    )
+    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory)

@@ -1,0 +1,133 @@
+"""Turn the `data.sources` entries into concrete shard lists with known sizes, failing early and clearly.
+
+Folders become their `*.tar` files (sorted), brace patterns are expanded, local shards must exist,
+and the sample counts come from the `manifest.json` / `sizes.json` that `mmcl shard` (and open_clip's
+tooling) write beside the shards; a source's `num_samples` overrides them. For http(s) shards the
+same files are fetched from the shards' folder URL, and a missing one only leaves the size unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from braceexpand import braceexpand
+
+from mmcl.data.common import logger
+from mmcl.data.config import DataConfig, SourceConfig, url_scheme
+from mmcl.errors import UsageError
+
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+INDEX_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved source: its shard URLs in a fixed order, its mixing weight and its size."""
+
+    urls: tuple[str, ...]
+    weight: float
+    num_samples: int | None  # None when neither the config nor an index file says
+    name: str  # for messages: the config's first url entry
+
+
+def local_path(url: str) -> Path:
+    """The filesystem path of a local shard URL (a plain path or file://)."""
+    return Path(url2pathname(urlparse(url).path)) if url.startswith("file:") else Path(url)
+
+
+def expand_urls(entries: list[str], where: str) -> list[str]:
+    """Folders -> their *.tar (sorted), brace patterns -> their URLs; local shards must exist."""
+    urls: list[str] = []
+    for entry in entries:
+        if url_scheme(entry) == "local" and local_path(entry).is_dir():
+            folder = local_path(entry)
+            found = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
+            if not found:
+                raise UsageError(
+                    f"{where}: the folder {folder} holds no *.tar shards; run `mmcl shard` into it first"
+                )
+            urls.extend(found)
+            continue
+        expanded = list(braceexpand(entry))
+        if url_scheme(entry) == "local":
+            missing = [u for u in expanded if not local_path(u).is_file()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UsageError(
+                    f"{where}: shard not found: {missing[0]}{more}; fix the path or pattern {entry!r}"
+                )
+        urls.extend(expanded)
+    return urls
+
+
+def _read_index(location: str) -> dict | None:
+    """A JSON index file beside the shards (local path or http URL); None if absent or unreadable."""
+    try:
+        if url_scheme(location) == "http":
+            with urllib.request.urlopen(location, timeout=INDEX_TIMEOUT_S) as response:
+                return json.loads(response.read())
+        path = local_path(location)
+        return json.loads(path.read_text("utf-8")) if path.is_file() else None
+    except urllib.error.HTTPError as err:
+        if err.code != 404:
+            logger.warning("could not read %s (%s): shard sizes unknown there", location, err)
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("could not read %s (%s): shard sizes unknown there", location, err)
+        return None
+
+
+def _folder_index(folder: str) -> tuple[dict[str, int], str | None]:
+    """Shard name -> sample count, and the modality, from a folder's manifest.json or sizes.json."""
+    manifest = _read_index(f"{folder}/{MANIFEST}")
+    if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
+        counts = {s["name"]: int(s["count"]) for s in manifest["shards"] if "name" in s and "count" in s}
+        return counts, manifest.get("modality")
+    sizes = _read_index(f"{folder}/{SIZES}")
+    if isinstance(sizes, dict):
+        return {name: int(count) for name, count in sizes.items()}, None
+    return {}, None
+
+
+def count_samples(urls: list[str], modality: str, where: str) -> int | None:
+    """Total samples in `urls` from the index files beside them; None if any shard is not listed.
+
+    Raises UsageError if a manifest says the shards hold another modality than the one trained.
+    """
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        if url_scheme(url) == "pipe":
+            return None
+        folder, _, name = url.rpartition("/")
+        by_folder.setdefault(folder or ".", []).append(name)
+    total = 0
+    for folder, names in by_folder.items():
+        counts, shard_modality = _folder_index(folder)
+        if shard_modality is not None and shard_modality != modality:
+            raise UsageError(
+                f"{where}: {folder}/{MANIFEST} says these shards hold {shard_modality}-text pairs, "
+                f"but a {modality}-text model is being trained; point the source at {modality} shards"
+            )
+        if any(name not in counts for name in names):
+            return None
+        total += sum(counts[name] for name in names)
+    return total
+
+
+def resolve_source(source: SourceConfig, modality: str, where: str) -> Source:
+    entries = source.url_list()
+    urls = expand_urls(entries, where)
+    size = source.num_samples if source.num_samples is not None else count_samples(urls, modality, where)
+    return Source(urls=tuple(urls), weight=source.weight, num_samples=size, name=entries[0])
+
+
+def resolve_sources(cfg: DataConfig, modality: str) -> list[Source]:
+    """All configured sources, expanded and checked (raises UsageError naming the bad entry)."""
+    return [resolve_source(s, modality, f"data.sources[{i}]") for i, s in enumerate(cfg.sources)]

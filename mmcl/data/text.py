@@ -1,0 +1,56 @@
+"""Text of a sample: parse its JSON, pick one caption among several, tokenize with the model's tokenizer.
+
+Caption sources, first that has a non-empty one wins: the JSON "text" list (mmcl and LAION-CLAP
+shards; a plain string is one caption), the .txt file (mmcl's first caption, img2dataset), the JSON
+"caption" (img2dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+
+import torch
+
+from mmcl.data.common import BadSample
+
+
+def read_meta(sample: dict) -> dict:
+    """The sample's JSON record ({} without one); BadSample if it is not a JSON object."""
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise BadSample(sample["__key__"], f"invalid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise BadSample(sample["__key__"], f"JSON is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _clean(captions: object) -> list[str]:
+    listed = [captions] if isinstance(captions, str) else captions if isinstance(captions, list) else []
+    return [c.strip() for c in listed if isinstance(c, str) and c.strip()]
+
+
+def captions_of(sample: dict, meta: dict) -> list[str]:
+    """All usable captions of a sample, in the order of the sources listed in the module docstring."""
+    found = _clean(meta.get("text"))
+    if not found and "txt" in sample:
+        found = _clean(sample["txt"].decode("utf-8", errors="replace"))
+    return found or _clean(meta.get("caption"))
+
+
+def choose_caption(sample: dict, meta: dict, rng: random.Random) -> str:
+    """One caption, drawn with `rng` when there are several; BadSample when there is none."""
+    captions = captions_of(sample, meta)
+    if not captions:
+        raise BadSample(sample["__key__"], "no caption (empty or missing json text / .txt / json caption)")
+    return captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
+
+
+def tokenize(tokenizer: Callable[[list[str]], torch.Tensor], caption: str) -> torch.Tensor:
+    """Token ids [context_length] (long) from an open_clip-style tokenizer (list[str] -> [N, context])."""
+    return tokenizer([caption])[0].long()
