@@ -19,6 +19,7 @@ class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDe
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmcl.train.cli import add_train_parser
     from shards_tools.cli import add_shard_parser
 
     parser = argparse.ArgumentParser(
@@ -28,11 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Multimodal contrastive pretraining on streaming WebDataset shards.\n\n"
             "example:\n"
             "  mmcl shard image-text --input captions.csv --output shards/ --image-size 256\n"
+            "  mmcl train --config configs/image_text/micro.yaml\n"
         ),
     )
     parser.add_argument("--version", action="version", version=f"mmcl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_shard_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 

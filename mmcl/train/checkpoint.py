@@ -1,0 +1,157 @@
+"""Atomic checkpoints: a folder per step, written under a temporary name and renamed when complete.
+
+    OUTPUT/checkpoints/step-00000200/
+        model.safetensors   the weights (image-text: exactly open_clip's state dict)
+        optimizer.pt        optimizer state (loaded with torch.load(weights_only=True))
+        rng.pt              per-rank torch RNG states (weights_only)
+        state.json          TrainState + per-rank python/numpy RNG states + extra states (noise weighting)
+        model.json          the model config, so `mmcl eval --checkpoint DIR` can rebuild the model
+        COMPLETE            written last; a folder without it is a partial write and is never loaded
+
+Only safetensors and `torch.load(weights_only=True)` are used to read: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmcl.train.state import TrainState
+
+COMPLETE = "COMPLETE"
+PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint, ready to be applied to a run."""
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict
+    train_state: TrainState
+    rng: list[dict]
+    extra: dict
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU/CUDA tensors; python and numpy as JSON-able lists)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    train_state: TrainState,
+    rng: list[dict],
+    model_config: dict,
+    extra: dict | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write a complete checkpoint for `train_state.step` atomically; prune to the newest `keep_last`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, train_state.step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    save_file(tensors, tmp / "model.safetensors")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save([{"torch": r["torch"], "cuda": r["cuda"]} for r in rng], tmp / "rng.pt")
+    state = {
+        "train_state": train_state.to_dict(),
+        "rng": [{"python": r["python"], "numpy": r["numpy"]} for r in rng],
+        "extra": extra or {},
+    }
+    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "model.json").write_text(json.dumps(model_config, indent=1))
+    for path in tmp.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    (tmp / COMPLETE).write_text("ok\n")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read one checkpoint folder (safetensors + weights_only loads only)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    tensor_rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = [{**a, **b} for a, b in zip(tensor_rng, state["rng"], strict=False)]
+    return Checkpoint(
+        path=path,
+        model_state=load_file(path / "model.safetensors"),
+        optimizer_state=torch.load(path / "optimizer.pt", weights_only=True),
+        train_state=TrainState.from_dict(state["train_state"]),
+        rng=rng,
+        extra=state["extra"],
+    )
+
+
+def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
+    """The newest checkpoint that loads; a damaged newer one is reported and the previous one is used."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(path)
+        except Exception as err:  # any unreadable file means: fall back to the previous checkpoint
+            warn(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); trying the previous one")
+    partial = [p for p in Path(root).glob(f"{PREFIX}*") if not (p / COMPLETE).exists()] if Path(root).exists() else []
+    for path in partial:
+        warn(f"ignoring partial checkpoint {path} (no {COMPLETE} marker)")
+    return None

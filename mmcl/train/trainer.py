@@ -1,0 +1,312 @@
+"""The training recipe: setup -> train -> save_checkpoint -> cleanup (torchtune's shape, nanoGPT's
+readability). The data flows one way: shards -> stream -> batch -> model -> loss -> step.
+
+Accelerate owns devices, processes and mixed precision; the model and optimizer go through
+`accelerator.prepare`, the WebDataset loader does not (it already splits shards by rank and worker).
+Resume is step-exact: weights, optimizer, per-rank RNG and per-rank data positions are restored, and the
+learning rate is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
+
+from mmcl.config import TrainConfig
+from mmcl.data import build_loader
+from mmcl.losses import contrastive_loss, sigmoid_loss
+from mmcl.models import build_model
+from mmcl.models.weights import load_weights
+from mmcl.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mmcl.train.optim import lr_at, param_groups, set_lr
+from mmcl.train.state import TrainState
+
+
+class Trainer:
+    """One training run as described by a TrainConfig."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
+        self.cfg = config
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.train.mixed_precision,
+        )
+        self.output = Path(config.run.output_dir)
+        self.state = TrainState()
+        self.stop_requested = False
+        self.tb = None
+        self._last_loss = float("nan")
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Build model, optimizer and data stream; restore a checkpoint when resuming."""
+        cfg, acc = self.cfg, self.accelerator
+        set_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.model)
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
+        checkpoint = self._find_checkpoint()
+        if checkpoint is not None:
+            load_weights(self.model, checkpoint.model_state)
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+            self.state = checkpoint.train_state
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        set_seed(cfg.run.seed + acc.process_index)  # different augmentations per rank
+        data_resume = None
+        if checkpoint is not None:
+            if len(checkpoint.rng) == acc.num_processes:
+                set_rng_state(checkpoint.rng[acc.process_index])
+                data_resume = self.state.data.get(str(acc.process_index))
+            else:
+                acc.print(
+                    f"warning: {checkpoint.path} was written by {len(checkpoint.rng)} processes, this run has "
+                    f"{acc.num_processes}: weights and optimizer resume, the data stream and RNG start afresh"
+                )
+            acc.print(f"resumed from {checkpoint.path} at step {self.state.step}")
+        unwrapped = acc.unwrap_model(self.model)
+        self.loader = build_loader(
+            cfg.data,
+            modality=cfg.model.modality,
+            # audio clips are cropped/padded by the data pipeline itself (seeded per sample)
+            media_transform=unwrapped.media_transform(train=True) if cfg.model.modality == "image" else None,
+            tokenizer=unwrapped.tokenizer,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            resume=data_resume,
+        )
+        self.data_state = self.loader.dataset.new_state()
+        if data_resume is not None:
+            self.data_state.load_state_dict(data_resume)
+        if acc.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.json").write_text(cfg.model_dump_json(indent=1))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(self.output / "tensorboard")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _find_checkpoint(self):
+        resume = self.cfg.train.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.output / "checkpoints", warn=self.accelerator.print)
+        return load_checkpoint(Path(resume))
+
+    # ----------------------------------------------------------------- the step
+    def _loss(self, media_features, text_features, logit_scale, logit_bias, weights=None) -> dict:
+        cfg = self.cfg.loss
+        if cfg.kind == "siglip":
+            return sigmoid_loss(media_features, text_features, logit_scale, logit_bias, weights, gather=cfg.gather)
+        return contrastive_loss(
+            media_features, text_features, logit_scale, weights, gather=cfg.gather, local_loss=cfg.local_loss
+        )
+
+    def _train_step(self, batches: list[dict]) -> tuple[torch.Tensor, int]:
+        """Forward + backward for one optimizer step; returns the (detached) loss and how many negatives
+        each sample was contrasted with (global batch - 1 when features are gathered across processes)."""
+        device = self.accelerator.device
+        if len(batches) == 1:
+            batch = batches[0]
+            with self.accelerator.autocast():
+                out = self.forward(batch["media"].to(device), batch["text"].to(device))
+                loss = self._loss(out["media_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+            self.accelerator.backward(loss["loss"])
+            return loss["loss"].detach(), loss["logits_per_media"].shape[1] - 1
+        return self._train_step_cached(batches)
+
+    def _train_step_cached(self, batches: list[dict]) -> tuple[torch.Tensor, int]:
+        """Gradient accumulation that keeps every accumulated sample as a negative (feature caching, as in
+        GradCache): embed all micro-batches without graph, compute the loss over all of them, then re-run
+        each micro-batch with graph and back-propagate the cached feature gradients. RNG is replayed so the
+        second pass sees the same augmentation (e.g. SpecAugment masks) as the first."""
+        device = self.accelerator.device
+        rng_before, media_feats, text_feats = [], [], []
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in batches:
+                rng_before.append(torch.get_rng_state())
+                out = self.forward(batch["media"].to(device), batch["text"].to(device))
+                media_feats.append(out["media_features"].float())
+                text_feats.append(out["text_features"].float())
+        media = torch.cat(media_feats).requires_grad_(True)
+        text = torch.cat(text_feats).requires_grad_(True)
+        scale = out["logit_scale"].detach().float().requires_grad_(True)
+        bias = out["logit_bias"]
+        bias = bias.detach().float().requires_grad_(True) if bias is not None else None
+        loss = self._loss(media, text, scale, bias)
+        leaves = [media, text, scale] + ([bias] if bias is not None else [])
+        grads = torch.autograd.grad(loss["loss"], leaves)
+        grad_media, grad_text, grad_scale = grads[0].split(len(batches[0]["keys"])), grads[1], grads[2]
+        grad_text = grad_text.split(len(batches[0]["keys"]))
+        grad_bias = grads[3] if bias is not None else None
+        for i, batch in enumerate(batches):
+            torch.set_rng_state(rng_before[i])
+            last = i == len(batches) - 1
+            context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
+            with context, self.accelerator.autocast():
+                out = self.forward(batch["media"].to(device), batch["text"].to(device))
+                surrogate = (out["media_features"].float() * grad_media[i]).sum()
+                surrogate = surrogate + (out["text_features"].float() * grad_text[i]).sum()
+                surrogate = surrogate + out["logit_scale"].float() * grad_scale / len(batches)
+                if grad_bias is not None:
+                    surrogate = surrogate + out["logit_bias"].float() * grad_bias / len(batches)
+            self.accelerator.backward(surrogate)
+        return loss["loss"].detach(), loss["logits_per_media"].shape[1] - 1
+
+    # ----------------------------------------------------------------- the loop
+    def train(self) -> TrainState:
+        """Run until train.steps (or a stop signal); checkpoints every train.checkpoint_every steps."""
+        cfg, acc = self.cfg, self.accelerator
+        total = cfg.train.steps
+        batches_iter = iter(self.loader)
+        bar = tqdm(total=total, initial=self.state.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
+        window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
+        bad_in_a_row = 0
+        stop_at = total
+        if cfg.train.max_steps_per_run is not None:
+            stop_at = min(total, self.state.step + cfg.train.max_steps_per_run)
+        self.model.train()
+        while self.state.step < stop_at:
+            step = self.state.step
+            lr = lr_at(
+                step,
+                base_lr=cfg.optim.lr,
+                warmup_steps=cfg.optim.warmup_steps,
+                total_steps=total,
+                schedule=cfg.optim.schedule,
+                min_lr_ratio=cfg.optim.min_lr_ratio,
+            )
+            set_lr(self.optimizer, lr)
+            wait_start = time.perf_counter()
+            batches = [next(batches_iter) for _ in range(cfg.train.accumulation_steps)]
+            window["wait"] += time.perf_counter() - wait_start
+            for batch in batches:
+                self.data_state.update(batch)
+
+            loss, negatives = self._train_step(batches)
+            finite = torch.isfinite(loss).float()
+            all_finite = acc.reduce(finite.to(acc.device), reduction="sum").item() == acc.num_processes
+            if all_finite:
+                if cfg.optim.grad_clip is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                bad_in_a_row = 0
+            else:
+                self.state.skipped_steps += 1
+                bad_in_a_row += 1
+                acc.print(f"step {step}: non-finite loss ({loss.item()}), update skipped")
+                if bad_in_a_row > cfg.train.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad_in_a_row} non-finite losses in a row: lower optim.lr or check the data"
+                    )
+            self.optimizer.zero_grad(set_to_none=True)
+
+            local_samples = sum(len(b["keys"]) for b in batches)
+            self.state.step += 1
+            self.state.samples_seen += local_samples * acc.num_processes
+            window["samples"] += local_samples * acc.num_processes
+            if all_finite:
+                window["loss"] += loss.item()
+                window["count"] += 1
+            bar.update(1)
+            if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
+                self._log(window, lr, batches, negatives)
+                window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
+                bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{lr:.2e}")
+
+            stop = acc.reduce(torch.tensor(float(self.stop_requested), device=acc.device), reduction="sum").item() > 0
+            at_end = self.state.step in (total, stop_at)
+            if self.state.step % cfg.train.checkpoint_every == 0 or at_end or stop:
+                self.save_checkpoint()
+            if stop:
+                acc.print(f"stop requested: saved step {self.state.step}; re-run the same command to resume")
+                break
+        bar.close()
+        return self.state
+
+    def _log(self, window: dict, lr: float, batches: list[dict], negatives: int) -> None:
+        acc = self.accelerator
+        count = torch.tensor([window["loss"], float(window["count"])], device=acc.device)
+        count = acc.reduce(count, reduction="sum")
+        mean_loss = (count[0] / count[1]).item() if count[1] > 0 else float("nan")
+        skipped = acc.reduce(torch.tensor(float(batches[-1]["skipped"]), device=acc.device), reduction="sum").item()
+        self.state.bad_samples = int(skipped)
+        self._last_loss = mean_loss
+        elapsed = time.perf_counter() - window["start"]
+        logit_scale, _ = acc.unwrap_model(self.model).logit_params()
+        record = {
+            "step": self.state.step,
+            "loss": mean_loss,
+            "lr": lr,
+            "temperature": float(1.0 / logit_scale.exp().clamp(max=100).item()),
+            "negatives": negatives,
+            "samples_per_s": window["samples"] / elapsed if elapsed > 0 else 0.0,
+            "data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
+            "bad_samples": self.state.bad_samples,
+            "skipped_steps": self.state.skipped_steps,
+        }
+        if acc.is_main_process:
+            with open(self.output / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key != "step" and math.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}", value, self.state.step)
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Gather per-rank RNG and data positions, then the main process writes one atomic checkpoint."""
+        acc = self.accelerator
+        per_rank = gather_object([{"rng": rng_state(), "data": self.data_state.state_dict()}])
+        path = None
+        if acc.is_main_process:
+            self.state.data = {str(rank): entry["data"] for rank, entry in enumerate(per_rank)}
+            path = save_checkpoint(
+                self.output / "checkpoints",
+                model_state=acc.unwrap_model(self.model).export_state_dict(),
+                model_config=self.cfg.model.model_dump(mode="json"),
+                optimizer_state=self.optimizer.state_dict(),
+                train_state=self.state,
+                rng=[entry["rng"] for entry in per_rank],
+                keep_last=self.cfg.train.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def cleanup(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        self.accelerator.end_training()
+
+
+def run_training(config: TrainConfig) -> TrainState:
+    """setup -> train -> cleanup; what `mmcl train` calls."""
+    trainer = Trainer(config)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()

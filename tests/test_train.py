@@ -1,0 +1,191 @@
+"""Training end to end on real shards: single process, exact resume, 2 processes through accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from conftest import COLOURS, REPO, make_image, make_tone, run_mmcl
+from safetensors.torch import load_file
+
+from mmcl.config import load_train_config
+from shards_tools.config import build_config
+from shards_tools.run import run_sharding
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_images")
+    rows = []
+    for i in range(192):
+        colour = COLOURS[i % len(COLOURS)]
+        make_image(root / "in" / f"{i:03d}.png", colour, size=(40, 40), seed=i)
+        rows.append(f"{i:03d}.png,a photo of a {colour} square\n")
+    (root / "in" / "m.csv").write_text("path,caption\n" + "".join(rows))
+    out = root / "shards"
+    config = build_config(
+        {"input": {"modality": "image", "path": root / "in" / "m.csv"}, "output": out, "shard_size": 12, "workers": 2}
+    )
+    run_sharding(config, progress=False)
+    return out
+
+
+def write_config(path: Path, shards: Path, output: Path, **sections) -> Path:
+    config = {
+        "run": {"output_dir": str(output), "seed": 0},
+        "model": {"modality": "image", "open_clip_name": "mmcl-micro-vit"},
+        "data": {"sources": [{"urls": str(shards)}], "batch_size": 8, "workers": 2, "shuffle_buffer": 50},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"steps": 8, "log_every": 1, "checkpoint_every": 4},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_checkpoints_open_clip_can_load(image_shards: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run")
+    result = run_mmcl("train", "--config", config)
+    assert "trained 8 steps" in result.stdout
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["loss"] > 0 and r["negatives"] == 7 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == ["step-00000004", "step-00000008"]
+    weights = checkpoints[-1] / "model.safetensors"
+    open_clip.add_model_config(REPO / "configs" / "models" / "mmcl-micro-vit.json")  # as a user would
+    model, _, _ = open_clip.create_model_and_transforms("mmcl-micro-vit", pretrained=str(weights))
+    saved = load_file(weights)
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_resume_continues_the_same_trajectory(image_shards: Path, tmp_path: Path) -> None:
+    full = write_config(tmp_path / "full.yaml", image_shards, tmp_path / "full")
+    run_mmcl("train", "--config", full)
+    split = write_config(tmp_path / "split.yaml", image_shards, tmp_path / "split")
+    first = run_mmcl("train", "--config", split, "train.max_steps_per_run=3")
+    assert "trained 3 steps" in first.stdout
+    second = run_mmcl("train", "--config", split)
+    assert "resumed from" in second.stdout and "trained 8 steps" in second.stdout
+    assert [r["loss"] for r in metrics(tmp_path / "split")] == [r["loss"] for r in metrics(tmp_path / "full")]
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-00000008" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "step-00000008" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_exits_cleanly(image_shards: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", train={"steps": 5000, "checkpoint_every": 1000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmcl", "train", "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stop requested" in out + err
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 5000
+
+
+def test_feature_cache_accumulation_matches_the_full_batch_gradient(image_shards: Path, tmp_path: Path) -> None:
+    from mmcl.train.trainer import Trainer
+
+    config = load_train_config(write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run"), ["data.workers=0"])
+    trainer = Trainer(config)
+    trainer.setup()
+    loader = iter(trainer.loader)
+    batches = [next(loader), next(loader)]
+    trainer.model.eval()  # no dropout; compare pure gradients
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    loss_cached, negatives = trainer._train_step(batches)
+    cached = grads()
+    joined = {"media": torch.cat([b["media"] for b in batches]), "text": torch.cat([b["text"] for b in batches]),
+              "keys": batches[0]["keys"] + batches[1]["keys"]}
+    loss_full, negatives_full = trainer._train_step([joined])
+    full = grads()
+    assert negatives == negatives_full == 15
+    assert torch.allclose(loss_cached, loss_full, atol=1e-6)
+    assert cached.keys() == full.keys()
+    for name in full:
+        assert torch.allclose(cached[name], full[name], atol=1e-5, rtol=1e-4), name
+    trainer.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_accelerate_use_global_negatives(image_shards: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", data={"workers": 1}, train={"steps": 4})
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "mmcl", "train", "--config", str(config),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    assert [r["negatives"] for r in rows] == [15] * 4  # 2 processes x 8 samples, all gathered
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["train_state"]["samples_seen"] == 4 * 8 * 2
+    assert set(state["train_state"]["data"]) == {"0", "1"}
+
+
+def test_audio_model_trains_on_audio_shards(tmp_path: Path) -> None:
+    root = tmp_path / "audio"
+    for i in range(48):
+        freq = [220, 440, 880][i % 3]
+        make_tone(root / f"t{i:02d}.wav", freq + i, seconds=0.6, rate=16000)
+        (root / f"t{i:02d}.txt").write_text(f"a tone at {freq} hertz")
+    run_sharding(build_config({"input": {"modality": "audio", "path": root}, "output": tmp_path / "shards",
+                               "shard_size": 8, "workers": 1}), progress=False)
+    audio = {"tower": "cnn", "sample_rate": 16000, "clip_seconds": 0.5, "n_mels": 32, "cnn_channels": [8, 16],
+             "spec_augment": {"time_masks": 1, "time_mask_width": 5}}
+    config = write_config(tmp_path / "c.yaml", tmp_path / "shards", tmp_path / "run",
+                          model={"modality": "audio", "audio": audio}, train={"steps": 4})
+    run_mmcl("train", "--config", config)
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 4 and all(r["negatives"] == 7 for r in rows)
+
+
+def test_config_errors_name_the_key_and_exit_2(image_shards: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run")
+    typo = run_mmcl("train", "--config", config, "optim.learning_rate=1", check=False)
+    assert typo.returncode == 2 and "unknown key optim.learning_rate" in typo.stderr and "Traceback" not in typo.stderr
+    wrong_type = run_mmcl("train", "--config", config, "train.steps=many", check=False)
+    assert wrong_type.returncode == 2 and "train.steps" in wrong_type.stderr
+    bad_yaml = run_mmcl("train", "--config", config, "data.sources=[{urls: x", check=False)
+    assert bad_yaml.returncode == 2 and "quote it" in bad_yaml.stderr and "Traceback" not in bad_yaml.stderr
+    missing = run_mmcl("train", "--config", config, f"data.sources=[{{urls: '{tmp_path}/nope-{{000..003}}.tar'}}]", check=False)
+    assert missing.returncode == 2 and "nope-000.tar" in missing.stderr
+    siglip = run_mmcl("train", "--config", config, "loss.kind=siglip", check=False)
+    assert siglip.returncode == 2 and "model.siglip" in siglip.stderr
