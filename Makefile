@@ -38,7 +38,8 @@ lint: $(STAMP)
 	$(PY) -m ruff check mmcl shards_tools pipelines tests bench
 
 demo: $(STAMP) sysdeps
-	HF_HUB_OFFLINE=1 $(VENV)/bin/mmcl demo
+	@echo "The end-to-end demo (shard -> train -> eval -> report) arrives with issue 6; see README.md, Status." >&2
+	@exit 1
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mmcl.data.config import DataConfig
 from mmcl.errors import UsageError
 from mmcl.models.config import ModelConfig
+from mmcl.noise.config import NoiseConfig
 
 
 class _Strict(BaseModel):
@@ -69,6 +70,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
 
@@ -84,6 +86,8 @@ class TrainConfig(_Strict):
                     raise ValueError(f"data.{key}={data_value} differs from model.audio.{key}={model_value}; "
                                      f"remove data.{key} (it follows the model)")
                 setattr(self.data, key, model_value)
+        if self.noise.soft_target_alpha and self.loss.kind == "siglip":
+            raise ValueError("noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)")
         if self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} >= train.steps={self.train.steps}: "
                              "lower warmup_steps or train longer")

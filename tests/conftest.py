@@ -74,3 +74,45 @@ def run_mmcl(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPr
     if check and result.returncode != 0:
         raise AssertionError(f"mmcl {' '.join(map(str, args))} exited {result.returncode}\n{result.stderr}")
     return result
+
+
+SHAPES = ["square", "circle", "triangle", "cross"]
+
+
+def make_shape(path: Path, colour: str, shape: str, seed: int, size: int = 48) -> Path:
+    """A real picture of a coloured shape on a grey textured background, slightly jittered."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    background = np.clip(128 + rng.integers(-25, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(background)
+    draw = ImageDraw.Draw(image)
+    c = size // 2 + int(rng.integers(-4, 5))
+    r = size // 3 + int(rng.integers(-3, 4))
+    fill = RGB[colour]
+    if shape == "square":
+        draw.rectangle([c - r, c - r, c + r, c + r], fill=fill)
+    elif shape == "circle":
+        draw.ellipse([c - r, c - r, c + r, c + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(c, c - r), (c - r, c + r), (c + r, c + r)], fill=fill)
+    else:
+        w = max(2, r // 3)
+        draw.rectangle([c - r, c - w, c + r, c + w], fill=fill)
+        draw.rectangle([c - w, c - r, c + w, c + r], fill=fill)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def make_shapes_manifest(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` pictures of 8 colours x 4 shapes with captions naming both (32 distinct captions)."""
+    rows = []
+    for i in range(count):
+        colour = COLOURS[i % len(COLOURS)]
+        shape = SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+        make_shape(root / f"{i:05d}.png", colour, shape, seed=seed * 100003 + i)
+        rows.append(f"{i:05d}.png,a {colour} {shape}\n")
+    manifest = root / "pairs.csv"
+    manifest.write_text("path,caption\n" + "".join(rows))
+    return manifest

@@ -189,3 +189,28 @@ def test_config_errors_name_the_key_and_exit_2(image_shards: Path, tmp_path: Pat
     assert missing.returncode == 2 and "nope-000.tar" in missing.stderr
     siglip = run_mmcl("train", "--config", config, "loss.kind=siglip", check=False)
     assert siglip.returncode == 2 and "model.siglip" in siglip.stderr
+
+
+def test_non_finite_loss_skips_the_update(image_shards: Path, tmp_path: Path) -> None:
+    """A batch that yields NaN (here: a corrupted image tensor) is reported and its update skipped."""
+    from mmcl.train.trainer import Trainer
+
+    config = load_train_config(write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run"),
+                               ["data.workers=0", "train.steps=4", "train.checkpoint_every=100"])
+    trainer = Trainer(config)
+    trainer.setup()
+    real = iter(trainer.loader)
+
+    def faulty():
+        for step in range(4):
+            batch = next(real)
+            if step == 2:
+                batch["media"] = torch.full_like(batch["media"], float("nan"))
+            yield batch
+
+    trainer.loader = faulty()
+    state = trainer.train()
+    trainer.cleanup()
+    assert state.step == 4 and state.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert [r["skipped_steps"] for r in metrics(tmp_path / "run")] == [0, 0, 1, 1]

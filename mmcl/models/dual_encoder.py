@@ -69,8 +69,11 @@ class DualEncoder(nn.Module):
         """Recompute activations in backward in both towers (less memory, ~30% more compute)."""
         raise NotImplementedError
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """The weights to publish: open_clip's layout for images, mmcl's own for audio."""
+    def export_state_dict(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The weights to publish: open_clip's layout for images, mmcl's own for audio.
+
+        `state` is this module's full state dict when it was gathered elsewhere (accelerate's
+        `get_state_dict` under FSDP/DeepSpeed); by default the module's own."""
         raise NotImplementedError
 
     def forward(self, media: Tensor, tokens: Tensor) -> dict[str, Tensor | None]:
@@ -140,8 +143,10 @@ class ImageTextEncoder(DualEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        return self.clip.state_dict()
+    def export_state_dict(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        if state is None:
+            return self.clip.state_dict()
+        return {k.removeprefix("clip."): v for k, v in state.items() if k.startswith("clip.")}
 
 
 class AudioTextEncoder(DualEncoder):
@@ -187,5 +192,5 @@ class AudioTextEncoder(DualEncoder):
         self.audio.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        return self.state_dict()
+    def export_state_dict(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return self.state_dict() if state is None else state

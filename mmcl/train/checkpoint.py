@@ -6,6 +6,7 @@
         rng.pt              per-rank torch RNG states (weights_only)
         state.json          TrainState + per-rank python/numpy RNG states + extra states (noise weighting)
         model.json          the model config, so `mmcl eval --checkpoint DIR` can rebuild the model
+        extra.safetensors   tensors of other stateful parts (the momentum teacher), when there are any
         COMPLETE            written last; a folder without it is a partial write and is never loaded
 
 Only safetensors and `torch.load(weights_only=True)` are used to read: a checkpoint cannot run code.
@@ -40,6 +41,7 @@ class Checkpoint:
     train_state: TrainState
     rng: list[dict]
     extra: dict
+    extra_tensors: dict[str, torch.Tensor]
 
 
 def rng_state() -> dict:
@@ -85,6 +87,7 @@ def save_checkpoint(
     rng: list[dict],
     model_config: dict,
     extra: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
 ) -> Path:
     """Write a complete checkpoint for `train_state.step` atomically; prune to the newest `keep_last`."""
@@ -105,6 +108,8 @@ def save_checkpoint(
     }
     (tmp / "state.json").write_text(json.dumps(state))
     (tmp / "model.json").write_text(json.dumps(model_config, indent=1))
+    if extra_tensors:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}, tmp / "extra.safetensors")
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -141,6 +146,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         train_state=TrainState.from_dict(state["train_state"]),
         rng=rng,
         extra=state["extra"],
+        extra_tensors=load_file(path / "extra.safetensors") if (path / "extra.safetensors").exists() else {},
     )
 
 

@@ -24,8 +24,12 @@ from tqdm import tqdm
 from mmcl.config import TrainConfig
 from mmcl.data import build_loader
 from mmcl.losses import contrastive_loss, sigmoid_loss
+from mmcl.losses.distributed import gather_no_grad, rank_and_world_size
 from mmcl.models import build_model
 from mmcl.models.weights import load_weights
+from mmcl.noise.metrics import plot_weights
+from mmcl.noise.teacher import MomentumTeacher
+from mmcl.noise.weighting import PairWeighter
 from mmcl.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -69,6 +73,15 @@ class Trainer:
             load_weights(self.model, checkpoint.model_state)
             optimizer.load_state_dict(checkpoint.optimizer_state)
             self.state = checkpoint.train_state
+        self.weighter = PairWeighter(cfg.noise)
+        self.teacher = MomentumTeacher(self.model, cfg.noise.teacher_momentum) if cfg.noise.method == "teacher" else None
+        if checkpoint is not None:
+            if "noise" in checkpoint.extra:
+                self.weighter.load_state_dict(checkpoint.extra["noise"])
+            if self.teacher is not None and checkpoint.extra_tensors:
+                self.teacher.load_state_dict(checkpoint.extra_tensors)
+        if self.teacher is not None:
+            self.teacher.model.to(acc.device)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         set_seed(cfg.run.seed + acc.process_index)  # different augmentations per rank
@@ -118,13 +131,50 @@ class Trainer:
         return load_checkpoint(Path(resume))
 
     # ----------------------------------------------------------------- the step
-    def _loss(self, media_features, text_features, logit_scale, logit_bias, weights=None) -> dict:
+    def _loss(self, media_features, text_features, logit_scale, logit_bias, weights=None, soft_targets=None) -> dict:
         cfg = self.cfg.loss
         if cfg.kind == "siglip":
             return sigmoid_loss(media_features, text_features, logit_scale, logit_bias, weights, gather=cfg.gather)
         return contrastive_loss(
-            media_features, text_features, logit_scale, weights, gather=cfg.gather, local_loss=cfg.local_loss
+            media_features,
+            text_features,
+            logit_scale,
+            weights,
+            gather=cfg.gather,
+            local_loss=cfg.local_loss,
+            soft_targets=soft_targets,
         )
+
+    def _pair_weights(self, batches: list[dict], media, text, logit_scale, logit_bias):
+        """Per-pair weights (and teacher soft targets) for the pairs of `batches`; (None, None) when off.
+        Features here carry no graph: the estimate must not be trained through."""
+        if not self.weighter.active:
+            return None, None
+        method, soft = self.cfg.noise.method, None
+        if method == "loss_mixture":
+            with torch.no_grad():
+                signal = self._loss(media, text, logit_scale, logit_bias)["per_sample_loss"]
+        elif method == "teacher":
+            device = self.accelerator.device
+            media_in = torch.cat([b["media"] for b in batches]).to(device)
+            text_in = torch.cat([b["text"] for b in batches]).to(device)
+            alpha = self.cfg.noise.soft_target_alpha
+            judged = self.teacher.judge(media_in, text_in, soft_targets=alpha > 0)
+            signal = judged["per_sample_loss"]
+            if alpha > 0:
+                soft = tuple(_mix_one_hot(t, alpha) for t in judged["soft_targets"])
+        else:
+            scores = [b["alignment_score"] for b in batches]
+            if any(s is None for s in scores):
+                raise RuntimeError(
+                    "noise.method alignment_score needs an 'alignment_score' in every sample's .json; "
+                    "add it when sharding (a manifest column) or choose another noise.method"
+                )
+            signal = -torch.cat(scores).to(media.device)
+        weights = self.weighter.weights(self.state.step, signal.float(), gather_no_grad(signal.float()))
+        noisy = [b["noisy"] for b in batches]
+        self.weighter.record(weights, None if any(n is None for n in noisy) else torch.cat(noisy))
+        return weights.to(media.device), soft
 
     def _train_step(self, batches: list[dict]) -> tuple[torch.Tensor, int]:
         """Forward + backward for one optimizer step; returns the (detached) loss and how many negatives
@@ -134,7 +184,16 @@ class Trainer:
             batch = batches[0]
             with self.accelerator.autocast():
                 out = self.forward(batch["media"].to(device), batch["text"].to(device))
-                loss = self._loss(out["media_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+                weights, soft = self._pair_weights(
+                    batches,
+                    out["media_features"].detach(),
+                    out["text_features"].detach(),
+                    out["logit_scale"].detach(),
+                    None if out["logit_bias"] is None else out["logit_bias"].detach(),
+                )
+                loss = self._loss(
+                    out["media_features"], out["text_features"], out["logit_scale"], out["logit_bias"], weights, soft
+                )
             self.accelerator.backward(loss["loss"])
             return loss["loss"].detach(), loss["logits_per_media"].shape[1] - 1
         return self._train_step_cached(batches)
@@ -157,7 +216,10 @@ class Trainer:
         scale = out["logit_scale"].detach().float().requires_grad_(True)
         bias = out["logit_bias"]
         bias = bias.detach().float().requires_grad_(True) if bias is not None else None
-        loss = self._loss(media, text, scale, bias)
+        weights, soft = self._pair_weights(
+            batches, media.detach(), text.detach(), scale.detach(), None if bias is None else bias.detach()
+        )
+        loss = self._loss(media, text, scale, bias, weights, soft)
         leaves = [media, text, scale] + ([bias] if bias is not None else [])
         grads = torch.autograd.grad(loss["loss"], leaves)
         grad_media, grad_text, grad_scale = grads[0].split(len(batches[0]["keys"])), grads[1], grads[2]
@@ -214,6 +276,8 @@ class Trainer:
                 if cfg.optim.grad_clip is not None:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
+                if self.teacher is not None:
+                    self.teacher.update(acc.unwrap_model(self.model))
                 bad_in_a_row = 0
             else:
                 self.state.skipped_steps += 1
@@ -268,6 +332,7 @@ class Trainer:
             "data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
             "bad_samples": self.state.bad_samples,
             "skipped_steps": self.state.skipped_steps,
+            **self.weighter.metrics(),
         }
         if acc.is_main_process:
             with open(self.output / "metrics.jsonl", "a") as handle:
@@ -275,31 +340,50 @@ class Trainer:
             for key, value in record.items():
                 if key != "step" and math.isfinite(value):
                     self.tb.add_scalar(f"train/{key}", value, self.state.step)
+            if len(self.weighter.recent_weights):
+                self.tb.add_histogram("noise/weights", self.weighter.recent_weights, self.state.step)
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """Gather per-rank RNG and data positions, then the main process writes one atomic checkpoint."""
         acc = self.accelerator
         per_rank = gather_object([{"rng": rng_state(), "data": self.data_state.state_dict()}])
+        full_state = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed: every rank calls it
         path = None
         if acc.is_main_process:
             self.state.data = {str(rank): entry["data"] for rank, entry in enumerate(per_rank)}
             path = save_checkpoint(
                 self.output / "checkpoints",
-                model_state=acc.unwrap_model(self.model).export_state_dict(),
+                model_state=acc.unwrap_model(self.model).export_state_dict(full_state),
                 model_config=self.cfg.model.model_dump(mode="json"),
                 optimizer_state=self.optimizer.state_dict(),
                 train_state=self.state,
                 rng=[entry["rng"] for entry in per_rank],
+                extra={"noise": self.weighter.state_dict()},
+                extra_tensors=self.teacher.state_dict() if self.teacher is not None else None,
                 keep_last=self.cfg.train.keep_last,
             )
         acc.wait_for_everyone()
         return path
 
     def cleanup(self) -> None:
+        if self.accelerator.is_main_process and len(self.weighter.recent_weights):
+            noisy = self.weighter.recent_noisy if self.weighter.has_truth else None
+            plot_weights(self.weighter.recent_weights, noisy, self.output / "noise_weights.png",
+                         title=f"pair weights at step {self.state.step} ({self.cfg.noise.method})")
         if self.tb is not None:
             self.tb.close()
         self.accelerator.end_training()
+
+
+def _mix_one_hot(teacher_rows: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) * one-hot labels + alpha * the teacher's rows; row i's positive sits at global column
+    rank * local_batch + i."""
+    rank, _ = rank_and_world_size()
+    rows = teacher_rows.shape[0]
+    one_hot = torch.zeros_like(teacher_rows)
+    one_hot[torch.arange(rows), rank * rows + torch.arange(rows)] = 1.0
+    return (1.0 - alpha) * one_hot + alpha * teacher_rows
 
 
 def run_training(config: TrainConfig) -> TrainState:

@@ -1,0 +1,8 @@
+"""Noise-aware pair weighting: estimate, while streaming, which pairs are mismatched and down-weight them.
+
+    config.py     NoiseConfig (the `noise:` section)
+    mixture.py    an online two-component mixture over a window of recent per-sample losses
+    weighting.py  PairWeighter (warm-up, ramp, floor) and the estimators: loss_mixture, teacher, alignment_score
+    teacher.py    the momentum (EMA) teacher
+    metrics.py    detection metrics (AUROC, precision/recall) and the clean-vs-noisy weight plot
+"""

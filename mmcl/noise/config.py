@@ -1,0 +1,37 @@
+"""The `noise:` section of a training config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class NoiseConfig(BaseModel):
+    """How pairs are weighted. `method: none` trains with the plain contrastive loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["none", "loss_mixture", "teacher", "alignment_score"] = "none"
+    warmup_steps: int = Field(200, ge=0, description="uniform weights until this step (the model must learn first)")
+    ramp_steps: int = Field(100, ge=0, description="then blend from uniform to estimated weights over this many steps")
+    floor: float = Field(0.0, ge=0, le=1, description="no pair weighs less than this")
+    window: int = Field(4096, ge=64, description="recent per-sample losses the mixture is fitted on")
+    refit_every: int = Field(10, ge=1, description="steps between mixture refits")
+    mixture: Literal["gaussian", "beta"] = "gaussian"
+    teacher_momentum: float = Field(0.99, gt=0, lt=1, description="EMA momentum of the teacher's weights")
+    soft_target_alpha: float = Field(
+        0.0, ge=0, le=1, description="teacher: mix this much of the teacher's distribution into the targets"
+    )
+    score_range: tuple[float, float] | None = Field(
+        None, description="alignment_score: scores mapped linearly to weights 0..1 (None: fit the mixture on them)"
+    )
+    log_every: int = Field(50, ge=1, description="steps between weight histograms and detection metrics")
+
+    @model_validator(mode="after")
+    def _check(self) -> NoiseConfig:
+        if self.soft_target_alpha and self.method != "teacher":
+            raise ValueError("noise.soft_target_alpha needs noise.method: teacher (the targets come from it)")
+        if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
+            raise ValueError(f"noise.score_range must be [low, high] with low < high, got {list(self.score_range)}")
+        return self

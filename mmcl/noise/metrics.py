@@ -1,0 +1,68 @@
+"""How well the weights find the mismatched pairs, measured against the sharder's ground-truth `noisy`
+flags (read for metrics only, never for training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for detecting `positives` (Mann-Whitney U, ties averaged);
+    nan when only one class is present."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks of ties
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection_metrics(weights: np.ndarray, noisy: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """AUROC of (1 - weight) for noisy pairs, and precision/recall of flagging pairs with weight < threshold."""
+    weights = np.asarray(weights, dtype=np.float64)
+    noisy = np.asarray(noisy, dtype=bool)
+    flagged = weights < threshold
+    true_pos = int((flagged & noisy).sum())
+    return {
+        "auroc": auroc(1.0 - weights, noisy),
+        "precision": true_pos / int(flagged.sum()) if flagged.any() else float("nan"),
+        "recall": true_pos / int(noisy.sum()) if noisy.any() else float("nan"),
+        "mean_weight_clean": float(weights[~noisy].mean()) if (~noisy).any() else float("nan"),
+        "mean_weight_noisy": float(weights[noisy].mean()) if noisy.any() else float("nan"),
+    }
+
+
+def plot_weights(weights: np.ndarray, noisy: np.ndarray | None, path: Path, title: str = "") -> None:
+    """Histogram of pair weights, split into clean and noisy pairs when the truth is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(0, 1, 41)
+    if noisy is None:
+        ax.hist(weights, bins=bins, color="#4477aa", label="all pairs")
+    else:
+        noisy = np.asarray(noisy, dtype=bool)
+        ax.hist(weights[~noisy], bins=bins, alpha=0.7, color="#228833", label=f"clean ({int((~noisy).sum())})")
+        ax.hist(weights[noisy], bins=bins, alpha=0.7, color="#cc3311", label=f"noisy ({int(noisy.sum())})")
+    ax.set_xlabel("pair weight")
+    ax.set_ylabel("pairs")
+    ax.set_title(title or "pair weights (recent window)")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""A momentum teacher: an exponential moving average of the model that judges whether pairs match.
+
+The EMA smooths out the student's step-to-step noise, so its per-pair losses separate clean from
+mismatched pairs earlier and more stably; it can also supply soft targets (its own distribution over the
+batch) that stop the student from being pulled hard towards a wrong caption.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from mmcl.losses import contrastive_loss
+from mmcl.losses.distributed import gather_no_grad
+
+
+class MomentumTeacher:
+    """An EMA copy of a DualEncoder, kept in eval mode without gradients."""
+
+    def __init__(self, model: nn.Module, momentum: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, after each optimizer step."""
+        for teacher_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
+            teacher_param.lerp_(param.detach(), 1.0 - self.momentum)
+        for teacher_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
+            teacher_buffer.copy_(buffer)
+
+    @torch.no_grad()
+    def judge(self, media: Tensor, tokens: Tensor, soft_targets: bool) -> dict:
+        """Per-pair teacher losses (high = likely mismatched) and, if asked, its target distributions
+        over the global batch for both directions (rows of this rank's media and texts)."""
+        out = self.model(media, tokens)
+        probe = contrastive_loss(out["media_features"], out["text_features"], out["logit_scale"])
+        result = {"per_sample_loss": probe["per_sample_loss"], "soft_targets": None}
+        if soft_targets:
+            all_media = gather_no_grad(out["media_features"])
+            all_text = gather_no_grad(out["text_features"])
+            scale = out["logit_scale"]
+            media_to_text = (scale * out["media_features"] @ all_text.T).softmax(dim=-1)
+            text_to_media = (scale * out["text_features"] @ all_media.T).softmax(dim=-1)
+            result["soft_targets"] = (media_to_text, text_to_media)
+        return result
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)

@@ -1,0 +1,95 @@
+"""PairWeighter: per-pair weights in [floor, 1] from a streaming estimate of which pairs are mismatched.
+
+Estimators (noise.method), none of which needs epochs, a full pass or an external model:
+  loss_mixture     the student's own per-pair losses -> online two-component mixture -> P(clean)
+  teacher          the same on a momentum teacher's per-pair losses (+ optional soft targets)
+  alignment_score  a precomputed per-pair score from the shards' .json ("alignment_score", higher = better
+                   match, from any existing model), mapped linearly by noise.score_range or by the mixture
+Weights start uniform (noise.warmup_steps: the model must learn before its losses mean anything), then blend
+in over noise.ramp_steps, and never go below noise.floor, so weighting cannot collapse training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmcl.noise.config import NoiseConfig
+from mmcl.noise.metrics import detection_metrics
+from mmcl.noise.mixture import OnlineMixture
+
+
+class PairWeighter:
+    """Turns each batch's noise signal (higher = more likely mismatched) into per-pair weights."""
+
+    def __init__(self, cfg: NoiseConfig) -> None:
+        self.cfg = cfg
+        uses_mixture = cfg.method in ("loss_mixture", "teacher") or (
+            cfg.method == "alignment_score" and cfg.score_range is None
+        )
+        self.mixture = OnlineMixture(cfg.window, cfg.mixture) if uses_mixture else None
+        self.recent_weights = np.zeros(0)
+        self.recent_noisy = np.zeros(0, dtype=bool)
+        self.has_truth = False
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.method != "none"
+
+    def ramp(self, step: int) -> float:
+        """0 during warm-up, then linearly to 1 over ramp_steps."""
+        if step < self.cfg.warmup_steps:
+            return 0.0
+        if self.cfg.ramp_steps == 0:
+            return 1.0
+        return min(1.0, (step - self.cfg.warmup_steps + 1) / self.cfg.ramp_steps)
+
+    def weights(self, step: int, signal: Tensor, global_signal: Tensor) -> Tensor:
+        """Weights for this rank's pairs; `global_signal` (every rank's, identical on all ranks) updates the
+        mixture, so all ranks keep the same state."""
+        local = signal.detach().double().cpu().numpy()
+        if self.cfg.method == "alignment_score" and self.cfg.score_range is not None:
+            low, high = self.cfg.score_range
+            estimate = np.clip((-local - low) / (high - low), 0.0, 1.0)  # signal is -score
+        else:
+            estimate = self.mixture.clean_probability(local)
+            self.mixture.add(global_signal.detach().double().cpu().numpy())
+            if step % self.cfg.refit_every == 0:
+                self.mixture.fit()
+        blended = 1.0 - self.ramp(step) * (1.0 - estimate)
+        return torch.as_tensor(np.maximum(blended, self.cfg.floor), dtype=signal.dtype, device=signal.device)
+
+    def record(self, weights: Tensor, noisy: Tensor | None) -> None:
+        """Keep the last `window` weights (and ground-truth flags when the shards have them) for metrics."""
+        w = weights.detach().double().cpu().numpy()
+        self.recent_weights = np.concatenate([self.recent_weights, w])[-self.cfg.window :]
+        flags = np.zeros(len(w), dtype=bool) if noisy is None else noisy.detach().cpu().numpy().astype(bool)
+        self.has_truth = self.has_truth or noisy is not None
+        self.recent_noisy = np.concatenate([self.recent_noisy, flags])[-self.cfg.window :]
+
+    def metrics(self) -> dict[str, float]:
+        """Mean weight and, with ground truth, detection AUROC / precision / recall over the recent window."""
+        if not len(self.recent_weights):
+            return {}
+        result = {"noise_mean_weight": float(self.recent_weights.mean())}
+        if self.mixture is not None and self.mixture.params is not None:
+            result["noise_separation"] = float(self.mixture.params["separation"])
+        if self.has_truth:
+            result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
+        return result
+
+    def state_dict(self) -> dict:
+        return {
+            "mixture": self.mixture.state_dict() if self.mixture is not None else None,
+            "recent_weights": self.recent_weights.tolist(),
+            "recent_noisy": self.recent_noisy.tolist(),
+            "has_truth": self.has_truth,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mixture is not None and state.get("mixture") is not None:
+            self.mixture.load_state_dict(state["mixture"])
+        self.recent_weights = np.asarray(state["recent_weights"], dtype=np.float64)
+        self.recent_noisy = np.asarray(state["recent_noisy"], dtype=bool)
+        self.has_truth = bool(state["has_truth"])

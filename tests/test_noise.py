@@ -1,0 +1,154 @@
+"""Noise-aware pair weighting: the mixture, the metrics, the weighter, and a real run with injected noise."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, make_shapes_manifest, run_mmcl
+from sklearn.metrics import roc_auc_score
+
+from mmcl.noise.config import NoiseConfig
+from mmcl.noise.metrics import auroc, detection_metrics
+from mmcl.noise.mixture import OnlineMixture
+from mmcl.noise.weighting import PairWeighter
+from shards_tools.config import build_config
+from shards_tools.run import run_sharding
+
+
+def synthetic_losses(n: int, noisy_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(n) < noisy_fraction
+    losses = np.where(noisy, rng.normal(4.0, 0.5, n), rng.gamma(4.0, 0.25, n))  # clean: mean 1.0, skewed
+    return losses, noisy
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "beta"])
+def test_mixture_recovers_known_components(kind: str) -> None:
+    losses, noisy = synthetic_losses(4000, 0.3)
+    mixture = OnlineMixture(window=4096, kind=kind)
+    mixture.add(losses)
+    params = mixture.fit()
+    assert params is not None and mixture.params is not None
+    assert abs(params["weight"][1] - noisy.mean()) < 0.05
+    if kind == "gaussian":
+        assert abs(params["mean"][0] - 1.0) < 0.15 and abs(params["mean"][1] - 4.0) < 0.15
+    clean_prob = mixture.clean_probability(losses)
+    assert clean_prob[~noisy].mean() > 0.9 and clean_prob[noisy].mean() < 0.1
+    assert auroc(1 - clean_prob, noisy) > 0.99
+
+
+def test_mixture_leaves_unimodal_losses_alone() -> None:
+    losses, _ = synthetic_losses(3000, 0.0)
+    mixture = OnlineMixture(window=4096)
+    mixture.add(losses)
+    mixture.fit()
+    assert mixture.params is None
+    assert np.all(mixture.clean_probability(losses) == 1.0)
+
+
+def test_mixture_window_follows_the_stream_and_round_trips() -> None:
+    mixture = OnlineMixture(window=1000)
+    mixture.add(np.full(800, 9.0))
+    mixture.add(100.0 + np.arange(500, dtype=float))
+    values = mixture.values()
+    assert len(values) == 1000 and (values == 9.0).sum() == 500 and mixture.count == 1300
+    copy = OnlineMixture(window=1000)
+    copy.load_state_dict(json.loads(json.dumps(mixture.state_dict())))
+    copy.add(np.array([1.0, 2.0]))
+    mixture.add(np.array([1.0, 2.0]))
+    assert np.array_equal(copy.values(), mixture.values())
+
+
+def test_auroc_matches_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 5, 300).astype(float)
+    labels = rng.random(300) < 0.4
+    assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    metrics = detection_metrics(np.array([0.1, 0.9, 0.2, 0.8]), np.array([True, False, False, False]))
+    assert metrics["auroc"] == 1.0 and metrics["precision"] == 0.5 and metrics["recall"] == 1.0
+
+
+def test_weighter_warmup_ramp_and_floor() -> None:
+    weighter = PairWeighter(NoiseConfig(method="loss_mixture", warmup_steps=10, ramp_steps=4, floor=0.2, refit_every=1))
+    losses, noisy = synthetic_losses(512, 0.3)
+    signal = torch.tensor(losses, dtype=torch.float32)
+    for step in range(10):  # warm-up: uniform weights while the mixture learns
+        assert torch.all(weighter.weights(step, signal, signal) == 1.0)
+    ramped = [weighter.weights(step, signal, signal) for step in range(10, 15)]
+    noisy_means = [w[torch.tensor(noisy)].mean().item() for w in ramped]
+    assert noisy_means == sorted(noisy_means, reverse=True)  # blends in over ramp_steps
+    final = ramped[-1]
+    assert final.min().item() >= 0.2 and final[torch.tensor(~noisy)].mean() > 0.9
+    assert final[torch.tensor(noisy)].mean() < 0.3
+
+
+def test_noise_config_errors() -> None:
+    with pytest.raises(ValueError, match="soft_target_alpha needs noise.method: teacher"):
+        NoiseConfig(method="loss_mixture", soft_target_alpha=0.3)
+
+
+@pytest.fixture(scope="module")
+def noisy_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("noisy")
+    manifest = make_shapes_manifest(root / "in", 1024)
+    out = root / "shards"
+    config = build_config({"input": {"modality": "image", "path": manifest}, "output": out, "shard_size": 64,
+                           "workers": 2, "noise_rate": 0.4, "seed": 1, "shuffle": True})
+    run_sharding(config, progress=False)
+    return out
+
+
+def noisy_run_config(path: Path, shards: Path, output: Path, method: str, steps: int = 240) -> Path:
+    config = {
+        "run": {"output_dir": str(output)},
+        "model": {"open_clip_name": "mmcl-micro-vit"},
+        "data": {"sources": [{"urls": str(shards)}], "batch_size": 32, "workers": 1, "shuffle_buffer": 500},
+        "optim": {"lr": 2e-3, "warmup_steps": 20},
+        "noise": {"method": method, "warmup_steps": 80, "ramp_steps": 40, "window": 1024, "log_every": 20},
+        "train": {"steps": steps, "log_every": 20, "checkpoint_every": 1000},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("method", ["loss_mixture", "teacher"])
+def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Path, tmp_path: Path, method: str) -> None:
+    config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", method)
+    run_mmcl("train", "--config", config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["noise_auroc"] > 0.8, last
+    assert last["noise_mean_weight_clean"] > last["noise_mean_weight_noisy"] + 0.3, last
+    assert all(r["noise_mean_weight"] == 1.0 for r in rows if r["step"] <= 80)  # warm-up is uniform
+    assert (tmp_path / "run" / "noise_weights.png").exists()
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["extra"]["noise"]["mixture"]["params"] is not None
+    if method == "teacher":
+        assert next((tmp_path / "run" / "checkpoints").glob("step-*/extra.safetensors")).exists()
+
+
+def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path) -> None:
+    config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", "loss_mixture", steps=30)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+              "-m", "mmcl", "train", "--config", str(config), "noise.warmup_steps=5", "noise.ramp_steps=5",
+              "noise.window=256"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["negatives"] == 63
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000030" / "state.json").read_text())
+    assert state["extra"]["noise"]["mixture"]["count"] == 30 * 64  # every rank's losses feed one mixture
