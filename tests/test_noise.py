@@ -107,13 +107,13 @@ def noisy_shards(tmp_path_factory) -> Path:
     return out
 
 
-def noisy_run_config(path: Path, shards: Path, output: Path, method: str, steps: int = 240) -> Path:
+def noisy_run_config(path: Path, shards: Path, output: Path, method: str, steps: int = 200) -> Path:
     config = {
         "run": {"output_dir": str(output)},
         "model": {"open_clip_name": "mmcl-micro-vit"},
         "data": {"sources": [{"urls": str(shards)}], "batch_size": 32, "workers": 1, "shuffle_buffer": 500},
         "optim": {"lr": 2e-3, "warmup_steps": 20},
-        "noise": {"method": method, "warmup_steps": 80, "ramp_steps": 40, "window": 1024, "log_every": 20},
+        "noise": {"method": method, "warmup_steps": 60, "ramp_steps": 40, "window": 1024, "log_every": 20},
         "train": {"steps": steps, "log_every": 20, "checkpoint_every": 1000},
     }
     path.write_text(yaml.safe_dump(config))
@@ -128,7 +128,7 @@ def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Pat
     last = rows[-1]
     assert last["noise_auroc"] > 0.8, last
     assert last["noise_mean_weight_clean"] > last["noise_mean_weight_noisy"] + 0.3, last
-    assert all(r["noise_mean_weight"] == 1.0 for r in rows if r["step"] <= 80)  # warm-up is uniform
+    assert all(r["noise_mean_weight"] == 1.0 for r in rows if r["step"] <= 60)  # warm-up is uniform
     assert (tmp_path / "run" / "noise_weights.png").exists()
     state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/state.json")).read_text())
     assert state["extra"]["noise"]["mixture"]["params"] is not None

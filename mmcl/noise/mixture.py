@@ -4,7 +4,9 @@ Clean pairs are learned quickly and end up with small losses; mismatched pairs c
 large ones. A mixture with a low-loss and a high-loss component, refitted every few steps on the most
 recent losses (so the fit follows the drifting loss scale), gives each new loss the posterior probability
 of the low-loss component: that is the pair's weight (NCR's idea, made streaming: no epochs, no per-sample
-table). When the window shows no second mode (Ashman's D < 2, e.g. on clean data), every weight is 1.
+table). When the window shows no second mode (Ashman's D < 2, e.g. on clean data), every weight is 1;
+once two modes were found, a refit must fall below D = 1.5 to switch weighting off again, so the weights do
+not flicker between fits near the threshold.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 MIN_FIT_VALUES = 256
 SEPARATION = 2.0  # Ashman's D above which two modes count as separated
+KEEP_SEPARATION = 1.5  # once separated, the D a refit must keep to stay in use
 EM_ITERATIONS = 30
 EPS = 1e-6
 
@@ -56,7 +59,8 @@ class OnlineMixture:
         params = _fit_gaussian(data) if self.kind == "gaussian" else _fit_beta(data)
         mean0, mean1, var0, var1 = params["mean"][0], params["mean"][1], params["var"][0], params["var"][1]
         params["separation"] = math.sqrt(2.0) * abs(mean1 - mean0) / math.sqrt(var0 + var1 + EPS)
-        self.params = params if params["separation"] >= SEPARATION and min(params["weight"]) > 0.01 else None
+        threshold = KEEP_SEPARATION if self.params is not None else SEPARATION
+        self.params = params if params["separation"] >= threshold and min(params["weight"]) > 0.01 else None
         return params
 
     def clean_probability(self, values: np.ndarray) -> np.ndarray:
