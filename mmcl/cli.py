@@ -19,7 +19,9 @@ class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDe
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmcl.eval.cli import add_eval_parser
     from mmcl.train.cli import add_train_parser
+    from pipelines.demo import add_demo_parser
     from shards_tools.cli import add_shard_parser
 
     parser = argparse.ArgumentParser(
@@ -30,12 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
             "example:\n"
             "  mmcl shard image-text --input captions.csv --output shards/ --image-size 256\n"
             "  mmcl train --config configs/image_text/micro.yaml\n"
+            "  mmcl eval zero-shot --checkpoint runs/micro --data heldout/ --output reports/heldout\n"
+            "  mmcl demo\n"
         ),
     )
     parser.add_argument("--version", action="version", version=f"mmcl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_shard_parser(subparsers)
     add_train_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_demo_parser(subparsers)
     return parser
 
 

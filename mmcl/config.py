@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mmcl.data.config import DataConfig
 from mmcl.errors import UsageError
+from mmcl.eval.config import EvalConfig
 from mmcl.models.config import ModelConfig
 from mmcl.noise.config import NoiseConfig
 
@@ -73,6 +74,7 @@ class TrainConfig(_Strict):
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_combination(self) -> TrainConfig:
@@ -88,6 +90,9 @@ class TrainConfig(_Strict):
                 setattr(self.data, key, model_value)
         if self.noise.soft_target_alpha and self.loss.kind == "siglip":
             raise ValueError("noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)")
+        if self.eval.every_steps and not (self.eval.zero_shot or self.eval.retrieval):
+            raise ValueError("eval.every_steps is set but eval has no zero_shot or retrieval tasks; add one "
+                             "(e.g. zero_shot: [{name: heldout, data: PATH}]) or set every_steps: 0")
         if self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} >= train.steps={self.train.steps}: "
                              "lower warmup_steps or train longer")

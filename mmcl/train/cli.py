@@ -34,6 +34,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from mmcl.data import resolve_sources
 
     resolve_sources(config.data, config.model.modality)  # missing shards fail here, before any model is built
+    if config.eval.every_steps:
+        from mmcl.eval.periodic import check_eval_data
+
+        check_eval_data(config.eval, config.model.modality)
     if args.check:
         print(f"config OK: {args.config}")
         return 0

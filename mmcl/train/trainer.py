@@ -304,6 +304,9 @@ class Trainer:
 
             stop = acc.reduce(torch.tensor(float(self.stop_requested), device=acc.device), reduction="sum").item() > 0
             at_end = self.state.step in (total, stop_at)
+            every = cfg.eval.every_steps
+            if every and (self.state.step % every == 0 or self.state.step == total):
+                self.evaluate()
             if self.state.step % cfg.train.checkpoint_every == 0 or at_end or stop:
                 self.save_checkpoint()
             if stop:
@@ -343,6 +346,24 @@ class Trainer:
             if len(self.weighter.recent_weights):
                 self.tb.add_histogram("noise/weights", self.weighter.recent_weights, self.state.step)
 
+    def evaluate(self) -> dict[str, float]:
+        """Periodic zero-shot evaluation on the main process (others wait); logged to metrics.jsonl as
+        {"step", "eval/TASK/METRIC": value} and to TensorBoard."""
+        acc = self.accelerator
+        results: dict[str, float] = {}
+        if acc.is_main_process:
+            from mmcl.eval.periodic import evaluate_during_training
+
+            results = evaluate_during_training(acc.unwrap_model(self.model), self.cfg.eval)
+            record = {"step": self.state.step, **{f"eval/{k}": v for k, v in results.items()}}
+            with open(self.output / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            for key, value in results.items():
+                self.tb.add_scalar(f"eval/{key}", value, self.state.step)
+            acc.print("eval step {}: {}".format(self.state.step, ", ".join(f"{k} {v:.3f}" for k, v in results.items())))
+        acc.wait_for_everyone()
+        return results
+
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
         """Gather per-rank RNG and data positions, then the main process writes one atomic checkpoint."""
@@ -355,7 +376,7 @@ class Trainer:
             path = save_checkpoint(
                 self.output / "checkpoints",
                 model_state=acc.unwrap_model(self.model).export_state_dict(full_state),
-                model_config=self.cfg.model.model_dump(mode="json"),
+                model_config=self.cfg.model.model_dump(mode="json", exclude_defaults=True),
                 optimizer_state=self.optimizer.state_dict(),
                 train_state=self.state,
                 rng=[entry["rng"] for entry in per_rank],

@@ -1,0 +1,1 @@
+"""End-to-end recipes that compose the three jobs: shard -> train -> eval."""

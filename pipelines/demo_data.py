@@ -1,0 +1,123 @@
+"""Small real datasets for the demo, built offline from Debian packages (../shared/DATASETS.md):
+
+- images: Fashion-MNIST (package dataset-fashion-mnist), 10 clothing classes; train pairs get captions
+  from varied templates, held-out test images are written as class folders for zero-shot evaluation.
+- audio: words spoken by espeak-ng (package espeak-ng) in several voices; held-out *voices* are kept
+  for evaluation, so the audio model must generalise to speakers it never heard.
+
+Everything is written under a work folder and reused on the next run.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmcl.errors import UsageError
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]
+IMAGE_CAPTIONS = [
+    "a photo of a {}.", "a {}.", "a picture of a {}.", "a black and white photo of a {}.",
+    "a product photo of a {}.", "a small {}.", "an image of a {}.",
+]
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+AUDIO_CAPTIONS = ["a person saying {}.", "the spoken word {}.", "someone says {}.", "a voice saying {}."]
+TRAIN_VOICES = ["en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2", "en+m5", "en+f4"]
+HELD_OUT_VOICES = ["en-us+m4", "en+f2", "en+m7"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _done(folder: Path) -> bool:
+    return (folder / ".complete").exists()
+
+
+def _mark_done(folder: Path) -> None:
+    (folder / ".complete").write_text("ok\n")
+
+
+def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed: int = 0) -> dict[str, Path]:
+    """Write train images + a CSV manifest and held-out test images as class folders."""
+    root = Path(root)
+    if not _done(root):
+        if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+            raise UsageError(f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist (make sysdeps)")
+        shutil.rmtree(root, ignore_errors=True)
+        rng = random.Random(seed)
+        images = _read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")
+        labels = _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
+        (root / "train").mkdir(parents=True)
+        rows = []
+        for i in sorted(rng.sample(range(len(images)), train_count)):
+            name = FASHION_CLASSES[labels[i]]
+            Image.fromarray(images[i]).save(root / "train" / f"{i:05d}.png")
+            rows.append({"path": f"train/{i:05d}.png", "caption": rng.choice(IMAGE_CAPTIONS).format(name), "label": name})
+        with open(root / "train.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+        test_images = _read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
+        test_labels = _read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+        counts = dict.fromkeys(range(10), 0)
+        for i, label in enumerate(test_labels):
+            if counts[int(label)] < test_per_class:
+                folder = root / "test" / FASHION_CLASSES[label].replace(" ", "_")
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(test_images[i]).save(folder / f"{i:05d}.png")
+                counts[int(label)] += 1
+        _mark_done(root)
+    return {"train": root / "train.csv", "test": root / "test"}
+
+
+def _speak(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
+        check=True, capture_output=True,
+    )
+
+
+def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Path]:
+    """Train clips (train voices, varied speed/pitch) with captions, and held-out voices as class folders."""
+    root = Path(root)
+    if not _done(root):
+        if shutil.which("espeak-ng") is None:
+            raise UsageError("espeak-ng not found: apt-get install espeak-ng (make sysdeps)")
+        shutil.rmtree(root, ignore_errors=True)
+        rng = random.Random(seed)
+        (root / "train").mkdir(parents=True)
+        rows = []
+        for word in WORDS:
+            for voice in TRAIN_VOICES:
+                for r in range(repeats):
+                    name = f"{word}-{voice.replace('+', '_')}-{r}.wav"
+                    _speak(word, voice, rng.randint(120, 200), rng.randint(30, 70), root / "train" / name)
+                    rows.append({"path": f"train/{name}", "caption": rng.choice(AUDIO_CAPTIONS).format(word), "label": word})
+        rng.shuffle(rows)
+        with open(root / "train.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+        for word in WORDS:
+            for voice in HELD_OUT_VOICES:
+                for r, (speed, pitch) in enumerate([(140, 40), (175, 60)]):
+                    folder = root / "test" / word
+                    folder.mkdir(parents=True, exist_ok=True)
+                    _speak(word, voice, speed, pitch, folder / f"{voice.replace('+', '_')}-{r}.wav")
+        _mark_done(root)
+    return {"train": root / "train.csv", "test": root / "test"}
