@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmcl.data.config import DataConfig
 from mmcl.errors import UsageError
@@ -62,6 +62,11 @@ class TrainLoopConfig(_Strict):
     max_steps_per_run: int | None = Field(
         None, ge=1, description="checkpoint and exit after this many steps (for time-limited job slots)"
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
 
 class TrainConfig(_Strict):
