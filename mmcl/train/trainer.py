@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -245,7 +246,14 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         total = cfg.train.steps
         batches_iter = iter(self.loader)
-        bar = tqdm(total=total, initial=self.state.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.state.step,
+            desc="train",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
+        )
         window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
         bad_in_a_row = 0
         stop_at = total
