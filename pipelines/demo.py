@@ -40,7 +40,7 @@ class DemoSize:
 
 SIZES = {
     "tiny": DemoSize(images=640, test_per_class=20, spoken_repeats=1, image_steps=40, audio_steps=40),
-    "small": DemoSize(images=6000, test_per_class=100, spoken_repeats=3, image_steps=500, audio_steps=300),
+    "small": DemoSize(images=6000, test_per_class=100, spoken_repeats=8, image_steps=500, audio_steps=250),
     "medium": DemoSize(images=20000, test_per_class=300, spoken_repeats=6, image_steps=2000, audio_steps=1000),
 }
 

@@ -4,8 +4,11 @@ text -> media: every caption is a query whose single positive is its own item.
 media -> text: every item is a query; all its captions are positives and the rank is that of the best
 placed one (a hit at K when ANY of its captions is in the top K), as in CLIP_benchmark.
 
-Ranks are 1-based and ties count against the model: a positive scored equal to a negative is ranked
-after it, so a collapsed model (every score equal) gets rank N, not 1. Scores are computed over query
+Ranks are 1-based. Ties are broken at random, in expectation: a positive scored equal to m negatives
+after b better ones has expected rank b + 1 + m / 2 and counts as a hit at K with probability
+clamp((K - b) / (m + 1), 0, 1). So a collapsed model (every score equal) scores chance (recall@K = K / N),
+and sets whose captions repeat word for word (class-template captions) are neither rewarded nor zeroed
+by the tie order. Scores are computed over query
 chunks ([chunk, keys] at a time, about `max_chunk_elements` scores) keeping only each query's rank, so
 100k x 100k similarities never exist at once; chunked and unchunked give identical ranks.
 
@@ -35,29 +38,35 @@ def _chunk_rows(num_keys: int, chunk_size: int | None) -> int:
 
 
 @torch.no_grad()
-def text_to_media_ranks(text: Tensor, media: Tensor, text_to_media: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Rank [M] of each caption's item among all N items (1 = first)."""
-    ranks = []
+def text_to_media_ranks(
+    text: Tensor, media: Tensor, text_to_media: Tensor, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """For each caption [M]: how many items score strictly above its own item, and how many tie with it."""
+    better, tied = [], []
     rows = _chunk_rows(len(media), chunk_size)
     for start in range(0, len(text), rows):
         scores = text[start : start + rows] @ media.T  # [chunk, N]
         positive = scores.gather(1, text_to_media[start : start + rows, None])
-        ranks.append((scores >= positive).sum(dim=1))  # the positive itself counts once: 1-based
-    return torch.cat(ranks)
+        better.append((scores > positive).sum(dim=1))
+        tied.append((scores == positive).sum(dim=1) - 1)  # the positive itself is not a tie
+    return torch.cat(better), torch.cat(tied)
 
 
 @torch.no_grad()
-def media_to_text_ranks(media: Tensor, text: Tensor, text_to_media: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Rank [N] of each item's best placed caption among all M captions (1 = first)."""
-    ranks = []
+def media_to_text_ranks(
+    media: Tensor, text: Tensor, text_to_media: Tensor, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """For each item [N]: how many other captions score strictly above its best caption, and how many tie."""
+    better, tied = [], []
     rows = _chunk_rows(len(text), chunk_size)
     for start in range(0, len(media), rows):
         scores = media[start : start + rows] @ text.T  # [chunk, M]
         items = torch.arange(start, start + len(scores), device=scores.device)
         is_positive = text_to_media[None, :] == items[:, None]
         best = scores.masked_fill(~is_positive, float("-inf")).amax(dim=1, keepdim=True)
-        ranks.append(1 + ((scores >= best) & ~is_positive).sum(dim=1))
-    return torch.cat(ranks)
+        better.append(((scores > best) & ~is_positive).sum(dim=1))
+        tied.append(((scores == best) & ~is_positive).sum(dim=1))
+    return torch.cat(better), torch.cat(tied)
 
 
 def retrieval_metrics(
@@ -80,11 +89,13 @@ def retrieval_metrics(
         "text_retrieval": media_to_text_ranks(media, text, text_to_media, chunk_size),
     }
     metrics: dict[str, float] = {}
-    for prefix, ranks in directions.items():
+    for prefix, (better, tied) in directions.items():
+        better, tied = better.double(), tied.double()
         for k in ks:
-            metrics[f"{prefix}_recall@{k}"] = float((ranks <= k).double().mean())
-        metrics[f"{prefix}_mean_rank"] = float(ranks.double().mean())
-        metrics[f"{prefix}_median_rank"] = float(np.median(ranks.cpu().numpy()))
+            metrics[f"{prefix}_recall@{k}"] = float(((k - better) / (tied + 1)).clamp(0, 1).mean())
+        expected_rank = better + 1 + tied / 2
+        metrics[f"{prefix}_mean_rank"] = float(expected_rank.mean())
+        metrics[f"{prefix}_median_rank"] = float(np.median(expected_rank.cpu().numpy()))
     return metrics
 
 
