@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch torchvision
 	$(PIP) install -c constraints.txt torch torchaudio
 	$(PIP) install -c constraints.txt -e '.[dev,ray]'
-	$(PIP) install --no-deps --target $(WDS_OLD) webdataset==0.2.86
+	$(PIP) install --no-deps --upgrade --target $(WDS_OLD) webdataset==0.2.86
 	touch $(STAMP)
 
 sysdeps:

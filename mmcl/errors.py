@@ -6,3 +6,15 @@ class UsageError(Exception):
 
 
 EXIT_USAGE = 2
+
+
+def describe_load_error(err: Exception) -> str:
+    """One line saying why a file could not be read. torch's refusal of a pickle under weights_only=True
+    becomes what was refused: its own text suggests weights_only=False, which would run the file's code."""
+    text = str(err)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            refused = line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()
+            return f"not plain tensors, refused by torch.load(weights_only=True) ({refused})"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

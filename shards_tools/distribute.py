@@ -7,8 +7,10 @@ memory flat however large the input is.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -16,6 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from mmcl.errors import UsageError
 from shards_tools.plan import ShardPlan
 from shards_tools.writer import ShardJob, write_shard
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def run_shard_tasks(
@@ -31,19 +35,36 @@ def run_shard_tasks(
         yield from _run_pool(plans, job, workers)
 
 
-def _one_thread_per_worker() -> None:
+def _one_thread_per_worker(parent: int | None = None) -> None:
     """Each worker already is one of `workers` parallel lanes; torch's own threads (audio resampling)
-    would oversubscribe the cores."""
+    would oversubscribe the cores. A worker also dies with the sharding process `parent`."""
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    if parent is not None:
+        _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent dies. After a `kill -9` of the sharding
+    process its pool workers would otherwise wait for tasks forever, each holding its memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent was gone before prctl took effect
+        os._exit(1)
 
 
 def _run_pool(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterator[dict]:
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     pending: set[Future] = set()
     plan_iter = iter(plans)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_per_worker) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_one_thread_per_worker, initargs=(os.getpid(),)
+    ) as pool:
         try:
             for plan in plan_iter:
                 pending.add(pool.submit(write_shard, plan, job))

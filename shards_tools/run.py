@@ -18,7 +18,7 @@ from mmcl.errors import UsageError
 from shards_tools import readers
 from shards_tools.config import ShardConfig
 from shards_tools.distribute import run_shard_tasks
-from shards_tools.manifest import merge_parts, write_part
+from shards_tools.manifest import PARTS_DIR, merge_parts, part_path, write_part
 from shards_tools.plan import ShardPlan, plan_shards
 from shards_tools.writer import PROGRESS_DIR, ShardJob, finished_record, shard_name, write_atomic
 
@@ -47,9 +47,18 @@ def _check_options(config: ShardConfig) -> None:
         write_atomic(path, json.dumps(wanted, indent=1).encode("utf-8"))
 
 
-def _remove_stale_temporaries(output: Path) -> None:
-    for folder in (output, output / PROGRESS_DIR):
-        for tmp in folder.glob(".*.tmp-*"):
+def _remove_stale_temporaries(output: Path, shard_names: list[str], part: int, parts: int) -> None:
+    """Remove what killed runs left half-written. A run split into parts removes only the temporaries of
+    its own shards, their records and its part file: in a job array the other parts may be writing theirs
+    into the same folder right now."""
+    if parts == 1:
+        patterns = [(output, ".*.tmp-*"), (output / PROGRESS_DIR, ".*.tmp-*")]
+    else:
+        patterns = [(output, f".{name}.tmp-*") for name in shard_names]
+        patterns += [(output / PROGRESS_DIR, f".{name}.json.tmp-*") for name in shard_names]
+    patterns.append((output / PARTS_DIR, f".{part_path(output, part, parts).name}.tmp-*"))
+    for folder, pattern in patterns:
+        for tmp in folder.glob(pattern):
             tmp.unlink(missing_ok=True)
 
 
@@ -68,7 +77,6 @@ def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
     items = readers.read_items(config.input)  # raises UsageError on a missing or unreadable input
     output.mkdir(parents=True, exist_ok=True)
     _check_options(config)
-    _remove_stale_temporaries(output)
 
     plans, permutation = plan_shards(
         items,
@@ -83,6 +91,7 @@ def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
     class_names = _class_index(config, plans)
     part, parts = config.part or (0, 1)
     mine = [p for p in plans if p.index % parts == part]
+    _remove_stale_temporaries(output, [shard_name(config.prefix, p.index) for p in mine], part, parts)
 
     records, todo = [], []
     for plan in mine:

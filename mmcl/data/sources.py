@@ -42,13 +42,21 @@ def local_path(url: str) -> Path:
     return Path(url2pathname(urlparse(url).path)) if url.startswith("file:") else Path(url)
 
 
+def literal_path(path: str) -> str:
+    """A local path as webdataset must be given it: a name that parses as a URL (a shard in the current
+    folder named "pipe:CMD.tar" or "gs:x.tar") becomes ./NAME, so it is opened as a file, never run or
+    fetched. One-letter schemes (Windows drives) have no webdataset handler and are left as they are."""
+    return f"./{path}" if len(urlparse(path).scheme) > 1 else path
+
+
 def expand_urls(entries: list[str], where: str) -> list[str]:
     """Folders -> their *.tar (sorted), brace patterns -> their URLs; local shards must exist."""
     urls: list[str] = []
     for entry in entries:
         if url_scheme(entry) == "local" and local_path(entry).is_dir():
             folder = local_path(entry)
-            found = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
+            names = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
+            found = [literal_path(name) for name in names]
             if not found:
                 raise UsageError(
                     f"{where}: the folder {folder} holds no *.tar shards; run `mmcl shard` into it first"
@@ -56,6 +64,8 @@ def expand_urls(entries: list[str], where: str) -> list[str]:
             urls.extend(found)
             continue
         expanded = list(braceexpand(entry))
+        if len(urlparse(entry).scheme) <= 1:  # a plain path: none of its expansions may be read as a URL
+            expanded = [literal_path(u) for u in expanded]
         if url_scheme(entry) == "local":
             missing = [u for u in expanded if not local_path(u).is_file()]
             if missing:

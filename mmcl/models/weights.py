@@ -16,7 +16,7 @@ from open_clip.model import convert_to_custom_text_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mmcl.errors import UsageError
+from mmcl.errors import UsageError, describe_load_error
 from mmcl.models.dual_encoder import AudioTextEncoder, DualEncoder, ImageTextEncoder
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -56,7 +56,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle and zip errors have no common base class
-        raise UsageError(f"cannot read weights from {path}: {e}") from e
+        raise UsageError(f"cannot read weights from {path}: {describe_load_error(e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not obj or not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmcl.errors import UsageError, describe_load_error
 from mmcl.train.state import TrainState
 
 COMPLETE = "COMPLETE"
@@ -95,7 +96,8 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, train_state.step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(f".{PREFIX}*.tmp-*"):  # partial writes of runs killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     save_file(tensors, tmp / "model.safetensors")
@@ -133,6 +135,16 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def check_resume_path(resume: str) -> None:
+    """UsageError unless `resume` (train.resume, a folder) is a complete checkpoint."""
+    if not (Path(resume) / COMPLETE).is_file():
+        state = f"has no {COMPLETE} marker (a partial write)" if Path(resume).exists() else "does not exist"
+        raise UsageError(
+            f"train.resume={resume} {state}: give a complete RUN/checkpoints/{PREFIX}NNNNNNNN folder, "
+            "or auto (the newest complete one in run.output_dir)"
+        )
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read one checkpoint folder (safetensors + weights_only loads only)."""
     path = Path(path)
@@ -156,7 +168,7 @@ def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
         try:
             return load_checkpoint(path)
         except Exception as err:  # any unreadable file means: fall back to the previous checkpoint
-            warn(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); trying the previous one")
+            warn(f"checkpoint {path} is damaged ({describe_load_error(err)}); trying the previous one")
     partial = [p for p in Path(root).glob(f"{PREFIX}*") if not (p / COMPLETE).exists()] if Path(root).exists() else []
     for path in partial:
         warn(f"ignoring partial checkpoint {path} (no {COMPLETE} marker)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 TRAIN_EXAMPLE = """example:
@@ -33,7 +34,16 @@ def _run_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     from mmcl.data import resolve_sources
 
-    resolve_sources(config.data, config.model.modality)  # missing shards fail here, before any model is built
+    # missing shards, too few shards for the readers, a bad resume folder: all fail before a model is built
+    sources = resolve_sources(config.data, config.model.modality)
+    from mmcl.data.pipeline import check_shard_counts
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    check_shard_counts(sources, world_size * max(config.data.workers, 1), config.data.resampled)
+    if config.train.resume not in ("auto", "never"):
+        from mmcl.train.checkpoint import check_resume_path
+
+        check_resume_path(config.train.resume)
     if config.eval.every_steps:
         from mmcl.eval.periodic import check_eval_data
 

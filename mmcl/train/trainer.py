@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from mmcl.config import TrainConfig
 from mmcl.data import build_loader
+from mmcl.errors import UsageError, describe_load_error
 from mmcl.losses import contrastive_loss, sigmoid_loss
 from mmcl.losses.distributed import gather_no_grad, rank_and_world_size
 from mmcl.models import build_model
@@ -32,6 +34,7 @@ from mmcl.noise.metrics import plot_weights
 from mmcl.noise.teacher import MomentumTeacher
 from mmcl.noise.weighting import PairWeighter
 from mmcl.train.checkpoint import (
+    check_resume_path,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -113,6 +116,8 @@ class Trainer:
             self.data_state.load_state_dict(data_resume)
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
+            if cfg.train.resume != "never":
+                _keep_metrics_until(self.output / "metrics.jsonl", self.state.step)
             (self.output / "config.json").write_text(cfg.model_dump_json(indent=1))
             from torch.utils.tensorboard import SummaryWriter
 
@@ -129,7 +134,11 @@ class Trainer:
             return None
         if resume == "auto":
             return latest_checkpoint(self.output / "checkpoints", warn=self.accelerator.print)
-        return load_checkpoint(Path(resume))
+        check_resume_path(resume)
+        try:
+            return load_checkpoint(Path(resume))
+        except Exception as err:  # unreadable or refused file (e.g. a pickle that weights_only rejects)
+            raise UsageError(f"train.resume={resume}: cannot load it: {describe_load_error(err)}") from None
 
     # ----------------------------------------------------------------- the step
     def _loss(self, media_features, text_features, logit_scale, logit_bias, weights=None, soft_targets=None) -> dict:
@@ -328,7 +337,9 @@ class Trainer:
         count = torch.tensor([window["loss"], float(window["count"])], device=acc.device)
         count = acc.reduce(count, reduction="sum")
         mean_loss = (count[0] / count[1]).item() if count[1] > 0 else float("nan")
-        skipped = acc.reduce(torch.tensor(float(batches[-1]["skipped"]), device=acc.device), reduction="sum").item()
+        # every reader of this rank (a batch only carries its own reader's count), summed over ranks
+        local_skipped = sum(w["skipped"] for w in self.data_state.workers.values())
+        skipped = acc.reduce(torch.tensor(float(local_skipped), device=acc.device), reduction="sum").item()
         self.state.bad_samples = int(skipped)
         self._last_loss = mean_loss
         elapsed = time.perf_counter() - window["start"]
@@ -403,6 +414,24 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         self.accelerator.end_training()
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Keep the complete rows of metrics.jsonl up to `step`, where this run starts: a run killed after its
+    last checkpoint logged steps that are now redone, and may have left a torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), "utf-8")
+    os.replace(tmp, path)
 
 
 def _mix_one_hot(teacher_rows: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,0 +1,926 @@
+"""Side-by-side benchmark of `mmcl shard` (issue "Performance" of the sharding tools).
+
+Run from the repository root with the project venv:
+
+    .venv/bin/python bench/shard_bench.py                       # everything, 3 interleaved repeats
+    .venv/bin/python bench/shard_bench.py --only image audio    # some sections
+    .venv/bin/python bench/shard_bench.py --skip-img2dataset    # without the .bench-venv comparison
+
+Sections (each timing is one whole process, start to finish, wall clock, like a user's command):
+
+  image   `mmcl shard image-text --workers 2` on COUNT local 512x512 JPEGs (-> 256, keep ratio, q95) vs the
+          "library limit": a minimal Pillow pipeline (open, draft, convert, resize, JPEG encode) run by a
+          multiprocessing Pool of 2 over the same files, with none of mmcl's checks and no output written.
+  url     the same files served by a ThreadingHTTPServer on 127.0.0.1 (a subprocess): mmcl vs img2dataset
+          1.47 (from .bench-venv) with the same settings, side by side against the same server.
+  audio   `mmcl shard audio-text --sample-rate 16000 --workers 2` on AUDIO_COUNT 5 s stereo 44.1 kHz WAVs vs
+          the library limit of bench/encode_limits.py (soundfile decode, mono, torchaudio resample, FLAC
+          encode) run by a Pool of 2.
+  memory  mmcl on COUNT and 10 x COUNT 64x64 JPEGs: peak RSS of the main process and of the process tree.
+
+Every run is watched from a thread that samples /proc every 50 ms (VmRSS, VmHWM of the process and all its
+descendants), and the CPU time the rest of the machine used meanwhile is computed from /proc/stat, so a
+result taken on a busy shared machine says so. Generated inputs are cached under --work-dir (default
+bench/out/, git-ignored). Results: a table on stdout and WORK_DIR/results.json.
+
+This is a measurement, not a test: the only checks are sanity checks (every side produced the same number
+of samples, `mmcl shard verify` accepts mmcl's output); a failed check makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# ------------------------------------------------------------------------------------------------------
+# The library-limit workers. They run as `python shard_bench.py _limit image|audio ...` in their own
+# process so that they are timed whole, like mmcl; this branch is taken before any other import so the
+# image limit pays for Pillow's import only (bench/encode_limits.py imports torch for the audio limit).
+
+
+def _image_limit_bytes(data: bytes, image_size: int, quality: int) -> bytes:
+    """The operations of bench/encode_limits.image_limit (the parent checks that the output is identical)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    scale = image_size / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img.draft("RGB", size)
+    img = img.convert("RGB").resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _image_limit_one(args: tuple[str, int, int]) -> int:
+    """Read one file and encode it; returns the encoded size (nothing is written)."""
+    path, image_size, quality = args
+    with open(path, "rb") as f:
+        return len(_image_limit_bytes(f.read(), image_size, quality))
+
+
+def _audio_limit_one(args: tuple[str, int]) -> int:
+    from encode_limits import audio_limit  # bench/ is on sys.path in the limit process
+
+    path, sample_rate = args
+    with open(path, "rb") as f:
+        return len(audio_limit(f.read(), sample_rate))
+
+
+def _one_thread() -> None:
+    """Each worker is one of the 2 lanes: torch must not start its own threads in it (it defaults to one per
+    core, and 2 x 2 spinning OpenMP threads on 2 cores made the audio limit ~5x slower than mmcl, which pins
+    torch to 1 thread per worker in shards_tools/distribute.py)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _limit_main(argv: list[str]) -> None:
+    """`_limit KIND LISTFILE WORKERS PARAM...`: encode every file of LISTFILE, print {"count", "bytes"}."""
+    import json
+    import multiprocessing
+    import os
+
+    kind, list_file, workers = argv[0], argv[1], int(argv[2])
+    with open(list_file, encoding="utf-8") as f:
+        paths = f.read().split("\n")
+    if kind == "image":
+        from PIL import Image  # noqa: F401  (imported once in the parent, inherited by the forked workers)
+
+        func, tasks = _image_limit_one, [(p, int(argv[3]), int(argv[4])) for p in paths]
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import encode_limits  # noqa: F401  (torch, torchaudio, soundfile: imported before the fork)
+
+        func, tasks = _audio_limit_one, [(p, int(argv[3])) for p in paths]
+    chunk = max(1, min(64, len(tasks) // (8 * workers)))
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
+        sizes = list(pool.imap_unordered(func, tasks, chunksize=chunk))
+    print(json.dumps({"count": len(sizes), "bytes": sum(sizes)}))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["_limit"]:
+    _limit_main(sys.argv[2:])
+    sys.exit(0)
+
+# ------------------------------------------------------------------------------------------------------
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tarfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_VERSION = 1  # bump when the generators change, so cached inputs are rebuilt
+IMAGE_SIZE, QUALITY, SAMPLE_RATE = 256, 95, 16000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _upsampled_noise(rng: np.random.Generator, grid: int, size: int, channels: int = 3) -> np.ndarray:
+    """Smooth random field: a grid x grid random image upsampled with bicubic interpolation, in [-1, 1]."""
+    small = rng.uniform(-1, 1, (grid, grid, channels)).astype(np.float32)
+    planes = [
+        np.asarray(Image.fromarray(small[:, :, c], "F").resize((size, size), Image.Resampling.BICUBIC))
+        for c in range(channels)
+    ]
+    return np.stack(planes, axis=-1)
+
+
+def photo_like(seed: int, size: int) -> Image.Image:
+    """A deterministic photo-like RGB image: smooth colour regions, a lighting gradient, oriented texture,
+    a few hard-edged shapes and sensor-like noise (so JPEG sizes and decode work are those of photos,
+    unlike flat colours)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, math.pi)
+    light = np.cos(angle) * xx + np.sin(angle) * yy
+    base = rng.uniform(40, 200, 3).astype(np.float32)
+    img = base + 60 * _upsampled_noise(rng, 4, size) + 25 * _upsampled_noise(rng, 24, size)
+    img += (70 * (light - 0.5))[..., None]
+    freq, theta = rng.uniform(8, 40), rng.uniform(0, math.pi)
+    texture = np.sin(2 * math.pi * freq * (np.cos(theta) * xx + np.sin(theta) * yy))
+    mask = _upsampled_noise(rng, 6, size, 1)[..., 0] > 0.2
+    img += (12 * texture * mask)[..., None]
+    shapes = Image.new("RGB", (size, size))  # a few hard-edged objects, shaded and noisy like the rest
+    alpha = Image.new("L", (size, size))
+    draw, draw_alpha = ImageDraw.Draw(shapes), ImageDraw.Draw(alpha)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = rng.uniform(-0.2, 0.9, 2) * size
+        w, h = rng.uniform(0.05, 0.4, 2) * size
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        box = [x0, y0, x0 + w, y0 + h]
+        shape = "ellipse" if rng.random() < 0.5 else "rectangle"
+        getattr(draw, shape)(box, fill=colour)
+        getattr(draw_alpha, shape)(box, fill=255)
+    a = np.asarray(alpha, np.float32)[..., None] / 255
+    shaded = np.asarray(shapes, np.float32) + (40 * (light - 0.5))[..., None]
+    img = img * (1 - a) + shaded * a
+    img += rng.normal(0, 4, img.shape).astype(np.float32)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    return pil
+
+
+def _write_image(args: tuple[str, int, int]) -> None:
+    path, seed, size = args
+    img = photo_like(seed, size)
+    if size <= 64:  # small images: keep them cheap to make, still not flat
+        img = img.filter(ImageFilter.SMOOTH)
+    img.save(path, "JPEG", quality=QUALITY)
+
+
+def _write_wav(args: tuple[str, int]) -> None:
+    import soundfile as sf
+
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    rate, seconds = 44100, 5.0
+    t = np.arange(int(rate * seconds), dtype=np.float64) / rate
+    channels = []
+    for _ in range(2):
+        sig = np.zeros_like(t)
+        for _ in range(3):
+            f0, amp = rng.uniform(80, 4000), rng.uniform(0.05, 0.2)
+            envelope = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(0.2, 3) * t + rng.uniform(0, 6.3))
+            sig += amp * envelope * np.sin(2 * math.pi * f0 * t + rng.uniform(0, 6.3))
+        sig += rng.normal(0, 0.03, t.shape)
+        channels.append(sig)
+    sf.write(path, np.clip(np.stack(channels, axis=1), -1, 1), rate, subtype="PCM_16", format="WAV")
+
+
+def ensure_dataset(root: Path, kind: str, count: int, pool) -> list[Path]:
+    """Create (or reuse) COUNT inputs of `kind` (img512, img64, wav) under root/kind; returns their paths.
+    Files are named by index, so a larger count reuses a smaller one's files."""
+    folder = root / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "_version.json"
+    if not stamp.exists() or json.loads(stamp.read_text()).get("version") != DATA_VERSION:
+        for old in folder.iterdir():
+            old.unlink()
+        stamp.write_text(json.dumps({"version": DATA_VERSION}))
+    ext = "wav" if kind == "wav" else "jpg"
+    paths = [folder / f"{i:06d}.{ext}" for i in range(count)]
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        print(f"generating {len(todo)} {kind} files in {folder} ...", flush=True)
+        if kind == "wav":
+            tasks = [(str(paths[i]), 10_000_000 + i) for i in todo]
+            pool.map(_write_wav, tasks, chunksize=8)
+        else:
+            size = 512 if kind == "img512" else 64
+            tasks = [(str(paths[i]), i, size) for i in todo]
+            pool.map(_write_image, tasks, chunksize=32)
+    return paths
+
+
+def write_manifest(path: Path, sources: list[str], column: str = "path") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([column, "caption"])
+        for i, source in enumerate(sources):
+            writer.writerow([source, f"a synthetic test picture number {i}"])
+    return path
+
+
+# ----------------------------------------------------------------------------------- measuring runs
+
+
+def _proc_children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def _proc_mem(pid: int) -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) in bytes, or None for a process that is gone or has no memory any more (zombie)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, number, _unit = line.split()
+            values[key[:-1]] = int(number) * 1024
+    if "VmRSS" not in values:
+        return None
+    return values["VmRSS"], values["VmHWM"]
+
+
+def _cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle since boot (all cores)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / CLK_TCK  # utime, stime
+    except OSError:
+        return 0.0
+
+
+class TreeMonitor(threading.Thread):
+    """Samples the memory of a process and all its descendants every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.main_hwm = 0  # VmHWM of the root process (kernel-tracked peak, exact)
+        self.tree_rss_peak = 0  # largest sum of VmRSS over the tree in one sample
+        self.child_hwm: dict[int, int] = {}  # VmHWM of every descendant seen
+        self.max_processes = 0
+        self.samples = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.interval)
+
+    def sample(self) -> None:
+        pids, frontier = [], [self.pid]
+        while frontier:
+            pid = frontier.pop()
+            pids.append(pid)
+            frontier.extend(_proc_children(pid))
+        total = 0
+        alive = 0
+        for pid in pids:
+            mem = _proc_mem(pid)
+            if mem is None:
+                continue
+            alive += 1
+            rss, hwm = mem
+            total += rss
+            if pid == self.pid:
+                self.main_hwm = max(self.main_hwm, hwm)
+            else:
+                self.child_hwm[pid] = max(self.child_hwm.get(pid, 0), hwm)
+        self.tree_rss_peak = max(self.tree_rss_peak, total)
+        self.max_processes = max(self.max_processes, alive)
+        self.samples += 1
+
+
+@dataclass
+class Run:
+    label: str
+    command: list[str]
+    wall_s: float
+    returncode: int
+    tree_cpu_s: float  # user+sys of the process and its reaped descendants (wait4)
+    other_cpu_s: float  # CPU used meanwhile by everything else on the machine (other users), server excluded
+    server_cpu_s: float  # CPU used meanwhile by the benchmark's HTTP server, if any
+    load_before: tuple[float, float, float]
+    main_peak_rss: int
+    tree_peak_rss: int  # largest simultaneous sum of RSS (shared pages counted in every process)
+    largest_child_peak_rss: int
+    kernel_maxrss: int  # wait4's ru_maxrss: the largest single-process peak in the tree
+    processes: int
+    samples: int
+    count: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def other_load(self) -> float:
+        return self.other_cpu_s / self.wall_s if self.wall_s else 0.0
+
+
+def wait_for_quiet(max_wait: float, threshold: float, window: float = 2.0) -> float:
+    """Wait (at most max_wait seconds) until the machine's other work uses less than `threshold` cores over
+    `window` seconds; returns the busy cores of the last window. On a shared machine this lets a run start
+    in a lull instead of in the middle of someone else's job."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0 = _cpu_busy_seconds()
+        time.sleep(window)
+        busy = (_cpu_busy_seconds() - busy0) / window
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
+QUIET_WAIT_S, QUIET_THRESHOLD = 0.0, 0.15  # set from --max-wait, --quiet-threshold
+
+
+def timed_run(
+    label: str, command: list[str], log: Path, *, env: dict | None = None, server_pid: int | None = None
+) -> Run:
+    """Run `command` once (whole process, start to finish) while watching its memory and the machine."""
+    busy_before = wait_for_quiet(QUIET_WAIT_S, QUIET_THRESHOLD) if QUIET_WAIT_S > 0 else None
+    load_before = os.getloadavg()
+    busy0, self0 = _cpu_busy_seconds(), time.process_time()
+    server0 = _proc_cpu_seconds(server_pid) if server_pid else 0.0
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        monitor = TreeMonitor(proc.pid)
+        monitor.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        monitor.stop.set()
+        monitor.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    busy = _cpu_busy_seconds() - busy0
+    own = time.process_time() - self0
+    server = (_proc_cpu_seconds(server_pid) - server0) if server_pid else 0.0
+    tree_cpu = usage.ru_utime + usage.ru_stime
+    run = Run(
+        label=label,
+        command=command,
+        wall_s=wall,
+        returncode=proc.returncode,
+        tree_cpu_s=tree_cpu,
+        other_cpu_s=max(0.0, busy - tree_cpu - own - server),
+        server_cpu_s=server,
+        load_before=load_before,
+        main_peak_rss=monitor.main_hwm,
+        tree_peak_rss=monitor.tree_rss_peak,
+        largest_child_peak_rss=max(monitor.child_hwm.values(), default=0),
+        kernel_maxrss=usage.ru_maxrss * 1024,
+        processes=monitor.max_processes,
+        samples=monitor.samples,
+    )
+    run.extra["busy_cores_before"] = busy_before
+    if run.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        print(f"!! {label} exited {run.returncode}; log {log}:\n{tail}", file=sys.stderr)
+    return run
+
+
+def describe_load(run: Run) -> str:
+    before = run.extra.get("busy_cores_before")
+    quiet = "" if before is None else f"busy {before:.2f} cores just before, "
+    return f"load avg {run.load_before[0]:.2f}, {quiet}others used {run.other_load:.2f} cores during"
+
+
+# ------------------------------------------------------------------------------------- the sides
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.work_dir).resolve()
+        self.data = self.work / "data"
+        self.runs_dir = self.work / "runs"
+        self.logs = self.work / "logs"
+        for d in (self.data, self.runs_dir, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        bindir = Path(sys.executable).parent
+        self.mmcl = [str(bindir / "mmcl")] if (bindir / "mmcl").exists() else [sys.executable, "-m", "mmcl"]
+        self.img2dataset = Path(args.img2dataset)
+        self.problems: list[str] = []
+        self.results: dict[str, dict] = {}
+        self.counter = 0
+
+    # -- helpers
+
+    def fresh_dir(self, name: str) -> Path:
+        path = self.runs_dir / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def log(self, name: str) -> Path:
+        self.counter += 1
+        return self.logs / f"{self.counter:03d}-{name}.log"
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.problems.append(message)
+            print(f"!! sanity check failed: {message}", file=sys.stderr)
+
+    def mmcl_image(self, manifest: Path, out: Path, image_size: int = IMAGE_SIZE) -> list[str]:
+        return [*self.mmcl, "shard", "image-text", "--input", str(manifest), "--output", str(out),
+                "--image-size", str(image_size), "--resize-mode", "keep-ratio-largest", "--quality", str(QUALITY),
+                "--workers", str(self.args.workers)]  # fmt: skip
+
+    def mmcl_samples(self, out: Path) -> int | None:
+        try:
+            return json.loads((out / "manifest.json").read_text())["totals"]["samples"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def verify(self, out: Path, expected: int, label: str) -> str:
+        result = subprocess.run(
+            [*self.mmcl, "shard", "verify", str(out)], capture_output=True, text=True, cwd=REPO
+        )
+        summary = (result.stdout + result.stderr).strip().splitlines()
+        line = summary[0] if summary else f"exit {result.returncode}"
+        self.check(result.returncode == 0, f"{label}: mmcl shard verify {out}: {line}")
+        self.check(
+            self.mmcl_samples(out) == expected,
+            f"{label}: {self.mmcl_samples(out)} samples, expected {expected}",
+        )
+        return line
+
+    def limit(self, kind: str, files: list[Path], params: list[int], label: str) -> Run:
+        list_file = self.work / f"{kind}-{len(files)}.list"
+        list_file.write_text("\n".join(str(p) for p in files), encoding="utf-8")
+        command = [sys.executable, str(Path(__file__).resolve()), "_limit", kind, str(list_file),
+                   str(self.args.workers), *(str(p) for p in params)]  # fmt: skip
+        log = self.log(label)
+        run = timed_run(label, command, log)
+        try:
+            run.count = json.loads(log.read_text().strip().splitlines()[-1])["count"]
+        except (ValueError, IndexError, KeyError):
+            run.count = None
+        self.check(run.count == len(files), f"{label}: encoded {run.count} of {len(files)}")
+        return run
+
+    def alternate(self, count: int, sides: list) -> list[list[Run]]:
+        """Run the sides alternately, reversing the order every round, so drift in the machine's load falls
+        on both sides alike. A round in which other processes used more than --quiet-threshold cores during
+        any run is set aside and repeated, up to --max-rounds rounds; the kept rounds are returned (all rounds
+        if fewer than `count` were quiet, and then the summary says the machine was shared)."""
+        kept: list[list[Run]] = [[] for _ in sides]
+        every: list[list[Run]] = [[] for _ in sides]
+        self.last_discarded = []
+        rounds = 0
+        while len(kept[0]) < count and rounds < max(count, self.args.max_rounds):
+            order = list(range(len(sides))) if rounds % 2 == 0 else list(reversed(range(len(sides))))
+            round_runs: dict[int, Run] = {}
+            for i in order:
+                run = sides[i](rounds)
+                round_runs[i] = run
+                every[i].append(run)
+                print(
+                    f"   {run.label:<28} {run.wall_s:7.2f} s  {run.tree_cpu_s:6.2f} CPU s  {describe_load(run)}",
+                    flush=True,
+                )
+            rounds += 1
+            if all(r.other_load <= self.args.quiet_threshold for r in round_runs.values()):
+                for i, run in round_runs.items():
+                    kept[i].append(run)
+            else:
+                self.last_discarded.extend(asdict(r) for r in round_runs.values())
+                print("   (round set aside: other processes were busy during it)", flush=True)
+        if len(kept[0]) < count:
+            print(f"   only {len(kept[0])} quiet round(s) of {rounds}: reporting all rounds", flush=True)
+            self.last_discarded = []
+            return every
+        return kept
+
+    def summarise(self, name: str, runs: list[Run], count: int, unit: str) -> dict:
+        walls = [r.wall_s for r in runs]
+        med = statistics.median(walls)
+        return {
+            "name": name,
+            "command": " ".join(runs[-1].command),
+            "count": count,
+            "unit": unit,
+            "wall_s": walls,
+            "median_s": med,
+            "rate_median": count / med,
+            "rate_best": count / min(walls),
+            "other_load_cores": [round(r.other_load, 3) for r in runs],
+            "quiet": all(r.other_load <= self.args.quiet_threshold for r in runs),
+            "load_before": [r.load_before[0] for r in runs],
+            "tree_cpu_s": [round(r.tree_cpu_s, 3) for r in runs],
+            "tree_cpu_median_s": statistics.median(r.tree_cpu_s for r in runs),
+            "main_peak_rss_mib": max(r.main_peak_rss for r in runs) / MiB,
+            "tree_peak_rss_mib": max(r.tree_peak_rss for r in runs) / MiB,
+            "largest_child_peak_rss_mib": max(r.largest_child_peak_rss for r in runs) / MiB,
+            "runs": [asdict(r) for r in runs],
+        }
+
+    # -- sections
+
+    def image_section(self, pool) -> None:
+        count = self.args.count
+        files = ensure_dataset(self.data, "img512", count, pool)
+        self.check_limit_equals_reference(files[0])
+        manifest = write_manifest(self.work / f"img512-{count}.csv", [str(p) for p in files])
+        print(
+            f"== image: {count} local 512x512 JPEGs -> {IMAGE_SIZE}, q{QUALITY}, {self.args.workers} processes"
+        )
+
+        def limit_side(r: int) -> Run:
+            return self.limit("image", files, [IMAGE_SIZE, QUALITY], f"image-limit-{r}")
+
+        def mmcl_side(r: int) -> Run:
+            out = self.fresh_dir("image-mmcl")
+            run = timed_run(f"image-mmcl-{r}", self.mmcl_image(manifest, out), self.log(f"image-mmcl-{r}"))
+            run.count = self.mmcl_samples(out)
+            self.check(run.count == count, f"image-mmcl-{r}: {run.count} samples, expected {count}")
+            return run
+
+        limit_runs, mmcl_runs = self.alternate(self.args.repeat, [limit_side, mmcl_side])
+        verified = self.verify(self.runs_dir / "image-mmcl", count, "image-mmcl")
+        lim = self.summarise("library limit (Pillow draft pipeline, Pool(2))", limit_runs, count, "images/s")
+        mm = self.summarise("mmcl shard image-text (local files)", mmcl_runs, count, "images/s")
+        mm["verify"] = verified
+        self.results["image"] = {
+            "discarded_runs": self.last_discarded,
+            "limit": lim,
+            "mmcl": mm,
+            "ratio": mm["rate_median"] / lim["rate_median"],
+            "target": 0.70,
+        }
+
+    def check_limit_equals_reference(self, sample: Path) -> None:
+        """The inline image limit must do exactly what bench/encode_limits.image_limit does."""
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        try:
+            from encode_limits import image_limit
+        except ImportError as err:
+            print(f"(bench/encode_limits.py not importable, limit not cross-checked: {err})")
+            return
+        data = sample.read_bytes()
+        self.check(_image_limit_bytes(data, IMAGE_SIZE, QUALITY) == image_limit(data, IMAGE_SIZE, QUALITY),
+                   "inline image limit differs from bench/encode_limits.image_limit")  # fmt: skip
+
+    def url_section(self, pool) -> None:
+        count = self.args.count
+        files = ensure_dataset(self.data, "img512", count, pool)
+        use_i2d = not self.args.skip_img2dataset
+        if use_i2d and not self.img2dataset.exists():
+            print(f"!! {self.img2dataset} not found: create it with python3 -m venv .bench-venv && "
+                  ".bench-venv/bin/pip install img2dataset==1.47, or pass --skip-img2dataset")  # fmt: skip
+            self.check(False, f"img2dataset missing at {self.img2dataset}")
+            use_i2d = False
+        latency = self.args.url_latency_ms
+        server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(files[0].parent), str(latency)],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            port = int(server.stdout.readline())
+            base = f"http://127.0.0.1:{port}"
+            urls = [f"{base}/{p.name}" for p in files]
+            manifest = write_manifest(self.work / f"urls-{count}.csv", urls, column="url")
+            print(f"== url: {count} JPEGs from {base} (ThreadingHTTPServer, pid {server.pid}, {latency:g} ms added "
+                  "latency per request), same settings")  # fmt: skip
+
+            def mmcl_side(r: int) -> Run:
+                out = self.fresh_dir("url-mmcl")
+                run = timed_run(f"url-mmcl-{r}", self.mmcl_image(manifest, out), self.log(f"url-mmcl-{r}"),
+                                server_pid=server.pid)  # fmt: skip
+                run.count = self.mmcl_samples(out)
+                self.check(run.count == count, f"url-mmcl-{r}: {run.count} samples, expected {count}")
+                return run
+
+            def i2d_side(r: int) -> Run:
+                out = self.fresh_dir("url-img2dataset")
+                command = [str(self.img2dataset), "--url_list", str(manifest), "--input_format", "csv",
+                           "--url_col", "url", "--caption_col", "caption", "--output_folder", str(out),
+                           "--output_format", "webdataset", "--image_size", str(IMAGE_SIZE),
+                           "--resize_mode", "keep_ratio_largest", "--encode_quality", str(QUALITY),
+                           "--processes_count", str(self.args.workers), "--thread_count", str(self.args.thread_count),
+                           "--number_sample_per_shard", "1000", "--enable_wandb", "False"]  # fmt: skip
+                # no albumentations update check over the (absent) network at import time
+                env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+                run = timed_run(f"url-img2dataset-{r}", command, self.log(f"url-img2dataset-{r}"), env=env,
+                                server_pid=server.pid)  # fmt: skip
+                run.count = count_tar_members(out, ".jpg")
+                self.check(run.count == count, f"url-img2dataset-{r}: {run.count} images, expected {count}")
+                return run
+
+            sides = [mmcl_side, i2d_side] if use_i2d else [mmcl_side]
+            runs = self.alternate(self.args.repeat, sides)
+        finally:
+            server.terminate()
+            server.wait()
+        verified = self.verify(self.runs_dir / "url-mmcl", count, "url-mmcl")
+        mm = self.summarise("mmcl shard image-text (127.0.0.1 URLs)", runs[0], count, "images/s")
+        mm["verify"] = verified
+        mm["server_cpu_s"] = [round(r.server_cpu_s, 3) for r in runs[0]]
+        section = {"mmcl": mm, "target": 3.0, "latency_ms": latency, "discarded_runs": self.last_discarded}
+        if use_i2d:
+            i2d = self.summarise(
+                f"img2dataset 1.47 (thread_count {self.args.thread_count})", runs[1], count, "images/s"
+            )
+            i2d["server_cpu_s"] = [round(r.server_cpu_s, 3) for r in runs[1]]
+            section["img2dataset"] = i2d
+            section["ratio"] = mm["rate_median"] / i2d["rate_median"]
+        self.results["url"] = section
+
+    def audio_section(self, pool) -> None:
+        count = self.args.audio_count
+        files = ensure_dataset(self.data, "wav", count, pool)
+        manifest = write_manifest(self.work / f"wav-{count}.csv", [str(p) for p in files])
+        print(
+            f"== audio: {count} WAVs (5 s, stereo, 44.1 kHz) -> mono {SAMPLE_RATE} Hz FLAC, {self.args.workers} processes"
+        )
+
+        def limit_side(r: int) -> Run:
+            return self.limit("audio", files, [SAMPLE_RATE], f"audio-limit-{r}")
+
+        def mmcl_side(r: int) -> Run:
+            out = self.fresh_dir("audio-mmcl")
+            command = [*self.mmcl, "shard", "audio-text", "--input", str(manifest), "--output", str(out),
+                       "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.args.workers)]  # fmt: skip
+            run = timed_run(f"audio-mmcl-{r}", command, self.log(f"audio-mmcl-{r}"))
+            run.count = self.mmcl_samples(out)
+            self.check(run.count == count, f"audio-mmcl-{r}: {run.count} samples, expected {count}")
+            return run
+
+        limit_runs, mmcl_runs = self.alternate(self.args.repeat, [limit_side, mmcl_side])
+        verified = self.verify(self.runs_dir / "audio-mmcl", count, "audio-mmcl")
+        lim = self.summarise("library limit (soundfile+torchaudio, Pool(2))", limit_runs, count, "clips/s")
+        mm = self.summarise("mmcl shard audio-text (local files)", mmcl_runs, count, "clips/s")
+        mm["verify"] = verified
+        self.results["audio"] = {
+            "discarded_runs": self.last_discarded,
+            "limit": lim,
+            "mmcl": mm,
+            "ratio": mm["rate_median"] / lim["rate_median"],
+            "target": 0.70,
+        }
+
+    def memory_section(self, pool) -> None:
+        small, large = self.args.count, 10 * self.args.count
+        files = ensure_dataset(self.data, "img64", large, pool)
+        print(f"== memory: mmcl on {small} and {large} 64x64 JPEGs (same command, -> {IMAGE_SIZE})")
+        section = {}
+        for n in (small, large):
+            manifest = write_manifest(self.work / f"img64-{n}.csv", [str(p) for p in files[:n]])
+            out = self.fresh_dir(f"memory-{n}")
+            run = timed_run(f"memory-mmcl-{n}", self.mmcl_image(manifest, out), self.log(f"memory-mmcl-{n}"))
+            run.count = self.mmcl_samples(out)
+            print(f"   {run.label:<28} {run.wall_s:7.2f} s  main {run.main_peak_rss / MiB:.0f} MiB, tree "
+                  f"{run.tree_peak_rss / MiB:.0f} MiB, largest worker {run.largest_child_peak_rss / MiB:.0f} MiB; "
+                  f"{describe_load(run)}", flush=True)  # fmt: skip
+            summary = self.summarise(f"mmcl shard image-text, {n} 64x64 images", [run], n, "images/s")
+            summary["verify"] = self.verify(out, n, f"memory-{n}")
+            section[str(n)] = summary
+            shutil.rmtree(out, ignore_errors=True)
+        a, b = section[str(small)], section[str(large)]
+        section["growth"] = {
+            "main_peak_rss": b["main_peak_rss_mib"] / a["main_peak_rss_mib"],
+            "tree_peak_rss": b["tree_peak_rss_mib"] / a["tree_peak_rss_mib"],
+        }
+        self.results["memory"] = section
+
+
+SERVER_CODE = r"""
+import functools, sys, time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+DELAY = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        if DELAY:
+            time.sleep(DELAY)  # --url-latency-ms: a stand-in for a remote server's round trip
+        super().do_GET()
+server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=sys.argv[1]))
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def count_tar_members(folder: Path, suffix: str) -> int:
+    count = 0
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            count += sum(1 for m in tar if m.name.endswith(suffix))
+    return count
+
+
+# ---------------------------------------------------------------------------------------- reporting
+
+
+def machine_info(args: argparse.Namespace) -> dict:
+    import PIL
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    from PIL import features
+
+    info = {
+        "code": code_state(),
+        "libjpeg_turbo": features.check_feature("libjpeg_turbo"),
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "load_at_start": os.getloadavg(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "argv": sys.argv,
+    }
+    for module in ("soundfile", "torch", "torchaudio", "webdataset"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - optional, reporting only
+            info[module] = None
+    pyc = os.environ.get("PYTHONDONTWRITEBYTECODE")
+    info["PYTHONDONTWRITEBYTECODE"] = pyc
+    if Path(args.img2dataset).exists():
+        out = subprocess.run([str(Path(args.img2dataset).parent / "python"), "-c",
+                              "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)"],
+                             capture_output=True, text=True)  # fmt: skip
+        info["img2dataset_opencv"] = out.stdout.strip() or out.stderr.strip()[-200:]
+    return info
+
+
+def code_state() -> dict:
+    """Which code was measured: the commit, the files under test that differ from it, and a hash of their
+    content (the working tree is shared, so the code can change while the benchmark runs)."""
+    import hashlib
+
+    def git(*cmd: str) -> str:
+        result = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO)
+        return result.stdout.rstrip()
+
+    digest = hashlib.sha256()
+    for folder in ("mmcl", "shards_tools", "pipelines"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "modified": git("status", "--porcelain", "--", "mmcl", "shards_tools", "pipelines").splitlines(),
+        "source_sha256": digest.hexdigest()[:16],
+    }
+
+
+def fmt_mib(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def table(results: dict) -> str:
+    rows = [("side", "median s", "rate/s (best)", "ratio", "target", "CPU s", "main peak MiB", "tree peak MiB",
+             "others' cores")]  # fmt: skip
+
+    def row(s: dict, ratio: str = "", target: str = "") -> None:
+        loads = s["other_load_cores"]
+        rows.append((
+            s["name"], f"{s['median_s']:.2f}", f"{s['rate_median']:,.0f} ({s['rate_best']:,.0f})", ratio, target,
+            f"{s['tree_cpu_median_s']:.2f}", fmt_mib(s["main_peak_rss_mib"]), fmt_mib(s["tree_peak_rss_mib"]), f"{min(loads):.2f}-{max(loads):.2f}",
+        ))  # fmt: skip
+
+    for key, reference in (("image", "limit"), ("audio", "limit"), ("url", "img2dataset")):
+        if key not in results:
+            continue
+        sec = results[key]
+        if reference in sec:
+            row(sec[reference], "1.00")
+        ratio = sec.get("ratio")
+        met = "" if ratio is None else ("met" if ratio >= sec["target"] else "NOT met")
+        target = f">= {sec['target']:g}{'x' if key == 'url' else ''} {met}".strip()
+        row(sec["mmcl"], "" if ratio is None else f"{ratio:.2f}", target)
+    if "memory" in results:
+        mem = results["memory"]
+        for key, s in mem.items():
+            if key != "growth":
+                row(s)
+        g = mem["growth"]
+        rows.append((f"memory growth for 10x input: main x{g['main_peak_rss']:.2f}, tree x{g['tree_peak_rss']:.2f}",
+                     "", "", "", "", "", "", "", ""))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--count", type=int, default=2000, help="512x512 JPEGs for the image and url sections; "
+                        "the memory section uses COUNT and 10 x COUNT 64x64 JPEGs")  # fmt: skip
+    parser.add_argument("--audio-count", type=int, default=500, help="5 s stereo 44.1 kHz WAV files")
+    parser.add_argument(
+        "--work-dir", type=Path, default=REPO / "bench" / "out", help="generated data, outputs, logs"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported)")
+    parser.add_argument("--workers", type=int, default=2, help="processes on every side")
+    parser.add_argument("--thread-count", type=int, default=16, help="img2dataset --thread_count")
+    parser.add_argument("--img2dataset", default=str(REPO / ".bench-venv" / "bin" / "img2dataset"))
+    parser.add_argument("--skip-img2dataset", action="store_true", help="url section: mmcl only")
+    parser.add_argument("--url-latency-ms", type=float, default=0.0,
+                        help="url section: the server waits this long before each answer (default 0: plain loopback)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=["image", "url", "audio", "memory"],
+                        default=["image", "url", "audio", "memory"])  # fmt: skip
+    parser.add_argument("--quiet-threshold", type=float, default=0.15,
+                        help="a round is repeated when other processes used more cores than this during a run")  # fmt: skip
+    parser.add_argument("--max-rounds", type=int, default=12,
+                        help="most rounds per section when disturbed rounds are repeated")  # fmt: skip
+    parser.add_argument("--max-wait", type=float, default=60.0,
+                        help="before each timed run, wait up to this many seconds for the machine to be idle "
+                        "(other work below --quiet-threshold cores over 2 s); 0 starts at once")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="results file (default WORK_DIR/results.json)")
+    args = parser.parse_args()
+
+    global QUIET_WAIT_S, QUIET_THRESHOLD
+    QUIET_WAIT_S, QUIET_THRESHOLD = args.max_wait, args.quiet_threshold
+    bench = Bench(args)
+    info = machine_info(args)
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; Python {info['python']}, "
+          f"Pillow {info['pillow']}; load average at start {info['load_at_start'][0]:.2f}")  # fmt: skip
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        for section in args.only:
+            getattr(bench, f"{section}_section")(pool)
+    info["load_at_end"] = os.getloadavg()
+    info["code_at_end"] = code_state()
+    if info["code_at_end"]["source_sha256"] != info["code"]["source_sha256"]:
+        bench.problems.append(
+            "the code under test (mmcl/, shards_tools/, pipelines/) changed during the run: "
+            f"{info['code']} -> {info['code_at_end']}"
+        )
+    report = table(bench.results)
+    print("\n" + report)
+    shared = [
+        s["name"]
+        for sec in bench.results.values()
+        for s in (sec.values() if isinstance(sec, dict) else [])
+        if isinstance(s, dict) and "quiet" in s and not s["quiet"]
+    ]
+    if shared:
+        print(
+            "\nnote: other processes used more than --quiet-threshold cores during some reported runs (shared machine): "
+            + "; ".join(shared)
+        )
+    if bench.problems:
+        print("\nSANITY CHECKS FAILED:\n  " + "\n  ".join(bench.problems))
+    out = args.json or Path(args.work_dir) / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "results": bench.results, "problems": bench.problems,
+                               "table": report}, indent=1, default=str))  # fmt: skip
+    print(f"\nresults: {out}")
+    return 1 if bench.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
