@@ -130,6 +130,47 @@ def test_every_state_a_kill_leaves_resumes_to_the_uninterrupted_output(tmp_path:
     assert faults.manifest_hashes_hold(out) and faults.leftover_temporaries(out) == []
 
 
+def test_a_part_leaves_the_temporaries_of_other_parts_alone(tmp_path: Path) -> None:
+    """In a job array every part shares the output folder: a part starting must not delete (and so crash)
+    the shard another part is writing, but must clean what a killed run of its own left."""
+    manifest = faults.build_kill_corpus(tmp_path / "in", 20)
+    out = tmp_path / "out"
+    (out / "_progress").mkdir(parents=True)
+    theirs = [out / ".shard-000000.tar.tmp-111", out / "_progress" / ".shard-000000.tar.json.tmp-111"]
+    mine = [out / ".shard-000001.tar.tmp-222", out / "_progress" / ".shard-000001.tar.json.tmp-222"]
+    for path in theirs + mine:
+        path.write_text("partial")
+    fields = {"input": {"modality": "image", "path": manifest}, "output": out, "shard_size": 5, "workers": 1,
+              "part": (1, 2)}  # fmt: skip
+    run_sharding(build_config(fields), progress=False)  # part 1 of 2 writes shards 1 and 3
+    assert all(path.exists() for path in theirs) and not any(path.exists() for path in mine)
+
+
+STUCK_POOL = """
+import pathlib, sys, time
+import shards_tools.distribute as distribute
+from shards_tools.plan import ShardPlan
+
+def stuck(plan, job):  # a shard that takes forever, so the kill lands while the workers are busy
+    pathlib.Path(sys.argv[1], str(__import__("os").getpid())).touch()
+    time.sleep(120)
+
+distribute.write_shard = stuck
+list(distribute.run_shard_tasks([ShardPlan(i) for i in range(4)], None, 2, "multiprocessing"))
+"""
+
+
+def test_pool_workers_die_with_a_killed_sharding_process(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_POOL, str(tmp_path)], cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(tmp_path.iterdir())) < 2:
+        time.sleep(0.01)
+    workers = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(workers) == 2
+    orphans = faults.kill9(proc, whole_group=False, grace=5.0)  # the main process only, as `kill -9 PID`
+    assert orphans == []
+
+
 def test_outputs_appear_atomically(tmp_path: Path, monkeypatch) -> None:
     """A crash just before a file is published leaves no partial file, and the next run cleans up."""
     manifest = faults.build_kill_corpus(tmp_path / "in", 12)
