@@ -214,3 +214,21 @@ def test_non_finite_loss_skips_the_update(image_shards: Path, tmp_path: Path) ->
     assert state.step == 4 and state.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert [r["skipped_steps"] for r in metrics(tmp_path / "run")] == [0, 0, 1, 1]
+
+
+def test_cpu_thread_count_leaves_room_for_the_loader_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmcl.train.threads import available_cores, cpu_threads, set_cpu_threads
+
+    assert cpu_threads(cores=2, processes_on_node=1, loader_workers=2) == 1
+    assert cpu_threads(cores=16, processes_on_node=2, loader_workers=3) == 5
+    assert cpu_threads(cores=2, processes_on_node=4, loader_workers=0) == 1
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_cpu_threads(loader_workers=0, processes_on_node=1) is None  # the user's choice wins
+        assert torch.get_num_threads() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_cpu_threads(loader_workers=1, processes_on_node=1) == max(1, available_cores() - 1)
+        assert torch.get_num_threads() == max(1, available_cores() - 1)
+    finally:
+        torch.set_num_threads(before)

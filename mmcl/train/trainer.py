@@ -43,6 +43,7 @@ from mmcl.train.checkpoint import (
 )
 from mmcl.train.optim import lr_at, param_groups, set_lr
 from mmcl.train.state import TrainState
+from mmcl.train.threads import set_cpu_threads
 
 
 class Trainer:
@@ -64,6 +65,12 @@ class Trainer:
     def setup(self) -> None:
         """Build model, optimizer and data stream; restore a checkpoint when resuming."""
         cfg, acc = self.cfg, self.accelerator
+        if acc.device.type == "cpu":
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+            threads = set_cpu_threads(cfg.data.workers, local_processes)
+            if threads is not None:
+                acc.print(f"OMP_NUM_THREADS unset: {threads} torch thread(s) per process beside "
+                          f"{cfg.data.workers} loader worker(s); set OMP_NUM_THREADS to choose")
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
         optimizer = torch.optim.AdamW(
