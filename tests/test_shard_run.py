@@ -332,3 +332,11 @@ def test_csv_with_several_caption_columns(tmp_path: Path) -> None:
     sample = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode()))
     assert sample["txt"] == "first caption"
     assert sample["json"]["text"] == ["first caption", "second caption"]
+
+
+def test_cli_parser_builds_without_importing_torch() -> None:
+    """`mmcl shard ...` and every `--help` start in well under a second: torch and open_clip load only when
+    a command trains, embeds or evaluates."""
+    script = "import sys; from mmcl.cli import build_parser; build_parser(); print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip() == "[]"

@@ -35,7 +35,7 @@ LAYOUTS = """data layouts (--format, detected by default):
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     from mmcl.cli import HelpfulFormatter
-    from mmcl.eval.datasets import CLASSIFICATION_FORMATS
+    from mmcl.eval.formats import CLASSIFICATION_FORMATS
     from mmcl.eval.templates import TEMPLATE_SETS
 
     evaluate = subparsers.add_parser(

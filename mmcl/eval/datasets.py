@@ -42,15 +42,12 @@ from mmcl.data.pipeline import keyed_samples
 from mmcl.data.sources import MANIFEST, expand_urls, local_path
 from mmcl.data.text import captions_of, read_meta
 from mmcl.errors import UsageError
+from mmcl.eval.formats import CLASSIFICATION_FORMATS, FOLD_FORMATS, FORMAT_MODALITY
 from mmcl.models import DualEncoder
 from shards_tools import readers
 from shards_tools.config import InputSpec
 from shards_tools.readers.webdataset_input import is_brace_pattern
 
-CLASSIFICATION_FORMATS = ("shards", "class-folder", "cifar10", "cifar100", "esc50", "urbansound8k")
-FOLD_FORMATS = ("esc50", "urbansound8k")
-# Layouts that hold one modality only.
-FORMAT_MODALITY = {"cifar10": "image", "cifar100": "image", "esc50": "audio", "urbansound8k": "audio"}
 CIFAR = {
     # format: (folder, test file, meta file, label key in the test file, class-name key in the meta file)
     "cifar10": ("cifar-10-batches-py", "test_batch", "batches.meta", "labels", "label_names"),
