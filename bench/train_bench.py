@@ -527,9 +527,13 @@ def run_process(cmd: list[str], env: dict, log: Path, timeout: float, progress=N
 
 # ------------------------------------------------------------------------------------------------ runs
 def thread_env(threads: int) -> dict:
+    """The environment of a run: threads > 0 pins OMP/MKL threads; 0 leaves them unset (each tool's default)."""
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = str(threads)
+        if threads > 0:
+            env[key] = str(threads)
+        else:
+            env.pop(key, None)
     env["HF_HUB_OFFLINE"] = "1"
     env["TQDM_DISABLE"] = "1"
     env.pop("PYTHONPATH", None)
@@ -709,7 +713,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both tools)")
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads = torch intra-op threads "
-                        "of the trainer (both tools); default: cores - workers, at least 1")
+                        "of the trainer (both tools); default: cores - workers, at least 1; 0: leave them unset, so each "
+                        "tool runs as a user gets it by default")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every run")
     parser.add_argument("--small", type=int, default=3200, help="samples in the small shard set")
     parser.add_argument("--scale", type=int, default=10, help="the large shard set is SCALE x --small")

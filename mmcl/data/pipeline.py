@@ -118,13 +118,35 @@ def reader_shards(plan: ReaderPlan, source_index: int, epoch: int, pass_index: i
     return urls[plan.reader :: plan.readers]
 
 
-def keyed_samples(urls: list[str], handler: Handler) -> Iterator[dict]:
-    """Raw samples ({"__key__", "jpg": bytes, "json": bytes, ...}) of the given shards, in tar order."""
-    # stream: one {"url"} per shard -> webdataset opens, untars and groups files by key
-    samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url} for url in urls]))
-    # stream: samples; webdataset >= 0.2.96 marks each shard's end with an empty, keyless record
-    # (1.0.2 drops it while grouping, other versions may not): keep keyed samples only
-    return (s for s in samples if s.get("__key__"))
+def keyed_samples(urls: list[str], handler: Handler, expected: Mapping[str, int] | None = None) -> Iterator[dict]:
+    """Raw samples ({"__key__", "jpg": bytes, "json": bytes, ...}) of the given shards, in tar order.
+
+    A shard that yields fewer samples than its index file lists (`expected`) goes to `handler` as an
+    error: Python's tar reader ends a file cut inside a header without a word, so this is the one sign.
+    """
+    for url in urls:
+        # stream: one {"url"} -> webdataset opens, untars and groups files by key
+        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+        seen = 0
+        for sample in samples:
+            # webdataset >= 0.2.96 marks a shard's end with an empty, keyless record (1.0.2 drops it
+            # while grouping, other versions may not): keep keyed samples only
+            if sample.get("__key__"):
+                seen += 1
+                yield sample
+        listed = (expected or {}).get(url)
+        if listed is not None and seen < listed:
+            handler(
+                TruncatedShardError(
+                    f"{url}: read {seen} of the {listed} samples its index file lists; the shard is truncated "
+                    "or damaged: `mmcl shard verify FOLDER` names every such shard, re-running `mmcl shard` "
+                    "with the same options rewrites it"
+                )
+            )
+
+
+class TruncatedShardError(Exception):
+    """A shard ended before the samples its manifest.json / sizes.json lists."""
 
 
 def mix_sources(
@@ -180,7 +202,8 @@ def source_pass(
     plan: ReaderPlan, source_index: int, epoch: int, handler: Handler, pass_index: int
 ) -> Iterator[dict]:
     """Raw samples of one pass over one source's shards for this reader."""
-    return keyed_samples(reader_shards(plan, source_index, epoch, pass_index), handler)
+    shards = reader_shards(plan, source_index, epoch, pass_index)
+    return keyed_samples(shards, handler, plan.sources[source_index].shard_counts)
 
 
 def epoch_samples(plan: ReaderPlan, epoch: int, handler: Handler) -> Iterator[dict]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -35,6 +36,7 @@ class Source:
     weight: float
     num_samples: int | None  # None when neither the config nor an index file says
     name: str  # for messages: the config's first url entry
+    shard_counts: Mapping[str, int] = field(default_factory=dict)  # url -> samples, where an index file says
 
 
 def local_path(url: str) -> Path:
@@ -106,36 +108,37 @@ def _folder_index(folder: str) -> tuple[dict[str, int], str | None]:
     return {}, None
 
 
-def count_samples(urls: list[str], modality: str, where: str) -> int | None:
-    """Total samples in `urls` from the index files beside them; None if any shard is not listed.
+def shard_counts(urls: list[str], modality: str, where: str) -> dict[str, int]:
+    """Samples per shard URL from the index files beside the shards (shards no index lists are left out).
 
     Raises UsageError if a manifest says the shards hold another modality than the one trained.
     """
     by_folder: dict[str, list[str]] = {}
     for url in urls:
         if url_scheme(url) == "pipe":
-            return None
+            continue
         folder, _, name = url.rpartition("/")
-        by_folder.setdefault(folder or ".", []).append(name)
-    total = 0
+        by_folder.setdefault(folder, []).append(name)
+    counts: dict[str, int] = {}
     for folder, names in by_folder.items():
-        counts, shard_modality = _folder_index(folder)
+        listed, shard_modality = _folder_index(folder or ".")
         if shard_modality is not None and shard_modality != modality:
             raise UsageError(
-                f"{where}: {folder}/{MANIFEST} says these shards hold {shard_modality}-text pairs, "
+                f"{where}: {folder or '.'}/{MANIFEST} says these shards hold {shard_modality}-text pairs, "
                 f"but a {modality}-text model is being trained; point the source at {modality} shards"
             )
-        if any(name not in counts for name in names):
-            return None
-        total += sum(counts[name] for name in names)
-    return total
+        counts.update({f"{folder}/{name}" if folder else name: listed[name] for name in names if name in listed})
+    return counts
 
 
 def resolve_source(source: SourceConfig, modality: str, where: str) -> Source:
     entries = source.url_list()
     urls = expand_urls(entries, where)
-    size = source.num_samples if source.num_samples is not None else count_samples(urls, modality, where)
-    return Source(urls=tuple(urls), weight=source.weight, num_samples=size, name=entries[0])
+    counts = shard_counts(urls, modality, where)
+    size = source.num_samples
+    if size is None and all(url in counts for url in urls):
+        size = sum(counts[url] for url in urls)
+    return Source(urls=tuple(urls), weight=source.weight, num_samples=size, name=entries[0], shard_counts=counts)
 
 
 def resolve_sources(cfg: DataConfig, modality: str) -> list[Source]:
