@@ -17,11 +17,11 @@ from shards_tools.readers.class_folder import class_folder_names, read_class_fol
 from shards_tools.readers.clotho import read_clotho
 from shards_tools.readers.coco import read_coco
 from shards_tools.readers.detect import detect_format
-from shards_tools.readers.esc50 import esc50_class_names, read_esc50
 from shards_tools.readers.flickr30k import read_flickr30k
+from shards_tools.readers.fold_datasets import LAYOUTS as FOLD_LAYOUTS
+from shards_tools.readers.fold_datasets import fold_class_names, read_fold_dataset
 from shards_tools.readers.folder import read_folder
 from shards_tools.readers.manifest import manifest_class_names, read_delimited, read_jsonl, read_parquet
-from shards_tools.readers.urbansound8k import read_urbansound8k, urbansound8k_class_names
 from shards_tools.readers.webdataset_input import read_webdataset
 
 __all__ = ["class_names", "detect_format", "input_format", "read_items"]
@@ -37,8 +37,7 @@ READERS: dict[str, Callable[[InputSpec], Iterator[SourceItem]]] = {
     "flickr30k": read_flickr30k,
     "audiocaps": read_audiocaps,
     "clotho": read_clotho,
-    "esc50": read_esc50,
-    "urbansound8k": read_urbansound8k,
+    **{fmt: partial(read_fold_dataset, fmt=fmt) for fmt in FOLD_LAYOUTS},
     "webdataset": read_webdataset,
 }
 MANIFEST_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -63,10 +62,8 @@ def class_names(spec: InputSpec) -> list[str] | None:
     fmt = input_format(spec)
     if fmt == "class-folder":
         return class_folder_names(spec)
-    if fmt == "esc50":
-        return esc50_class_names(spec)
-    if fmt == "urbansound8k":
-        return urbansound8k_class_names(spec)
+    if fmt in FOLD_LAYOUTS:
+        return fold_class_names(spec, fmt)
     if fmt in MANIFEST_FORMATS:
         return manifest_class_names(spec, fmt)
     return None

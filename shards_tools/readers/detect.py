@@ -9,11 +9,11 @@ from typing import get_args
 
 from mmcl.errors import UsageError
 from shards_tools.config import InputFormat
-from shards_tools.readers import esc50, urbansound8k
 from shards_tools.readers.audiocaps import AUDIOCAPS_COLUMNS
 from shards_tools.readers.clotho import is_clotho_header
 from shards_tools.readers.common import CAPTION_EXTENSIONS, is_media, read_header_line, walk_folders
 from shards_tools.readers.flickr30k import flickr30k_layout
+from shards_tools.readers.fold_datasets import LAYOUTS as FOLD_LAYOUTS
 from shards_tools.readers.webdataset_input import is_brace_pattern, is_tar_name
 
 # How many media files a folder sniff looks at before deciding: enough to see past a few odd files.
@@ -70,8 +70,7 @@ def dataset_table_format(header_line: str) -> str | None:
     names = [name.strip().lower() for name in re.split(r"[,\t|]", header_line)]
     signatures = {
         "audiocaps": AUDIOCAPS_COLUMNS,
-        "esc50": esc50.REQUIRED_COLUMNS,
-        "urbansound8k": urbansound8k.REQUIRED_COLUMNS,
+        **{fmt: layout.required_columns for fmt, layout in FOLD_LAYOUTS.items()},
     }
     for fmt, columns in signatures.items():
         if {c.lower() for c in columns}.issubset(names):
@@ -96,10 +95,9 @@ def is_coco_json(path: Path) -> bool:
 
 
 def _folder_format(path: Path, modality: str) -> str:
-    if (path / esc50.METADATA).is_file():
-        return "esc50"
-    if (path / urbansound8k.METADATA).is_file():
-        return "urbansound8k"
+    for fmt, layout in FOLD_LAYOUTS.items():
+        if (path / layout.metadata).is_file():
+            return fmt
     if any(entry.is_file() and is_tar_name(entry.name) for entry in os.scandir(path)):
         return "webdataset"
     top_level, nested, captioned = _sniff_media(path, modality)
