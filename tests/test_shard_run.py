@@ -340,3 +340,25 @@ def test_cli_parser_builds_without_importing_torch() -> None:
     script = "import sys; from mmcl.cli import build_parser; build_parser(); print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_tar_members_are_the_bytes_webdataset_writes(tmp_path: Path) -> None:
+    """shards_tools writes tars with the stdlib (importing webdataset costs a torch import); the bytes must
+    stay exactly what webdataset's own TarWriter writes."""
+    import io
+
+    from shards_tools.writer import TAR_MTIME, write_sample
+
+    samples = [
+        {"__key__": f"k{i:03d}" if i else "clé_0", "txt": f"caption {i} é".encode(), "jpg": bytes(range(256)) * (i + 1), "cls": b"3"}
+        for i in range(5)
+    ]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=ours, mode="w|") as tar:
+        for sample in samples:
+            write_sample(tar, sample)
+    with wds.TarWriter(theirs, encoder=False, mtime=TAR_MTIME, user="mmcl", group="mmcl") as writer:
+        for sample in samples:
+            writer.write(sample)
+    assert ours.getvalue() == theirs.getvalue()
+    assert b"PaxHeader" in ours.getvalue()[:512] and ours.getvalue().count(b"PaxHeader") == 3  # the non-ASCII key's 3 members only
