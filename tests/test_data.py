@@ -214,6 +214,9 @@ def test_pipe_urls_refused_unless_allowed(tmp_path):
     assert len(batch["keys"]) == 4
     with pytest.raises(ValidationError, match="unsupported scheme 's3'"):
         config("s3://bucket/shard-000000.tar")
+    with pytest.raises(ValidationError, match="unsupported scheme 'ftp'") as err:
+        config("ftp://host/shard-000000.tar")
+    assert "pipe:curl -s ftp://" in str(err.value) and "allow_pipe: true" in str(err.value)
 
 
 def test_config_rejects_unknown_keys_and_bad_weights(tmp_path):

@@ -106,6 +106,8 @@ class DataConfig(_Strict):
                 if scheme not in ("local", "http", "pipe"):
                     raise ValueError(
                         f"{where}: {url!r} uses the unsupported scheme {scheme!r}; use a local path, "
-                        f"http(s)://, or e.g. 'pipe:aws s3 cp {url} -' with data.allow_pipe: true"
+                        "http(s)://, or a pipe: URL whose command writes the shard to stdout (e.g. "
+                        "'pipe:aws s3 cp s3://bucket/shard-000000.tar -' or 'pipe:curl -s ftp://host/shard.tar') "
+                        "with data.allow_pipe: true"
                     )
         return self
