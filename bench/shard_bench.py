@@ -459,7 +459,7 @@ class Bench:
     def mmcl_image(self, manifest: Path, out: Path, image_size: int = IMAGE_SIZE) -> list[str]:
         return [*self.mmcl, "shard", "image-text", "--input", str(manifest), "--output", str(out),
                 "--image-size", str(image_size), "--resize-mode", "keep-ratio-largest", "--quality", str(QUALITY),
-                "--workers", str(self.args.workers)]  # fmt: skip
+                "--workers", str(self.args.workers), "--shard-size", str(self.args.shard_size)]  # fmt: skip
 
     def mmcl_samples(self, out: Path) -> int | None:
         try:
@@ -673,7 +673,8 @@ class Bench:
         def mmcl_side(r: int) -> Run:
             out = self.fresh_dir("audio-mmcl")
             command = [*self.mmcl, "shard", "audio-text", "--input", str(manifest), "--output", str(out),
-                       "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.args.workers)]  # fmt: skip
+                       "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.args.workers),
+                       "--shard-size", str(self.args.shard_size)]  # fmt: skip
             run = timed_run(f"audio-mmcl-{r}", command, self.log(f"audio-mmcl-{r}"))
             run.count = self.mmcl_samples(out)
             self.check(run.count == count, f"audio-mmcl-{r}: {run.count} samples, expected {count}")
@@ -866,6 +867,8 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="processes on every side")
+    parser.add_argument("--shard-size", type=int, default=1000, help="mmcl's --shard-size (its default, 1000): "
+                        "mmcl's workers split the shards, so fewer shards than workers leaves cores idle")
     parser.add_argument("--thread-count", type=int, default=16, help="img2dataset --thread_count")
     parser.add_argument("--img2dataset", default=str(REPO / ".bench-venv" / "bin" / "img2dataset"))
     parser.add_argument("--skip-img2dataset", action="store_true", help="url section: mmcl only")

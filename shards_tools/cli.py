@@ -41,6 +41,7 @@ FLAG_NAMES = {
     "audio.max_seconds": "--max-seconds",
     "fetch.timeout": "--timeout",
     "fetch.retries": "--retries",
+    "fetch.threads": "--fetch-threads",
 }
 
 
@@ -130,6 +131,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--part", help="do part K of N (0-based), e.g. 3/16, for job arrays; then `mmcl shard merge`")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per URL fetch")
     g.add_argument("--retries", type=int, default=2, help="retries per URL")
+    g.add_argument("--fetch-threads", type=int, default=16, help="concurrent URL downloads per worker process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -189,7 +191,7 @@ def config_from_args(args: argparse.Namespace):
         "shuffle": args.shuffle,
         "noise_rate": args.noise_rate,
         "max_error_rate": args.max_error_rate,
-        "fetch": {"timeout": args.timeout, "retries": args.retries},
+        "fetch": {"timeout": args.timeout, "retries": args.retries, "threads": args.fetch_threads},
     }
     if args.workers is not None:
         fields["workers"] = args.workers

@@ -81,6 +81,7 @@ class FetchOptions(BaseModel):
 
     timeout: float = Field(default=10.0, gt=0)
     retries: int = Field(default=2, ge=0)
+    threads: int = Field(default=16, ge=1)  # concurrent URL downloads per worker process (img2dataset's thread_count)
 
 
 class ShardConfig(BaseModel):
@@ -120,7 +121,14 @@ class ShardConfig(BaseModel):
         """The options that shape the output; a resumed run must match them exactly."""
         keep = self.model_dump(
             mode="json",
-            exclude={"output": True, "workers": True, "distributor": True, "part": True, "max_error_rate": True},
+            exclude={
+                "output": True,
+                "workers": True,
+                "distributor": True,
+                "part": True,
+                "max_error_rate": True,
+                "fetch": {"threads": True},
+            },
         )
         keep["input"]["path"] = str(Path(self.input.path).resolve())
         if self.input.media_root is not None:

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from shards_tools.config import ShardConfig
 from shards_tools.encode import EncodedMedia, check_captions, encode_audio, encode_image
-from shards_tools.fetch import fetch_bytes
+from shards_tools.fetch import HTTP_SCHEMES, fetch_bytes, url_scheme
 from shards_tools.items import ItemError
 from shards_tools.plan import PlannedItem, ShardPlan
 
@@ -74,13 +79,43 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def encode_item(entry: PlannedItem, job: ShardJob) -> dict[str, bytes | str]:
-    """Turn one planned item into a WebDataset sample, or raise ItemError saying why it is skipped."""
+def fetch_item(entry: PlannedItem, job: ShardJob) -> bytes:
+    """The item's media bytes, or ItemError: a problem found while reading the input, no usable caption (checked
+    first, so nothing is downloaded for an item that is skipped anyway), or the fetch's."""
+    if entry.item.problem is not None:
+        raise entry.item.problem
+    check_captions(entry.captions)
+    return fetch_bytes(entry.item.source, job.config.fetch)
+
+
+def fetched_items(items: list[PlannedItem], job: ShardJob) -> Iterator[tuple[PlannedItem, Callable[[], bytes]]]:
+    """Each item with a call returning its bytes (or raising ItemError), in plan order.
+
+    URLs are downloaded by up to `fetch.threads` threads, at most 2 x threads items ahead of the encoder,
+    so waiting on the network overlaps with encoding; local files are read in order, in this thread.
+    """
+    threads = job.config.fetch.threads
+    if threads == 1 or not any(url_scheme(entry.item.source or "") in HTTP_SCHEMES for entry in items):
+        for entry in items:
+            yield entry, partial(fetch_item, entry, job)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+        pending: deque[tuple[PlannedItem, Future]] = deque()
+        upcoming = iter(items)
+        for entry in itertools.islice(upcoming, 2 * threads):
+            pending.append((entry, pool.submit(fetch_item, entry, job)))
+        while pending:
+            entry, future = pending.popleft()
+            for more in itertools.islice(upcoming, 1):
+                pending.append((more, pool.submit(fetch_item, more, job)))
+            yield entry, future.result
+
+
+def encode_item(entry: PlannedItem, job: ShardJob, raw: bytes) -> dict[str, bytes | str]:
+    """Turn one planned item and its bytes into a WebDataset sample, or raise ItemError saying why it is
+    skipped."""
     item = entry.item
-    if item.problem is not None:
-        raise item.problem
     captions = check_captions(entry.captions)
-    raw = fetch_bytes(item.source, job.config.fetch)
     media: EncodedMedia
     if job.config.modality == "image":
         media = encode_image(raw, job.config.image)
@@ -116,9 +151,9 @@ def write_shard(plan: ShardPlan, job: ShardJob) -> dict:
     count = 0
     with open(tmp, "wb") as stream:
         with tarfile.open(fileobj=stream, mode="w|") as tar:
-            for entry in plan.items:
+            for entry, raw in fetched_items(plan.items, job):
                 try:
-                    sample = encode_item(entry, job)
+                    sample = encode_item(entry, job, raw())
                 except ItemError as err:
                     errors.append(
                         {"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
 import socket
@@ -202,3 +203,70 @@ def test_http_connection_refused():
     err = fetch_error(f"http://127.0.0.1:{port}/x.jpg", FetchOptions(timeout=1, retries=1))
     assert err.reason == "fetch_error"
     assert "refused" in err.detail.lower() and "(after 2 attempts)" in err.detail
+
+
+class SlowImageHandler(BaseHTTPRequestHandler):
+    """/img/<n>.jpg: a real JPEG after a short delay (a stand-in for a remote host); counts requests in flight."""
+
+    lock = threading.Lock()
+    in_flight = 0
+    most_in_flight = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        cls = SlowImageHandler
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+        try:
+            time.sleep(0.05)
+            name = urlsplit(self.path).path.rsplit("/", 1)[-1]
+            if not name.endswith(".jpg"):
+                body, status = b"not found", 404
+            else:
+                from PIL import Image
+
+                buffer = io.BytesIO()
+                Image.new("RGB", (32, 24), (int(name[:-4]) * 9 % 256, 80, 160)).save(buffer, "JPEG")
+                body, status = buffer.getvalue(), 200
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
+    """--fetch-threads overlaps downloads (several requests in flight at once) without changing a byte of the
+    output; an item that fails to download is recorded and skipped in its place."""
+    from shards_tools.config import build_config
+    from shards_tools.run import run_sharding
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), SlowImageHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        rows = [f"{base}/img/{n}.jpg,picture {n}" for n in range(40)] + [f"{base}/img/missing,gone"]
+        (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
+        outputs = {}
+        for threads in (1, 8):
+            SlowImageHandler.most_in_flight = 0
+            out = tmp_path / f"out-{threads}"
+            config = build_config({"input": {"modality": "image", "path": tmp_path / "urls.csv"}, "output": out,
+                                   "shard_size": 16, "workers": 1, "fetch": {"threads": threads}})  # fmt: skip
+            run_sharding(config, progress=False)
+            outputs[threads] = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+            assert SlowImageHandler.most_in_flight == 1 if threads == 1 else 2 <= SlowImageHandler.most_in_flight <= 8
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert manifest["totals"]["samples"] == 40
+            errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
+            assert [e["source"] for e in errors] == [f"{base}/img/missing"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len(outputs[1]) == 3 and outputs[1] == outputs[8]
