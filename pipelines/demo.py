@@ -45,7 +45,7 @@ SIZES = {
 }
 
 DEMO_EXAMPLE = """example:
-  mmcl demo                                   # both modalities, small size, 30% caption noise (~6 min on 2 cores)
+  mmcl demo                                   # both modalities, small size, 30% caption noise (~5 min on 2 cores)
   mmcl demo --modality audio --noise-rate 0.5 --noise-method teacher
   mmcl demo --size tiny --processes 1         # a quick smoke run
   mmcl demo --size medium --output runs/demo-medium
