@@ -6,7 +6,8 @@ every method), evaluate zero-shot top-1 on held-out items (Fashion-MNIST test im
 voices), and read the detection AUROC and samples/s from the run's metrics.jsonl.
 Results are cached per run (JSON in the work folder), so an interrupted bench continues where it stopped.
 
-    .venv/bin/python bench/noise_bench.py                       # the full grid (48 runs, about 1 h on 2 idle cores)
+    .venv/bin/python bench/noise_bench.py --modality image      # 24 runs, 72 min on 2 idle cores
+    .venv/bin/python bench/noise_bench.py --modality audio      # 24 runs, ~40 min
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --seeds 0
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from pipelines.demo_data import build_fashion_mnist, build_spoken_words  # noqa: E402
 
-STEPS = {"image": 600, "audio": 400}  # the loss mixture needs ~300 steps here before two modes show
+STEPS = {"image": 600, "audio": 250}  # image: the loss mixture needs ~300 steps here before two modes show
 METHODS = ["none", "loss_mixture", "teacher"]
 
 
@@ -126,7 +127,7 @@ def main() -> None:
     if "image" in args.modality:
         data["image"] = build_fashion_mnist(work / "data" / "fashion-mnist", 6000, 100)
     if "audio" in args.modality:
-        data["audio"] = build_spoken_words(work / "data" / "spoken-words", 3)
+        data["audio"] = build_spoken_words(work / "data" / "spoken-words", 8)  # as `mmcl demo` (640 clips)
     results = []
     for seed in args.seeds:  # seed outermost: a cut-short bench still has every cell of the grid once
         for modality in args.modality:
