@@ -112,7 +112,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -749,25 +748,13 @@ def count_tar_members(folder: Path, suffix: str) -> int:
 
 def machine_info(args: argparse.Namespace) -> dict:
     import PIL
-
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kib = int(f.readline().split()[1])
+    from host import host_facts  # bench/host.py (bench/ is sys.path[0] for this script)
     from PIL import features
 
     info = {
         "code": code_state(),
         "libjpeg_turbo": features.check_feature("libjpeg_turbo"),
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(mem_kib / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **host_facts(),
         "pillow": PIL.__version__,
         "numpy": np.__version__,
         "load_at_start": os.getloadavg(),

@@ -192,10 +192,8 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("_open_clip"
 # ------------------------------------------------------------------------------------------------------
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import gzip  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -208,12 +206,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipelines.demo_data import FASHION_DIR, read_idx  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 WDS_OLD = VENV / "wds-0.2.86"
 MODEL_NAME = "mmcl-micro-vit"
 MODEL_JSON = ROOT / "configs" / "models" / f"{MODEL_NAME}.json"
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_LABELS = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                  "bag", "ankle boot"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
@@ -232,14 +232,6 @@ OPEN_CLIP_LINE = re.compile(
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def _fmnist_image(grey: np.ndarray, colour: tuple[int, int, int]) -> Image.Image:
     img = Image.fromarray(grey, "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
     g = np.asarray(img, dtype=np.float32)[..., None] / 255.0
@@ -274,7 +266,7 @@ def make_images(work: Path, count: int) -> tuple[Path, str]:
     images = work / "images"
     manifest = work / "all.csv"
     stamp = work / "images.json"
-    source = "fashion-mnist" if (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists() else "synthetic"
+    source = "fashion-mnist" if (FASHION_DIR / "train-images-idx3-ubyte.gz").exists() else "synthetic"
     if stamp.exists():
         made = json.loads(stamp.read_text())
         if made.get("count", 0) >= count and made.get("source") == source:
@@ -284,11 +276,11 @@ def make_images(work: Path, count: int) -> tuple[Path, str]:
     colour_names = list(COLOURS)
     t0 = time.perf_counter()
     if source == "fashion-mnist":
-        pixels = _read_idx(FMNIST_DIR / "train-images-idx3-ubyte.gz")
-        labels = _read_idx(FMNIST_DIR / "train-labels-idx1-ubyte.gz")
+        pixels = read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")
+        labels = read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
         if count > len(pixels):
-            pixels = np.concatenate([pixels, _read_idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz")])
-            labels = np.concatenate([labels, _read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")])
+            pixels = np.concatenate([pixels, read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")])
+            labels = np.concatenate([labels, read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")])
         if count > len(pixels):
             raise SystemExit(f"Fashion-MNIST has {len(pixels)} images, asked for {count}")
     rows = []
@@ -672,22 +664,12 @@ def summarize(windows: list[dict], args) -> dict:
 def machine_info(args) -> dict:
     import open_clip
     import torch
+    from host import host_facts  # bench/host.py (bench/ is sys.path[0] for this script)
 
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kib = int(f.readline().split()[1])
     wds_new = subprocess.run([str(VENV / "bin" / "python"), "-c", "import webdataset; print(webdataset.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "ram_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
+        **host_facts(),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "webdataset_mmcl": wds_new,

@@ -36,7 +36,8 @@ TRAIN_VOICES = ["en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2", "en+
 HELD_OUT_VOICES = ["en-us+m4", "en+f2", "en+m7"]
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """A gzipped IDX array (the MNIST/Fashion-MNIST file format) as a uint8 NumPy array."""
     with gzip.open(path, "rb") as handle:
         data = handle.read()
     dims = data[3]
@@ -60,8 +61,8 @@ def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed:
             raise UsageError(f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist (make sysdeps)")
         shutil.rmtree(root, ignore_errors=True)
         rng = random.Random(seed)
-        images = _read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")
-        labels = _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
+        images = read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")
+        labels = read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
         (root / "train").mkdir(parents=True)
         rows = []
         for i in sorted(rng.sample(range(len(images)), train_count)):
@@ -72,8 +73,8 @@ def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed:
             writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
             writer.writeheader()
             writer.writerows(rows)
-        test_images = _read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
-        test_labels = _read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+        test_images = read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
+        test_labels = read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
         counts = dict.fromkeys(range(10), 0)
         for i, label in enumerate(test_labels):
             if counts[int(label)] < test_per_class:
