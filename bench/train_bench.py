@@ -604,15 +604,20 @@ def run_open_clip(args, shards: dict, tag: str) -> dict:
     return result
 
 
-def run_bare(args, tag: str) -> dict:
+def run_child(args, tag: str, kind: str, progress=None) -> tuple[dict, dict | None]:
+    """Run this script's `_bare` / `_ab` child; returns the run's result and the last JSON line it printed."""
     log = args.work_dir / "runs" / f"{tag}.log"
-    cmd = [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), "_bare", str(MODEL_JSON), str(args.steps),
+    cmd = [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), f"_{kind}", str(MODEL_JSON), str(args.steps),
            str(args.batch_size)]
-    progress = last_step(log, re.compile(r"\[bare\] step (\d+)"))
-    result = run_process(cmd, thread_env(args.threads), log, args.timeout, progress)
-    result.update(tool="bare", tag=tag, shard_set="-", command=" ".join(cmd))
+    result = run_process(cmd, thread_env(args.threads), log, args.timeout, progress(log) if progress else None)
+    result.update(tool=kind, tag=tag, shard_set="-", command=" ".join(cmd))
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
-    record = json.loads(lines[-1]) if lines else {"step_s": [], "torch_threads": None}
+    return result, json.loads(lines[-1]) if lines else None
+
+
+def run_bare(args, tag: str) -> dict:
+    result, record = run_child(args, tag, "bare", lambda log: last_step(log, re.compile(r"\[bare\] step (\d+)")))
+    record = record or {"step_s": [], "torch_threads": None}
     result["torch_threads"] = record["torch_threads"]
     windows, times = [], record["step_s"]
     for first in range(0, len(times), 10):  # 10-step windows like the trainers' logs
@@ -624,14 +629,8 @@ def run_bare(args, tag: str) -> dict:
 
 
 def run_ab(args, tag: str) -> dict:
-    log = args.work_dir / "runs" / f"{tag}.log"
-    cmd = [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), "_ab", str(MODEL_JSON), str(args.steps),
-           str(args.batch_size)]
-    result = run_process(cmd, thread_env(args.threads), log, args.timeout)
-    result.update(tool="ab", tag=tag, shard_set="-", command=" ".join(cmd))
-    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
-    if lines:
-        record = json.loads(lines[-1])
+    result, record = run_child(args, tag, "ab")
+    if record is not None:
         m, o = record["cpu_s"]["mmcl"][args.exclude_steps :], record["cpu_s"]["open_clip"][args.exclude_steps :]
         result.update(
             torch_threads=record["torch_threads"],
