@@ -549,6 +549,34 @@ class Bench:
             "runs": [asdict(r) for r in runs],
         }
 
+    def versus_limit(self, name: str, files: list[Path], limit_args: list, command, count: int, limit_label: str,
+                     mmcl_label: str, unit: str) -> None:
+        """Alternate the library limit and `mmcl shard` (`command(out)`) on the same files, verify mmcl's output
+        and record both and their ratio (target 0.70) under results[name]."""
+
+        def limit_side(r: int) -> Run:
+            return self.limit(name, files, limit_args, f"{name}-limit-{r}")
+
+        def mmcl_side(r: int) -> Run:
+            out = self.fresh_dir(f"{name}-mmcl")
+            run = timed_run(f"{name}-mmcl-{r}", command(out), self.log(f"{name}-mmcl-{r}"))
+            run.count = self.mmcl_samples(out)
+            self.check(run.count == count, f"{name}-mmcl-{r}: {run.count} samples, expected {count}")
+            return run
+
+        limit_runs, mmcl_runs = self.alternate(self.args.repeat, [limit_side, mmcl_side])
+        verified = self.verify(self.runs_dir / f"{name}-mmcl", count, f"{name}-mmcl")
+        lim = self.summarise(limit_label, limit_runs, count, unit)
+        mm = self.summarise(mmcl_label, mmcl_runs, count, unit)
+        mm["verify"] = verified
+        self.results[name] = {
+            "discarded_runs": self.last_discarded,
+            "limit": lim,
+            "mmcl": mm,
+            "ratio": mm["rate_median"] / lim["rate_median"],
+            "target": 0.70,
+        }
+
     # -- sections
 
     def image_section(self, pool) -> None:
@@ -560,28 +588,9 @@ class Bench:
             f"== image: {count} local 512x512 JPEGs -> {IMAGE_SIZE}, q{QUALITY}, {self.args.workers} processes"
         )
 
-        def limit_side(r: int) -> Run:
-            return self.limit("image", files, [IMAGE_SIZE, QUALITY], f"image-limit-{r}")
-
-        def mmcl_side(r: int) -> Run:
-            out = self.fresh_dir("image-mmcl")
-            run = timed_run(f"image-mmcl-{r}", self.mmcl_image(manifest, out), self.log(f"image-mmcl-{r}"))
-            run.count = self.mmcl_samples(out)
-            self.check(run.count == count, f"image-mmcl-{r}: {run.count} samples, expected {count}")
-            return run
-
-        limit_runs, mmcl_runs = self.alternate(self.args.repeat, [limit_side, mmcl_side])
-        verified = self.verify(self.runs_dir / "image-mmcl", count, "image-mmcl")
-        lim = self.summarise("library limit (Pillow draft pipeline, Pool(2))", limit_runs, count, "images/s")
-        mm = self.summarise("mmcl shard image-text (local files)", mmcl_runs, count, "images/s")
-        mm["verify"] = verified
-        self.results["image"] = {
-            "discarded_runs": self.last_discarded,
-            "limit": lim,
-            "mmcl": mm,
-            "ratio": mm["rate_median"] / lim["rate_median"],
-            "target": 0.70,
-        }
+        self.versus_limit("image", files, [IMAGE_SIZE, QUALITY], lambda out: self.mmcl_image(manifest, out), count,
+                          "library limit (Pillow draft pipeline, Pool(2))", "mmcl shard image-text (local files)",
+                          "images/s")  # fmt: skip
 
     def check_limit_equals_reference(self, sample: Path) -> None:
         """The inline image limit must do exactly what bench/encode_limits.image_limit does."""
@@ -666,31 +675,14 @@ class Bench:
             f"== audio: {count} WAVs (5 s, stereo, 44.1 kHz) -> mono {SAMPLE_RATE} Hz FLAC, {self.args.workers} processes"
         )
 
-        def limit_side(r: int) -> Run:
-            return self.limit("audio", files, [SAMPLE_RATE], f"audio-limit-{r}")
+        def command(out: Path) -> list[str]:
+            return [*self.mmcl, "shard", "audio-text", "--input", str(manifest), "--output", str(out),
+                    "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.args.workers),
+                    "--shard-size", str(self.args.shard_size)]  # fmt: skip
 
-        def mmcl_side(r: int) -> Run:
-            out = self.fresh_dir("audio-mmcl")
-            command = [*self.mmcl, "shard", "audio-text", "--input", str(manifest), "--output", str(out),
-                       "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.args.workers),
-                       "--shard-size", str(self.args.shard_size)]  # fmt: skip
-            run = timed_run(f"audio-mmcl-{r}", command, self.log(f"audio-mmcl-{r}"))
-            run.count = self.mmcl_samples(out)
-            self.check(run.count == count, f"audio-mmcl-{r}: {run.count} samples, expected {count}")
-            return run
-
-        limit_runs, mmcl_runs = self.alternate(self.args.repeat, [limit_side, mmcl_side])
-        verified = self.verify(self.runs_dir / "audio-mmcl", count, "audio-mmcl")
-        lim = self.summarise("library limit (soundfile+torchaudio, Pool(2))", limit_runs, count, "clips/s")
-        mm = self.summarise("mmcl shard audio-text (local files)", mmcl_runs, count, "clips/s")
-        mm["verify"] = verified
-        self.results["audio"] = {
-            "discarded_runs": self.last_discarded,
-            "limit": lim,
-            "mmcl": mm,
-            "ratio": mm["rate_median"] / lim["rate_median"],
-            "target": 0.70,
-        }
+        self.versus_limit("audio", files, [SAMPLE_RATE], command, count,
+                          "library limit (soundfile+torchaudio, Pool(2))", "mmcl shard audio-text (local files)",
+                          "clips/s")  # fmt: skip
 
     def memory_section(self, pool) -> None:
         small, large = self.args.count, 10 * self.args.count
