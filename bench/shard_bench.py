@@ -714,6 +714,8 @@ import functools, sys, time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 DELAY = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
 class Quiet(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as web servers and CDNs allow (clients may still close)
+    disable_nagle_algorithm = True  # TCP_NODELAY, as nginx's default tcp_nodelay (else kept-alive replies stall)
     def log_message(self, *args):
         pass
     def do_GET(self):

@@ -12,6 +12,7 @@ import tarfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections import OrderedDict
@@ -28,6 +29,8 @@ USER_AGENT = "mmcl-shards/0.1"
 # Server answers worth another try: rate limiting and server-side failures. Other 4xx are final.
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 2.0
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 10
 _MAX_OPEN_TARS = 8
 
 
@@ -197,6 +200,93 @@ def _fetch_url(url: str, options: FetchOptions) -> bytes:
 
 
 def _get_once(url: str, timeout: float) -> bytes:
+    """One download attempt (redirects followed). Through a proxy the environment names (http_proxy, ...)
+    urllib does the request; otherwise it goes over this thread's kept-alive connection to the host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if _proxy_for(parts.scheme.lower(), parts.hostname or ""):
+            return _get_via_urllib(url, timeout)
+        for _ in range(_MAX_REDIRECTS + 1):
+            status, body, location = _CONNECTIONS.get(parts, timeout)
+            if location is None:
+                break
+            parts = urllib.parse.urlsplit(urllib.parse.urljoin(parts.geturl(), location))
+            if parts.scheme.lower() not in HTTP_SCHEMES:
+                raise ItemError("fetch_error", f"{url}: redirected to unsupported {parts.geturl()}")
+        else:
+            raise ItemError("fetch_error", f"{url}: more than {_MAX_REDIRECTS} redirects")
+    except TimeoutError:
+        raise _Retryable(f"timed out after {timeout:g}s") from None
+    except (http.client.InvalidURL, ValueError) as err:  # malformed URL: another try cannot help
+        raise ItemError("fetch_error", f"{url}: invalid URL ({err})") from None
+    except (OSError, http.client.HTTPException) as err:  # refused or reset connections, truncated bodies
+        raise _Retryable(f"{type(err).__name__}: {err}") from None
+    if status in _RETRY_STATUS:
+        raise _Retryable(f"HTTP {status}")
+    if status != 200:
+        raise ItemError("fetch_error", f"{url}: HTTP {status}")
+    return body
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    proxy = urllib.request.getproxies().get(scheme)
+    return proxy if proxy and not urllib.request.proxy_bypass(host) else None
+
+
+class _ThreadConnections(threading.local):
+    """Each thread's open connections, one per (scheme, host, port), reused from request to request.
+
+    Opening a TCP (and TLS) connection per image costs both sides more than the request itself; like
+    urllib3's pool, a connection is kept while the server allows it (HTTP/1.1 keep-alive) and a request
+    on a kept connection that the server has meanwhile closed is re-sent once on a fresh one. Connections
+    belong to the process that opened them: a forked child starts with none.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.open: dict[tuple[str, str, int | None], http.client.HTTPConnection] = {}
+
+    def get(self, parts: urllib.parse.SplitResult, timeout: float) -> tuple[int, bytes, str | None]:
+        """GET one URL: (status, body, redirect location or None)."""
+        if self.pid != os.getpid():
+            self.open, self.pid = {}, os.getpid()
+        scheme = parts.scheme.lower()
+        key = (scheme, parts.hostname or "", parts.port)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for attempt in range(2):
+            connection = self.open.pop(key, None)
+            reused = connection is not None
+            if connection is None:
+                factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+                connection = factory(key[1], key[2], timeout=timeout)
+            connection.timeout = timeout
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout)
+            try:
+                connection.request("GET", target, headers={"User-Agent": USER_AGENT})
+                response = connection.getresponse()
+                body = response.read()  # all of it, so the connection can carry the next request
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+                connection.close()
+                if reused and attempt == 0:
+                    continue  # the server closed the idle connection: resend on a new one
+                raise err
+            except BaseException:
+                connection.close()
+                raise
+            if response.will_close:
+                connection.close()
+            else:
+                self.open[key] = connection
+            location = response.getheader("Location") if response.status in _REDIRECT_STATUS else None
+            return response.status, body, location
+        raise AssertionError("unreachable")
+
+
+_CONNECTIONS = _ThreadConnections()
+
+
+def _get_via_urllib(url: str, timeout: float) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -207,11 +297,5 @@ def _get_once(url: str, timeout: float) -> bytes:
         raise ItemError("fetch_error", f"{url}: HTTP {err.code}") from None
     except urllib.error.URLError as err:
         if isinstance(err.reason, TimeoutError):
-            raise _Retryable(f"timed out after {timeout:g}s") from None
+            raise TimeoutError from None
         raise _Retryable(str(err.reason)) from None
-    except TimeoutError:
-        raise _Retryable(f"timed out after {timeout:g}s") from None
-    except (http.client.InvalidURL, ValueError) as err:  # malformed URL: another try cannot help
-        raise ItemError("fetch_error", f"{url}: invalid URL ({err})") from None
-    except (OSError, http.client.HTTPException) as err:  # reset connections, truncated bodies
-        raise _Retryable(f"{type(err).__name__}: {err}") from None

@@ -196,6 +196,14 @@ def test_http_timeout(server):
     assert time.monotonic() - started < SLOW_SECONDS
 
 
+def test_http_proxy_from_the_environment_is_used(server, monkeypatch):
+    """http_proxy is honoured (as urllib and img2dataset do): the request goes to the proxy with the full URL."""
+    monkeypatch.setenv("http_proxy", server)
+    before = Handler.hits["/ok"]
+    assert fetch_bytes("http://images.invalid/ok", FetchOptions(retries=0)) == b"image bytes"
+    assert Handler.hits["/ok"] == before + 1
+
+
 def test_http_connection_refused():
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
         sock.bind(("127.0.0.1", 0))
@@ -203,6 +211,84 @@ def test_http_connection_refused():
     err = fetch_error(f"http://127.0.0.1:{port}/x.jpg", FetchOptions(timeout=1, retries=1))
     assert err.reason == "fetch_error"
     assert "refused" in err.detail.lower() and "(after 2 attempts)" in err.detail
+
+
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: /img/<n> (bytes naming the connection that served them), /moved/<n> (302 to
+    /img/<n>), /loop (redirects to itself); the server closes a connection after 3 requests."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+
+    def setup(self) -> None:
+        super().setup()
+        KeepAliveHandler.connections += 1
+        self.number, self.served = KeepAliveHandler.connections, 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        self.served += 1
+        if path.startswith("/moved/"):
+            self.send_response(302)
+            self.send_header("Location", "/img/" + path.rsplit("/", 1)[1])
+            body = b""
+        elif path == "/loop":
+            self.send_response(301)
+            self.send_header("Location", "/loop")
+            body = b""
+        else:
+            self.send_response(200)
+            body = f"{path} on connection {self.number}".encode()
+        if self.served == 3:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_http_connections_are_kept_alive_and_redirects_followed():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        KeepAliveHandler.connections = 0
+        bodies = [fetch_bytes(f"{base}/img/{n}", FetchOptions()).decode() for n in range(7)]
+        # one connection carries requests until the server says "Connection: close" (after 3)
+        assert bodies == [f"/img/{n} on connection {1 + n // 3}" for n in range(7)]
+        assert fetch_bytes(f"{base}/moved/9", FetchOptions()).decode().startswith("/img/9 on connection")
+        err = fetch_error(f"{base}/loop", FetchOptions(retries=0))
+        assert err.reason == "fetch_error" and "more than 10 redirects" in err.detail
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class IdleClosingHandler(KeepAliveHandler):
+    """Keeps connections alive but closes one that stays idle for 0.2 s (as servers do)."""
+
+    timeout = 0.2
+
+
+def test_http_kept_connection_closed_by_the_server_is_reopened():
+    """A request on a kept connection that the server has meanwhile closed is re-sent on a new one, not failed."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), IdleClosingHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        KeepAliveHandler.connections = 0
+        assert fetch_bytes(f"{base}/img/1", FetchOptions(retries=0)) == b"/img/1 on connection 1"
+        assert fetch_bytes(f"{base}/img/2", FetchOptions(retries=0)) == b"/img/2 on connection 1"
+        time.sleep(0.6)
+        assert fetch_bytes(f"{base}/img/3", FetchOptions(retries=0)) == b"/img/3 on connection 2"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 class SlowImageHandler(BaseHTTPRequestHandler):
@@ -217,24 +303,24 @@ class SlowImageHandler(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight += 1
             cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
-        try:
-            time.sleep(0.05)
-            name = urlsplit(self.path).path.rsplit("/", 1)[-1]
-            if not name.endswith(".jpg"):
-                body, status = b"not found", 404
-            else:
-                from PIL import Image
+        time.sleep(0.05)
+        with (
+            cls.lock
+        ):  # done before answering: the client may send its next request as soon as it has the body
+            cls.in_flight -= 1
+        name = urlsplit(self.path).path.rsplit("/", 1)[-1]
+        if not name.endswith(".jpg"):
+            body, status = b"not found", 404
+        else:
+            from PIL import Image
 
-                buffer = io.BytesIO()
-                Image.new("RGB", (32, 24), (int(name[:-4]) * 9 % 256, 80, 160)).save(buffer, "JPEG")
-                body, status = buffer.getvalue(), 200
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        finally:
-            with cls.lock:
-                cls.in_flight -= 1
+            buffer = io.BytesIO()
+            Image.new("RGB", (32, 24), (int(name[:-4]) * 9 % 256, 80, 160)).save(buffer, "JPEG")
+            body, status = buffer.getvalue(), 200
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args) -> None:
         pass
@@ -261,7 +347,11 @@ def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
                                    "shard_size": 16, "workers": 1, "fetch": {"threads": threads}})  # fmt: skip
             run_sharding(config, progress=False)
             outputs[threads] = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
-            assert SlowImageHandler.most_in_flight == 1 if threads == 1 else 2 <= SlowImageHandler.most_in_flight <= 8
+            assert (
+                SlowImageHandler.most_in_flight == 1
+                if threads == 1
+                else 2 <= SlowImageHandler.most_in_flight <= 8
+            )
             manifest = json.loads((out / "manifest.json").read_text())
             assert manifest["totals"]["samples"] == 40
             errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
