@@ -7,7 +7,10 @@ the number of workers or the distributor, so every way of running produces the s
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import tempfile
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -50,31 +53,6 @@ def mark_duplicates(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
         yield item
 
 
-def inject_caption_noise(planned: list[PlannedItem], rate: float, seed: int) -> list[tuple[str, str]]:
-    """Permute the captions of a random fraction `rate` of the pairs among themselves.
-
-    The noisy-correspondence protocol: the chosen pairs form one random cycle, so every chosen item gets
-    another chosen item's captions (a derangement) and no chosen pair keeps its own. Items that are already
-    known bad are not chosen. Returns the permutation as (key, key whose captions it received).
-    """
-    candidates = [p for p in planned if p.item.problem is None]
-    count = round(rate * len(candidates))
-    if count < 2:
-        return []
-    rng = random.Random(f"noise-{seed}")
-    chosen = rng.sample(candidates, count)
-    originals = [p.captions for p in chosen]
-    permutation = []
-    for i, target in enumerate(chosen):
-        donor = (i + 1) % count
-        target.original_captions = target.captions
-        target.captions = originals[donor]
-        target.noisy = True
-        permutation.append((target.key, chosen[donor].key))
-    permutation.sort()
-    return permutation
-
-
 def _source_bytes(item: SourceItem) -> int:
     """Input size used to close shards early under --max-shard-bytes (known before encoding, so the plan
     stays deterministic and parallel); URLs and tar members count as zero."""
@@ -86,38 +64,101 @@ def _source_bytes(item: SourceItem) -> int:
         return 0
 
 
-def plan_shards(
-    items: Iterable[SourceItem],
-    *,
-    shard_size: int,
-    max_shard_bytes: int | None = None,
-    shuffle: bool = False,
-    noise_rate: float = 0.0,
-    seed: int = 0,
-) -> tuple[list[ShardPlan], list[tuple[str, str]]]:
-    """Assign every item (bad ones included, so their errors are recorded per shard) to a shard.
+class ShardPlanner:
+    """The plan of a whole input, held without its items, so memory stays flat however long the input is.
 
-    Returns the shard plans in order and the caption-noise permutation (empty without noise).
+    The items are pickled one after another into an anonymous temporary file as the reader streams them;
+    the plan itself is a few numbers per item (file offset, output order, shard boundaries). `shard(i)`
+    reads shard i's items back, so only the shards in flight are ever in memory.
+
+    The order: the input's order, or a seeded shuffle of it (`shuffle`). Caption noise (`noise_rate`, the
+    noisy-correspondence protocol): a seeded random fraction of the good items form one random cycle, so
+    every chosen item gets another chosen item's captions (a derangement) and none keeps its own.
     """
-    ordered = list(mark_duplicates(items))
-    if shuffle:
-        random.Random(f"shuffle-{seed}").shuffle(ordered)
-    planned = [PlannedItem(make_key(i), item, list(item.captions)) for i, item in enumerate(ordered)]
-    permutation = inject_caption_noise(planned, noise_rate, seed) if noise_rate > 0 else []
 
-    shards: list[ShardPlan] = []
-    current = ShardPlan(0)
-    current_bytes = 0
-    for entry in planned:
-        size = _source_bytes(entry.item) if max_shard_bytes else 0
-        full = len(current.items) >= shard_size
-        too_big = max_shard_bytes is not None and current.items and current_bytes + size > max_shard_bytes
-        if full or too_big:
-            shards.append(current)
-            current = ShardPlan(len(shards))
-            current_bytes = 0
-        current.items.append(entry)
-        current_bytes += size
-    if current.items:
-        shards.append(current)
-    return shards, permutation
+    def __init__(
+        self,
+        items: Iterable[SourceItem],
+        *,
+        shard_size: int,
+        max_shard_bytes: int | None = None,
+        shuffle: bool = False,
+        noise_rate: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self._file = tempfile.TemporaryFile(prefix="mmcl-plan-")
+        self._offsets = array("q")
+        self.labels: set[str] = set()
+        good = bytearray()  # 1 for items without a known problem (candidates for caption noise)
+        sizes = array("q")
+        for item in mark_duplicates(items):
+            self._offsets.append(self._file.tell())
+            pickle.dump(item, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+            good.append(item.problem is None)
+            if item.label is not None:
+                self.labels.add(item.label)
+            if max_shard_bytes:
+                sizes.append(_source_bytes(item))
+        self._order = array("q", range(len(self._offsets)))  # output position -> input position
+        if shuffle:
+            random.Random(f"shuffle-{seed}").shuffle(self._order)
+        self._donors = self._choose_noise(good, noise_rate, seed) if noise_rate > 0 else {}
+        self._bounds = self._shard_bounds(sizes, shard_size, max_shard_bytes)
+
+    def _choose_noise(self, good: bytearray, rate: float, seed: int) -> dict[int, int]:
+        """Output position -> output position whose captions it receives."""
+        candidates = [k for k, position in enumerate(self._order) if good[position]]
+        count = round(rate * len(candidates))
+        if count < 2:
+            return {}
+        chosen = random.Random(f"noise-{seed}").sample(candidates, count)
+        return {target: chosen[(i + 1) % count] for i, target in enumerate(chosen)}
+
+    def _shard_bounds(
+        self, sizes: array, shard_size: int, max_shard_bytes: int | None
+    ) -> list[tuple[int, int]]:
+        bounds, start, current_bytes = [], 0, 0
+        for k, position in enumerate(self._order):
+            size = sizes[position] if max_shard_bytes else 0
+            full = k - start >= shard_size
+            too_big = max_shard_bytes is not None and k > start and current_bytes + size > max_shard_bytes
+            if full or too_big:
+                bounds.append((start, k))
+                start, current_bytes = k, 0
+            current_bytes += size
+        if len(self._order) > start:
+            bounds.append((start, len(self._order)))
+        return bounds
+
+    def __len__(self) -> int:
+        return len(self._bounds)
+
+    def shard_items(self, index: int) -> int:
+        """How many items shard `index` holds (bad ones included)."""
+        start, end = self._bounds[index]
+        return end - start
+
+    def shard(self, index: int) -> ShardPlan:
+        """Shard `index` with its items read back from the temporary file."""
+        start, end = self._bounds[index]
+        plan = ShardPlan(index)
+        for k in range(start, end):
+            item = self._read(self._order[k])
+            entry = PlannedItem(make_key(k), item, list(item.captions))
+            if k in self._donors:
+                entry.original_captions = entry.captions
+                entry.captions = list(self._read(self._order[self._donors[k]]).captions)
+                entry.noisy = True
+            plan.items.append(entry)
+        return plan
+
+    def noise_permutation(self) -> list[tuple[str, str]]:
+        """(key, key whose captions it received) for every noisy pair, sorted; recorded in the manifest."""
+        return sorted((make_key(target), make_key(donor)) for target, donor in self._donors.items())
+
+    def _read(self, position: int) -> SourceItem:
+        self._file.seek(self._offsets[position])
+        return pickle.load(self._file)
+
+    def close(self) -> None:
+        self._file.close()

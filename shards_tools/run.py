@@ -19,7 +19,7 @@ from shards_tools import readers
 from shards_tools.config import ShardConfig
 from shards_tools.distribute import run_shard_tasks
 from shards_tools.manifest import PARTS_DIR, merge_parts, part_path, write_part
-from shards_tools.plan import ShardPlan, plan_shards
+from shards_tools.plan import ShardPlanner
 from shards_tools.writer import PROGRESS_DIR, ShardJob, finished_record, shard_name, write_atomic
 
 OPTIONS_FILE = "options.json"
@@ -62,11 +62,10 @@ def _remove_stale_temporaries(output: Path, shard_names: list[str], part: int, p
             tmp.unlink(missing_ok=True)
 
 
-def _class_index(config: ShardConfig, plans: list[ShardPlan]) -> list[str] | None:
+def _class_index(config: ShardConfig, planner: ShardPlanner) -> list[str] | None:
     names = readers.class_names(config.input)
     if names is None:
-        labels = {e.item.label for p in plans for e in p.items if e.item.label is not None}
-        names = sorted(labels) if labels else None
+        names = sorted(planner.labels) if planner.labels else None
     return names
 
 
@@ -78,7 +77,7 @@ def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     _check_options(config)
 
-    plans, permutation = plan_shards(
+    planner = ShardPlanner(
         items,
         shard_size=config.shard_size,
         max_shard_bytes=config.max_shard_bytes,
@@ -86,24 +85,31 @@ def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
         noise_rate=config.noise_rate,
         seed=config.seed,
     )
-    if not plans:
+    try:
+        return _write_planned(config, output, planner, progress)
+    finally:
+        planner.close()
+
+
+def _write_planned(config: ShardConfig, output: Path, planner: ShardPlanner, progress: bool) -> dict:
+    if not len(planner):
         raise UsageError(f"{config.input.path} holds no items to shard (format: {config.input.format})")
-    class_names = _class_index(config, plans)
+    class_names = _class_index(config, planner)
     part, parts = config.part or (0, 1)
-    mine = [p for p in plans if p.index % parts == part]
-    _remove_stale_temporaries(output, [shard_name(config.prefix, p.index) for p in mine], part, parts)
+    mine = [index for index in range(len(planner)) if index % parts == part]
+    _remove_stale_temporaries(output, [shard_name(config.prefix, index) for index in mine], part, parts)
 
     records, todo = [], []
-    for plan in mine:
-        record = finished_record(output, shard_name(config.prefix, plan.index), len(plan.items))
-        (records.append(record) if record else todo.append(plan))
+    for index in mine:
+        record = finished_record(output, shard_name(config.prefix, index), planner.shard_items(index))
+        (records.append(record) if record else todo.append(index))
 
     job = ShardJob(
         config=config,
         class_index={name: i for i, name in enumerate(class_names or [])},
         noise_active=config.noise_rate > 0,
     )
-    total_items = sum(len(p.items) for p in mine)
+    total_items = sum(planner.shard_items(index) for index in mine)
     done_items = sum(r["items"] for r in records)
     errors = sum(len(r["errors"]) for r in records)
     bar = tqdm(
@@ -114,8 +120,9 @@ def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
         disable=not progress or None,
         file=sys.stderr,
     )
+    plans = (planner.shard(index) for index in todo)  # read back as the distributor takes them
     with bar:
-        for record in run_shard_tasks(todo, job, config.workers, config.distributor):
+        for record in run_shard_tasks(plans, job, config.workers, config.distributor):
             records.append(record)
             done_items += record["items"]
             errors += len(record["errors"])
@@ -132,12 +139,12 @@ def run_sharding(config: ShardConfig, *, progress: bool = True) -> dict:
     header = {
         "modality": config.modality,
         "prefix": config.prefix,
-        "planned_shards": len(plans),
+        "planned_shards": len(planner),
         "class_names": class_names,
         "noise": {
             "rate": config.noise_rate,
             "seed": config.seed,
-            "noisy_pairs": len(permutation),
+            "noisy_pairs": len(permutation := planner.noise_permutation()),
             "permutation": [list(pair) for pair in permutation],
         }
         if config.noise_rate > 0
