@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import random
 import shutil
 import subprocess
@@ -45,18 +46,23 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def _done(folder: Path) -> bool:
-    return (folder / ".complete").exists()
+def _done(folder: Path, params: dict) -> bool:
+    """Whether `folder` was completely built with exactly these parameters (other sizes are rebuilt)."""
+    try:
+        return json.loads((folder / ".complete").read_text()) == params
+    except (OSError, ValueError):
+        return False
 
 
-def _mark_done(folder: Path) -> None:
-    (folder / ".complete").write_text("ok\n")
+def _mark_done(folder: Path, params: dict) -> None:
+    (folder / ".complete").write_text(json.dumps(params) + "\n")
 
 
 def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed: int = 0) -> dict[str, Path]:
     """Write train images + a CSV manifest and held-out test images as class folders."""
     root = Path(root)
-    if not _done(root):
+    params = {"train_count": train_count, "test_per_class": test_per_class, "seed": seed}
+    if not _done(root, params):
         if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
             raise UsageError(f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist (make sysdeps)")
         shutil.rmtree(root, ignore_errors=True)
@@ -82,7 +88,7 @@ def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(test_images[i]).save(folder / f"{i:05d}.png")
                 counts[int(label)] += 1
-        _mark_done(root)
+        _mark_done(root, params)
     return {"train": root / "train.csv", "test": root / "test"}
 
 
@@ -96,7 +102,8 @@ def _speak(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
 def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Path]:
     """Train clips (train voices, varied speed/pitch) with captions, and held-out voices as class folders."""
     root = Path(root)
-    if not _done(root):
+    params = {"repeats": repeats, "seed": seed}
+    if not _done(root, params):
         if shutil.which("espeak-ng") is None:
             raise UsageError("espeak-ng not found: apt-get install espeak-ng (make sysdeps)")
         shutil.rmtree(root, ignore_errors=True)
@@ -120,5 +127,5 @@ def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Pat
                     folder = root / "test" / word
                     folder.mkdir(parents=True, exist_ok=True)
                     _speak(word, voice, speed, pitch, folder / f"{voice.replace('+', '_')}-{r}.wav")
-        _mark_done(root)
+        _mark_done(root, params)
     return {"train": root / "train.csv", "test": root / "test"}
