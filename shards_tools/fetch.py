@@ -204,8 +204,9 @@ def _get_once(url: str, timeout: float) -> bytes:
     urllib does the request; otherwise it goes over this thread's kept-alive connection to the host."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if _proxy_for(parts.scheme.lower(), parts.hostname or ""):
-            return _get_via_urllib(url, timeout)
+        proxy = _proxy_for(parts.scheme.lower(), parts.hostname or "")
+        if proxy:
+            return _get_via_urllib(url, timeout, {parts.scheme.lower(): proxy})
         for _ in range(_MAX_REDIRECTS + 1):
             status, body, location = _CONNECTIONS.get(parts, timeout)
             if location is None:
@@ -286,10 +287,12 @@ class _ThreadConnections(threading.local):
 _CONNECTIONS = _ThreadConnections()
 
 
-def _get_via_urllib(url: str, timeout: float) -> bytes:
+def _get_via_urllib(url: str, timeout: float, proxies: dict[str, str]) -> bytes:
+    """Through the proxy the environment names now (urlopen's global opener keeps the ones of its first use)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return response.read()
     except urllib.error.HTTPError as err:
         if err.code in _RETRY_STATUS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
@@ -11,6 +12,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -150,15 +152,23 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A ThreadingHTTPServer on 127.0.0.1 answering with `handler` in a background thread; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Handler) as base:
+        yield base
 
 
 @pytest.fixture(autouse=True)
@@ -251,11 +261,7 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
 
 
 def test_http_connections_are_kept_alive_and_redirects_followed():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with serving(KeepAliveHandler) as base:
         KeepAliveHandler.connections = 0
         bodies = [fetch_bytes(f"{base}/img/{n}", FetchOptions()).decode() for n in range(7)]
         # one connection carries requests until the server says "Connection: close" (after 3)
@@ -263,9 +269,6 @@ def test_http_connections_are_kept_alive_and_redirects_followed():
         assert fetch_bytes(f"{base}/moved/9", FetchOptions()).decode().startswith("/img/9 on connection")
         err = fetch_error(f"{base}/loop", FetchOptions(retries=0))
         assert err.reason == "fetch_error" and "more than 10 redirects" in err.detail
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 class IdleClosingHandler(KeepAliveHandler):
@@ -276,19 +279,12 @@ class IdleClosingHandler(KeepAliveHandler):
 
 def test_http_kept_connection_closed_by_the_server_is_reopened():
     """A request on a kept connection that the server has meanwhile closed is re-sent on a new one, not failed."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), IdleClosingHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with serving(IdleClosingHandler) as base:
         KeepAliveHandler.connections = 0
         assert fetch_bytes(f"{base}/img/1", FetchOptions(retries=0)) == b"/img/1 on connection 1"
         assert fetch_bytes(f"{base}/img/2", FetchOptions(retries=0)) == b"/img/2 on connection 1"
         time.sleep(0.6)
         assert fetch_bytes(f"{base}/img/3", FetchOptions(retries=0)) == b"/img/3 on connection 2"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 class SlowImageHandler(BaseHTTPRequestHandler):
@@ -332,11 +328,7 @@ def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
     from shards_tools.config import build_config
     from shards_tools.run import run_sharding
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), SlowImageHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with serving(SlowImageHandler) as base:
         rows = [f"{base}/img/{n}.jpg,picture {n}" for n in range(40)] + [f"{base}/img/missing,gone"]
         (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
         outputs = {}
@@ -356,7 +348,4 @@ def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
             assert manifest["totals"]["samples"] == 40
             errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
             assert [e["source"] for e in errors] == [f"{base}/img/missing"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert len(outputs[1]) == 3 and outputs[1] == outputs[8]
