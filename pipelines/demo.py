@@ -75,6 +75,9 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_demo, prog_name="mmcl demo")
 
 
+DERIVED_FOLDERS = ("shards", "runs", "report")
+
+
 class StageFailed(Exception):
     """A stage's process failed; its log says why (the message holds the log's end)."""
 
@@ -282,6 +285,25 @@ def _write_report(root: Path, summaries: list[dict], args: argparse.Namespace) -
     return path
 
 
+def _keep_one_configuration(root: Path, args: argparse.Namespace) -> None:
+    """A work folder holds the shards, runs and report of one configuration: a re-run with the same settings
+    resumes, one with other settings starts them afresh (the data folders check their own parameters).
+    Without this a finished run of other settings would be evaluated as if it were this one's."""
+    settings = {"size": args.size, "noise_rate": args.noise_rate, "noise_method": args.noise_method,
+                "processes": args.processes, "seed": args.seed}  # fmt: skip
+    marker = root / "settings.json"
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != settings:
+        if previous is not None or any((root / name).exists() for name in DERIVED_FOLDERS):
+            _say(f"settings differ from the last run in this folder: starting {', '.join(DERIVED_FOLDERS)} afresh")
+        for name in DERIVED_FOLDERS:
+            shutil.rmtree(root / name, ignore_errors=True)
+        marker.write_text(json.dumps(settings) + "\n")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The `mmcl demo` command."""
     if not 0 <= args.noise_rate < 1:
@@ -291,6 +313,7 @@ def run_demo(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     _say(f"work folder: {root}")
+    _keep_one_configuration(root, args)
     modalities = ["image", "audio"] if args.modality == "both" else [args.modality]
     try:
         summaries = [_demo_modality(m, args, size, root) for m in modalities]
