@@ -254,34 +254,39 @@ class _ThreadConnections(threading.local):
         scheme = parts.scheme.lower()
         key = (scheme, parts.hostname or "", parts.port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        for attempt in range(2):
-            connection = self.open.pop(key, None)
-            reused = connection is not None
-            if connection is None:
-                factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-                connection = factory(key[1], key[2], timeout=timeout)
-            connection.timeout = timeout
-            if connection.sock is not None:
-                connection.sock.settimeout(timeout)
+        kept = self.open.pop(key, None)
+        if kept is not None:
             try:
-                connection.request("GET", target, headers={"User-Agent": USER_AGENT})
-                response = connection.getresponse()
-                body = response.read()  # all of it, so the connection can carry the next request
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
-                connection.close()
-                if reused and attempt == 0:
-                    continue  # the server closed the idle connection: resend on a new one
-                raise err
-            except BaseException:
-                connection.close()
-                raise
-            if response.will_close:
-                connection.close()
-            else:
-                self.open[key] = connection
-            location = response.getheader("Location") if response.status in _REDIRECT_STATUS else None
-            return response.status, body, location
-        raise AssertionError("unreachable")
+                return self._exchange(key, kept, target, timeout)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                pass  # the server closed the idle connection: resend on a new one
+        factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        return self._exchange(key, factory(key[1], key[2], timeout=timeout), target, timeout)
+
+    def _exchange(
+        self,
+        key: tuple[str, str, int | None],
+        connection: http.client.HTTPConnection,
+        target: str,
+        timeout: float,
+    ) -> tuple[int, bytes, str | None]:
+        """One request and its whole answer; the connection is kept for the next one if the server allows."""
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        try:
+            connection.request("GET", target, headers={"User-Agent": USER_AGENT})
+            response = connection.getresponse()
+            body = response.read()  # all of it, so the connection can carry the next request
+        except BaseException:
+            connection.close()
+            raise
+        if response.will_close:
+            connection.close()
+        else:
+            self.open[key] = connection
+        location = response.getheader("Location") if response.status in _REDIRECT_STATUS else None
+        return response.status, body, location
 
 
 _CONNECTIONS = _ThreadConnections()
