@@ -120,7 +120,22 @@ def test_forked_workers_read_members_of_a_tar_the_parent_has_open(tmp_path):
 # --- http(s) against a real server on 127.0.0.1 ----------------------------------------------------
 
 
-class Handler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test server's handler: answers with a Content-Length (so connections can be kept) and logs nothing."""
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class Handler(QuietHandler):
     """/ok, /empty, /status/<code>, /flaky/<id> (500 on the first request, then 200), /slow."""
 
     hits: Counter = Counter()
@@ -141,15 +156,6 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, b"too late")
         else:
             self.reply(404, b"not found")
-
-    def reply(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 @contextlib.contextmanager
@@ -223,7 +229,7 @@ def test_http_connection_refused():
     assert "refused" in err.detail.lower() and "(after 2 attempts)" in err.detail
 
 
-class KeepAliveHandler(BaseHTTPRequestHandler):
+class KeepAliveHandler(QuietHandler):
     """HTTP/1.1 with keep-alive: /img/<n> (bytes naming the connection that served them), /moved/<n> (302 to
     /img/<n>), /loop (redirects to itself); the server closes a connection after 3 requests."""
 
@@ -238,26 +244,16 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         path = urlsplit(self.path).path
         self.served += 1
-        if path.startswith("/moved/"):
-            self.send_response(302)
-            self.send_header("Location", "/img/" + path.rsplit("/", 1)[1])
-            body = b""
-        elif path == "/loop":
-            self.send_response(301)
-            self.send_header("Location", "/loop")
-            body = b""
-        else:
-            self.send_response(200)
-            body = f"{path} on connection {self.number}".encode()
+        headers = {}
         if self.served == 3:
-            self.send_header("Connection", "close")
+            headers["Connection"] = "close"
             self.close_connection = True
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+        if path.startswith("/moved/"):
+            self.reply(302, b"", {"Location": "/img/" + path.rsplit("/", 1)[1], **headers})
+        elif path == "/loop":
+            self.reply(301, b"", {"Location": "/loop", **headers})
+        else:
+            self.reply(200, f"{path} on connection {self.number}".encode(), headers)
 
 
 def test_http_connections_are_kept_alive_and_redirects_followed():
@@ -287,7 +283,7 @@ def test_http_kept_connection_closed_by_the_server_is_reopened():
         assert fetch_bytes(f"{base}/img/3", FetchOptions(retries=0)) == b"/img/3 on connection 2"
 
 
-class SlowImageHandler(BaseHTTPRequestHandler):
+class SlowImageHandler(QuietHandler):
     """/img/<n>.jpg: a real JPEG after a short delay (a stand-in for a remote host); counts requests in flight."""
 
     lock = threading.Lock()
@@ -313,13 +309,7 @@ class SlowImageHandler(BaseHTTPRequestHandler):
             buffer = io.BytesIO()
             Image.new("RGB", (32, 24), (int(name[:-4]) * 9 % 256, 80, 160)).save(buffer, "JPEG")
             body, status = buffer.getvalue(), 200
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.reply(status, body)
 
 
 def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
