@@ -95,6 +95,10 @@ def _write_planned(config: ShardConfig, output: Path, planner: ShardPlanner, pro
     if not len(planner):
         raise UsageError(f"{config.input.path} holds no items to shard (format: {config.input.format})")
     class_names = _class_index(config, planner)
+    if len(planner.noise_permutation()) < planner.noise_requested:
+        print(f"warning: --noise-rate {config.noise_rate:g} asked for {planner.noise_requested} mismatched pairs; "
+              f"only {len(planner.noise_permutation())} can get a caption of another label or text (one label "
+              f"holds most of the items); the manifest records the pairs made", file=sys.stderr)
     part, parts = config.part or (0, 1)
     mine = [index for index in range(len(planner)) if index % parts == part]
     _remove_stale_temporaries(output, [shard_name(config.prefix, index) for index in mine], part, parts)

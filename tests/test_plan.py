@@ -53,3 +53,41 @@ def test_shards_read_back_in_plan_order_with_a_caption_derangement():
             again.close()
     finally:
         planner.close()
+
+
+def _noisy_pairs(items: list[SourceItem], rate: float, seed: int = 3):
+    """(receiver, donor) item pairs of a noise plan, and the number of pairs asked for."""
+    planner = ShardPlanner(items, shard_size=len(items), shuffle=True, noise_rate=rate, seed=seed)
+    try:
+        by_key = {e.key: e.item for e in planner.shard(0).items}
+        return [(by_key[k], by_key[d]) for k, d in planner.noise_permutation()], planner.noise_requested
+    finally:
+        planner.close()
+
+
+def test_noisy_pairs_always_get_a_caption_of_another_label():
+    """10 balanced classes: a plain random cycle hands ~11% of the chosen pairs a same-class caption (a correct
+    pair recorded as noisy); the plan gives every noisy pair another label's caption and keeps the count."""
+    items = [SourceItem(f"/d/{n}.png", [f"template {n % 3} of class{n % 10}"], label=f"class{n % 10}")
+             for n in range(2000)]
+    for rate in (0.2, 0.5, 0.8):
+        pairs, requested = _noisy_pairs(items, rate)
+        assert len(pairs) == requested == round(rate * 2000)
+        assert all(receiver.label != donor.label for receiver, donor in pairs)
+        assert len({donor.source for _, donor in pairs}) == len(pairs)  # every caption given away once
+
+
+def test_unlabelled_noisy_pairs_never_receive_their_own_caption_text():
+    items = [SourceItem(f"/d/{n}.jpg", [f"caption {n % 4}"]) for n in range(400)]  # 4 distinct texts
+    pairs, requested = _noisy_pairs(items, 0.5)
+    assert len(pairs) == requested == 200
+    assert all(receiver.captions != donor.captions for receiver, donor in pairs)
+
+
+def test_a_dominant_label_limits_the_noise_that_can_be_made():
+    """90% of the items share a label: most chosen pairs find no donor with other content; they keep their own
+    captions (not noisy) instead of receiving a same-label one."""
+    items = [SourceItem(f"/d/{n}.png", ["x"], label="big" if n % 10 else f"small{n}") for n in range(500)]
+    pairs, requested = _noisy_pairs(items, 0.5)
+    assert requested == 250 and 0 < len(pairs) < requested
+    assert all(receiver.label != donor.label for receiver, donor in pairs)
