@@ -11,8 +11,9 @@ Sections (each timing is one whole process, start to finish, wall clock, like a 
   image   `mmcl shard image-text --workers 2` on COUNT local 512x512 JPEGs (-> 256, keep ratio, q95) vs the
           "library limit": a minimal Pillow pipeline (open, draft, convert, resize, JPEG encode) run by a
           multiprocessing Pool of 2 over the same files, with none of mmcl's checks and no output written.
-  url     the same files served by a ThreadingHTTPServer on 127.0.0.1 (a subprocess): mmcl vs img2dataset
-          1.47 (from .bench-venv) with the same settings, side by side against the same server.
+  url     the same files served on 127.0.0.1 by nginx (when installed: apt-get install nginx-light) or a
+          Python ThreadingHTTPServer (--url-server python): mmcl vs img2dataset 1.47 (from .bench-venv) with
+          the same settings, side by side against the same server.
   audio   `mmcl shard audio-text --sample-rate 16000 --workers 2` on AUDIO_COUNT 5 s stereo 44.1 kHz WAVs vs
           the library limit of bench/encode_limits.py (soundfile decode, mono, torchaudio resample, FLAC
           encode) run by a Pool of 2.
@@ -113,6 +114,7 @@ import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tarfile  # noqa: E402
@@ -287,6 +289,11 @@ def _proc_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a long-running process and its descendants (nginx: the master and its worker)."""
+    return _proc_cpu_seconds(pid) + sum(_tree_cpu_seconds(child) for child in _proc_children(pid))
+
+
 class TreeMonitor(threading.Thread):
     """Samples the memory of a process and all its descendants every `interval` seconds."""
 
@@ -376,7 +383,7 @@ def timed_run(
     busy_before = wait_for_quiet(QUIET_WAIT_S, QUIET_THRESHOLD) if QUIET_WAIT_S > 0 else None
     load_before = os.getloadavg()
     busy0, self0 = _cpu_busy_seconds(), time.process_time()
-    server0 = _proc_cpu_seconds(server_pid) if server_pid else 0.0
+    server0 = _tree_cpu_seconds(server_pid) if server_pid else 0.0
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -389,7 +396,7 @@ def timed_run(
         proc.returncode = os.waitstatus_to_exitcode(status)
     busy = _cpu_busy_seconds() - busy0
     own = time.process_time() - self0
-    server = (_proc_cpu_seconds(server_pid) - server0) if server_pid else 0.0
+    server = (_tree_cpu_seconds(server_pid) - server0) if server_pid else 0.0
     tree_cpu = usage.ru_utime + usage.ru_stime
     run = Run(
         label=label,
@@ -614,14 +621,14 @@ class Bench:
             self.check(False, f"img2dataset missing at {self.img2dataset}")
             use_i2d = False
         latency = self.args.url_latency_ms
-        server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(files[0].parent), str(latency)],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        kind = self.args.url_server
+        if kind == "auto":
+            kind = "nginx" if shutil.which("nginx") and not latency else "python"
+        server, base = start_server(kind, files[0].parent, latency, self.work / "nginx")
         try:
-            port = int(server.stdout.readline())
-            base = f"http://127.0.0.1:{port}"
             urls = [f"{base}/{p.name}" for p in files]
             manifest = write_manifest(self.work / f"urls-{count}.csv", urls, column="url")
-            print(f"== url: {count} JPEGs from {base} (ThreadingHTTPServer, pid {server.pid}, {latency:g} ms added "
+            print(f"== url: {count} JPEGs from {base} ({kind} server, pid {server.pid}, {latency:g} ms added "
                   "latency per request), same settings")  # fmt: skip
 
             def mmcl_side(r: int) -> Run:
@@ -657,7 +664,8 @@ class Bench:
         mm = self.summarise("mmcl shard image-text (127.0.0.1 URLs)", runs[0], count, "images/s")
         mm["verify"] = verified
         mm["server_cpu_s"] = [round(r.server_cpu_s, 3) for r in runs[0]]
-        section = {"mmcl": mm, "target": 3.0, "latency_ms": latency, "discarded_runs": self.last_discarded}
+        section = {"mmcl": mm, "target": 3.0, "latency_ms": latency, "server": kind,
+                   "discarded_runs": self.last_discarded}
         if use_i2d:
             i2d = self.summarise(
                 f"img2dataset 1.47 (thread_count {self.args.thread_count})", runs[1], count, "images/s"
@@ -707,6 +715,42 @@ class Bench:
             "tree_peak_rss": b["tree_peak_rss_mib"] / a["tree_peak_rss_mib"],
         }
         self.results["memory"] = section
+
+
+def start_server(kind: str, folder: Path, latency_ms: float, work: Path) -> tuple[subprocess.Popen, str]:
+    """Serve `folder` on 127.0.0.1: "nginx" (a real web server, sendfile, one worker: what answers a crawler,
+    and cheap enough not to take the client's cores) or "python" (ThreadingHTTPServer; supports
+    --url-latency-ms). Returns the server process and the base URL."""
+    if kind == "python":
+        server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(folder), str(latency_ms)],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        return server, f"http://127.0.0.1:{int(server.stdout.readline())}"
+    if latency_ms:
+        raise SystemExit("--url-latency-ms needs --url-server python (nginx adds no delay)")
+    if not shutil.which("nginx"):
+        raise SystemExit("nginx not found: apt-get install nginx-light, or pass --url-server python")
+    with socket.socket() as probe:  # a free port (nginx cannot report the one it bound)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (work / "temp").mkdir(parents=True, exist_ok=True)
+    user = "user root;" if os.geteuid() == 0 else ""  # workers must read the files a root run wrote
+    temp = " ".join(f"{name}_temp_path {work}/temp/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (work / "nginx.conf").write_text(f"""{user} worker_processes 1; daemon off; pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000; default_type image/jpeg; {temp}
+  server {{ listen 127.0.0.1:{port}; root {folder}; }} }}
+""")
+    server = subprocess.Popen(["nginx", "-p", str(work), "-c", str(work / "nginx.conf")])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"nginx did not start; see {work}/error.log") from None
+            time.sleep(0.05)
 
 
 SERVER_CODE = r"""
@@ -853,6 +897,8 @@ def main() -> int:
     parser.add_argument("--thread-count", type=int, default=16, help="img2dataset --thread_count")
     parser.add_argument("--img2dataset", default=str(REPO / ".bench-venv" / "bin" / "img2dataset"))
     parser.add_argument("--skip-img2dataset", action="store_true", help="url section: mmcl only")
+    parser.add_argument("--url-server", choices=["auto", "nginx", "python"], default="auto",
+                        help="url section: the web server on 127.0.0.1 (auto: nginx when installed)")  # fmt: skip
     parser.add_argument("--url-latency-ms", type=float, default=0.0,
                         help="url section: the server waits this long before each answer (default 0: plain loopback)")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=["image", "url", "audio", "memory"],
