@@ -123,7 +123,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-shard-bytes", type=int, help="also close a shard when its inputs reach this many bytes")
     g.add_argument("--seed", type=int, default=0, help="seed for --shuffle and --noise-rate")
     g.add_argument("--shuffle", action="store_true", help="shuffle items before sharding")
-    g.add_argument("--noise-rate", type=float, default=0.0, help="benchmark noise: permute this fraction of captions")
+    g.add_argument("--noise-rate", type=float, default=0.0,
+                   help="benchmark noise: this fraction of pairs get another label's (or other text's) caption")
     g.add_argument("--max-error-rate", type=float, default=1.0, help="abort when more items than this are skipped")
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, help="worker processes (default: all cores)")
