@@ -20,6 +20,8 @@ from mmcl.eval.config import EvalConfig
 from mmcl.models.config import ModelConfig
 from mmcl.noise.config import NoiseConfig
 
+LOCAL_FDR_MIN_PAIRS = 8  # B (B - 1) off-diagonal pairs make the null: 56 at 8, 4,032 at 64
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -93,6 +95,11 @@ class TrainConfig(_Strict):
                     raise ValueError(f"data.{key}={data_value} differs from model.audio.{key}={model_value}; "
                                      f"remove data.{key} (it follows the model)")
                 setattr(self.data, key, model_value)
+        pairs_per_step = self.data.batch_size * self.train.accumulation_steps
+        if self.noise.method == "local_fdr" and pairs_per_step < LOCAL_FDR_MIN_PAIRS:
+            raise ValueError(f"noise.method local_fdr compares each pair with the other pairs of its process's batch: "
+                             f"data.batch_size x train.accumulation_steps = {pairs_per_step} is too few; raise it "
+                             f"to at least {LOCAL_FDR_MIN_PAIRS} or choose noise.method: loss_mixture")
         if self.noise.soft_target_alpha and self.loss.kind == "siglip":
             raise ValueError("noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)")
         if self.eval.every_steps and not (self.eval.zero_shot or self.eval.retrieval):

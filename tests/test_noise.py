@@ -16,7 +16,11 @@ import yaml
 from conftest import REPO, make_shapes_manifest, run_mmcl
 from sklearn.metrics import roc_auc_score
 
+from mmcl.config import load_train_config
+from mmcl.errors import UsageError
+from mmcl.losses import contrastive_loss
 from mmcl.noise.config import NoiseConfig
+from mmcl.noise.local_fdr import LocalFdr, decreasing, null_pvalues
 from mmcl.noise.metrics import auroc, detection_metrics
 from mmcl.noise.mixture import OnlineMixture
 from mmcl.noise.weighting import PairWeighter
@@ -60,12 +64,77 @@ def test_mixture_window_follows_the_stream_and_round_trips() -> None:
     mixture.add(np.full(800, 9.0))
     mixture.add(100.0 + np.arange(500, dtype=float))
     values = mixture.values()
-    assert len(values) == 1000 and (values == 9.0).sum() == 500 and mixture.count == 1300
+    assert len(values) == 1000 and (values == 9.0).sum() == 500 and mixture.window.count == 1300
     copy = OnlineMixture(window=1000)
     copy.load_state_dict(json.loads(json.dumps(mixture.state_dict())))
     copy.add(np.array([1.0, 2.0]))
     mixture.add(np.array([1.0, 2.0]))
     assert np.array_equal(copy.values(), mixture.values())
+
+
+def _features(n: int, noisy_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Media and text embeddings of n pairs from 32 classes; a noisy pair's text is of another class."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(32, 32, generator=gen), dim=1)
+    classes = torch.randint(0, 32, (n,), generator=gen)
+    noisy = torch.rand(n, generator=gen) < noisy_fraction
+    text_classes = torch.where(noisy, (classes + torch.randint(1, 32, (n,), generator=gen)) % 32, classes)
+    media = torch.nn.functional.normalize(centres[classes] + 0.1 * torch.randn(n, 32, generator=gen), dim=1)
+    text = torch.nn.functional.normalize(centres[text_classes] + 0.1 * torch.randn(n, 32, generator=gen), dim=1)
+    return media, text, noisy.numpy()
+
+
+def test_null_pvalues_rank_each_loss_among_the_mismatched_pairs() -> None:
+    media, text, noisy = _features(64, 0.5)
+    scale = torch.tensor(10.0)
+    pvalues = null_pvalues(media, text, scale)
+    logits = scale * media @ text.T
+    # brute force: the loss (media i, text j) would have as a pair, both softmaxes over the batch
+    pair_loss = (-logits.log_softmax(dim=1) - logits.log_softmax(dim=0)) / 2
+    assert torch.allclose(pair_loss.diagonal(), contrastive_loss(media, text, scale)["per_sample_loss"], atol=1e-5)
+    off = pair_loss[~torch.eye(64, dtype=torch.bool)]
+    expected = torch.tensor([(off <= pair_loss[i, i]).float().mean().item() for i in range(64)], dtype=torch.float64)
+    assert torch.allclose(pvalues, expected, atol=1e-6)
+    assert pvalues[torch.tensor(~noisy)].mean() < 0.15 < 0.35 < pvalues[torch.tensor(noisy)].mean()
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        null_pvalues(media[:1], text[:1], scale)
+
+
+def test_decreasing_is_the_least_squares_antitonic_fit() -> None:
+    from sklearn.isotonic import IsotonicRegression
+
+    values = np.random.default_rng(3).gamma(2.0, 1.0, 50)
+    expected = IsotonicRegression(increasing=False).fit_transform(np.arange(50), values)
+    assert np.allclose(decreasing(values), expected)
+
+
+@pytest.mark.parametrize("noise_rate", [0.0, 0.2, 0.5, 0.8])
+def test_local_fdr_estimates_the_noise_rate_and_finds_the_noisy_pairs(noise_rate: float) -> None:
+    media, text, noisy = _features(4096, noise_rate, seed=int(10 * noise_rate))
+    pvalues = torch.cat([null_pvalues(media[i : i + 64], text[i : i + 64], 10.0) for i in range(0, 4096, 64)])
+    fdr = LocalFdr(window=4096)
+    fdr.add(pvalues.numpy())
+    fdr.fit()
+    assert abs(fdr.noise_rate - noise_rate) < 0.05
+    clean_probability = fdr.clean_probability(pvalues.numpy())
+    if noise_rate == 0:
+        assert clean_probability.mean() > 0.97  # clean data: (almost) nothing is down-weighted, no gate needed
+    else:
+        assert auroc(1 - clean_probability, noisy) > 0.95
+        assert clean_probability[~noisy].mean() > 0.8 and clean_probability[noisy].mean() < 0.35
+
+
+def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
+    fdr = LocalFdr(window=512)
+    fdr.add(np.random.default_rng(0).random(100))
+    assert fdr.fit() is None and fdr.noise_rate is None
+    assert np.all(fdr.clean_probability(np.array([0.0, 0.5, 1.0])) == 1.0)
+    fdr.add(np.random.default_rng(1).random(400))
+    fdr.fit()
+    copy = LocalFdr(window=512)
+    copy.load_state_dict(json.loads(json.dumps(fdr.state_dict())))
+    probe = np.linspace(0, 1, 11)
+    assert np.array_equal(copy.clean_probability(probe), fdr.clean_probability(probe))
 
 
 def test_auroc_matches_sklearn_with_ties() -> None:
@@ -94,6 +163,8 @@ def test_weighter_warmup_ramp_and_floor() -> None:
 def test_noise_config_errors() -> None:
     with pytest.raises(ValueError, match="soft_target_alpha needs noise.method: teacher"):
         NoiseConfig(method="loss_mixture", soft_target_alpha=0.3)
+    with pytest.raises(UsageError, match="data.batch_size x train.accumulation_steps = 4 is too few"):
+        load_train_config(REPO / "configs" / "image_text" / "micro.yaml", ["noise.method=local_fdr", "data.batch_size=4"])
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +191,7 @@ def noisy_run_config(path: Path, shards: Path, output: Path, method: str, steps:
     return path
 
 
-@pytest.mark.parametrize("method", ["loss_mixture", "teacher"])
+@pytest.mark.parametrize("method", ["local_fdr", "loss_mixture", "teacher"])
 def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Path, tmp_path: Path, method: str) -> None:
     config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", method)
     run_mmcl("train", "--config", config)
@@ -131,13 +202,16 @@ def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Pat
     assert all(r["noise_mean_weight"] == 1.0 for r in rows if r["step"] <= 60)  # warm-up is uniform
     assert (tmp_path / "run" / "noise_weights.png").exists()
     state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/state.json")).read_text())
-    assert state["extra"]["noise"]["mixture"]["params"] is not None
+    assert state["extra"]["noise"]["estimator"]["params"] is not None
+    if method == "local_fdr":  # the shards have 40% noisy pairs
+        assert abs(last["noise_rate_estimate"] - 0.4) < 0.15, last
     if method == "teacher":
         assert next((tmp_path / "run" / "checkpoints").glob("step-*/extra.safetensors")).exists()
 
 
-def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path) -> None:
-    config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", "loss_mixture", steps=30)
+@pytest.mark.parametrize("method", ["local_fdr", "loss_mixture"])
+def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path, method: str) -> None:
+    config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", method, steps=30)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -151,4 +225,4 @@ def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path) 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["negatives"] == 63
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000030" / "state.json").read_text())
-    assert state["extra"]["noise"]["mixture"]["count"] == 30 * 64  # every rank's losses feed one mixture
+    assert state["extra"]["noise"]["estimator"]["count"] == 30 * 64  # every rank's signals feed one estimate

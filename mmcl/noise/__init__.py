@@ -2,7 +2,10 @@
 
     config.py     NoiseConfig (the `noise:` section)
     mixture.py    an online two-component mixture over a window of recent per-sample losses
-    weighting.py  PairWeighter (warm-up, ramp, floor) and the estimators: loss_mixture, teacher, alignment_score
+    local_fdr.py  p-values against the in-batch null (the off-diagonal pairs) and the local false discovery rate
+    window.py     the ring buffer of recent signals the estimates are fitted on
+    weighting.py  PairWeighter (warm-up, ramp, floor) and the estimators: local_fdr, loss_mixture, teacher,
+                  alignment_score
     teacher.py    the momentum (EMA) teacher
     metrics.py    detection metrics (AUROC, precision/recall) and the clean-vs-noisy weight plot
 """

@@ -12,12 +12,12 @@ class NoiseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["none", "loss_mixture", "teacher", "alignment_score"] = "none"
+    method: Literal["none", "local_fdr", "loss_mixture", "teacher", "alignment_score"] = "none"
     warmup_steps: int = Field(200, ge=0, description="uniform weights until this step (the model must learn first)")
     ramp_steps: int = Field(100, ge=0, description="then blend from uniform to estimated weights over this many steps")
     floor: float = Field(0.0, ge=0, le=1, description="no pair weighs less than this")
-    window: int = Field(4096, ge=64, description="recent per-sample losses the mixture is fitted on")
-    refit_every: int = Field(10, ge=1, description="steps between mixture refits")
+    window: int = Field(4096, ge=64, description="recent per-pair signals (losses, p-values) the estimate is fitted on")
+    refit_every: int = Field(10, ge=1, description="steps between refits of the estimate")
     mixture: Literal["gaussian", "beta"] = "gaussian"
     teacher_momentum: float = Field(0.99, gt=0, lt=1, description="EMA momentum of the teacher's weights")
     soft_target_alpha: float = Field(

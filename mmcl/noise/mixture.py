@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from mmcl.noise.window import ValueWindow
+
 MIN_FIT_VALUES = 256
 SEPARATION = 2.0  # Ashman's D above which two modes count as separated
 KEEP_SEPARATION = 1.5  # once separated, the D a refit must keep to stay in use
@@ -26,28 +28,15 @@ class OnlineMixture:
     """Two-component mixture ("gaussian" on the values, or "beta" on min-max scaled values) over a window."""
 
     def __init__(self, window: int, kind: str = "gaussian") -> None:
-        self.window = window
         self.kind = kind
-        self.buffer = np.zeros(window, dtype=np.float64)
-        self.count = 0  # values seen in total; the buffer holds the last min(count, window)
+        self.window = ValueWindow(window)
         self.params: dict | None = None  # None until the first successful fit, or when not separated
 
-    # ------------------------------------------------------------ window
     def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float64).ravel()
-        values = values[np.isfinite(values)][-self.window :]
-        start = self.count % self.window
-        end = start + len(values)
-        if end <= self.window:
-            self.buffer[start:end] = values
-        else:
-            split = self.window - start
-            self.buffer[start:] = values[:split]
-            self.buffer[: end - self.window] = values[split:]
-        self.count += len(values)
+        self.window.add(values)
 
     def values(self) -> np.ndarray:
-        return self.buffer[: min(self.count, self.window)].copy()
+        return self.window.values()
 
     # ------------------------------------------------------------ fit
     def fit(self) -> dict | None:
@@ -84,12 +73,16 @@ class OnlineMixture:
         return np.where(values <= p["mean_raw"][0], 1.0, clean)
 
     # ------------------------------------------------------------ checkpoint
+    @property
+    def noise_rate(self) -> float | None:
+        """The weight of the high-loss component (None without a separated fit)."""
+        return None if self.params is None else float(self.params["weight"][1])
+
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.tolist(), "count": self.count, "params": self.params}
+        return {**self.window.state_dict(), "params": self.params}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer = np.asarray(state["buffer"], dtype=np.float64)
-        self.count = int(state["count"])
+        self.window.load_state_dict(state)
         self.params = state["params"]
 
 

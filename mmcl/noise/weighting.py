@@ -1,6 +1,8 @@
 """PairWeighter: per-pair weights in [floor, 1] from a streaming estimate of which pairs are mismatched.
 
 Estimators (noise.method), none of which needs epochs, a full pass or an external model:
+  local_fdr        each pair's loss against the batch's own mismatched (off-diagonal) pairs -> p-value ->
+                   window -> noise rate and local false discovery rate -> P(clean) (no fitted noise mode)
   loss_mixture     the student's own per-pair losses -> online two-component mixture -> P(clean)
   teacher          the same on a momentum teacher's per-pair losses (+ optional soft targets)
   alignment_score  a precomputed per-pair score from the shards' .json ("alignment_score", higher = better
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mmcl.noise.config import NoiseConfig
+from mmcl.noise.local_fdr import LocalFdr
 from mmcl.noise.metrics import detection_metrics
 from mmcl.noise.mixture import OnlineMixture
 
@@ -28,7 +31,11 @@ class PairWeighter:
         uses_mixture = cfg.method in ("loss_mixture", "teacher") or (
             cfg.method == "alignment_score" and cfg.score_range is None
         )
-        self.mixture = OnlineMixture(cfg.window, cfg.mixture) if uses_mixture else None
+        self.estimator: OnlineMixture | LocalFdr | None = None
+        if cfg.method == "local_fdr":
+            self.estimator = LocalFdr(cfg.window)
+        elif uses_mixture:
+            self.estimator = OnlineMixture(cfg.window, cfg.mixture)
         self.recent_weights = np.zeros(0)
         self.recent_noisy = np.zeros(0, dtype=bool)
         self.has_truth = False
@@ -47,16 +54,16 @@ class PairWeighter:
 
     def weights(self, step: int, signal: Tensor, global_signal: Tensor) -> Tensor:
         """Weights for this rank's pairs; `global_signal` (every rank's, identical on all ranks) updates the
-        mixture, so all ranks keep the same state."""
+        estimate, so all ranks keep the same state."""
         local = signal.detach().double().cpu().numpy()
         if self.cfg.method == "alignment_score" and self.cfg.score_range is not None:
             low, high = self.cfg.score_range
             estimate = np.clip((-local - low) / (high - low), 0.0, 1.0)  # signal is -score
         else:
-            estimate = self.mixture.clean_probability(local)
-            self.mixture.add(global_signal.detach().double().cpu().numpy())
+            estimate = self.estimator.clean_probability(local)
+            self.estimator.add(global_signal.detach().double().cpu().numpy())
             if step % self.cfg.refit_every == 0:
-                self.mixture.fit()
+                self.estimator.fit()
         blended = 1.0 - self.ramp(step) * (1.0 - estimate)
         return torch.as_tensor(np.maximum(blended, self.cfg.floor), dtype=signal.dtype, device=signal.device)
 
@@ -73,23 +80,25 @@ class PairWeighter:
         if not len(self.recent_weights):
             return {}
         result = {"noise_mean_weight": float(self.recent_weights.mean())}
-        if self.mixture is not None and self.mixture.params is not None:
-            result["noise_separation"] = float(self.mixture.params["separation"])
+        if self.estimator is not None and self.estimator.noise_rate is not None:
+            result["noise_rate_estimate"] = self.estimator.noise_rate
+        if isinstance(self.estimator, OnlineMixture) and self.estimator.params is not None:
+            result["noise_separation"] = float(self.estimator.params["separation"])
         if self.has_truth:
             result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
         return result
 
     def state_dict(self) -> dict:
         return {
-            "mixture": self.mixture.state_dict() if self.mixture is not None else None,
+            "estimator": self.estimator.state_dict() if self.estimator is not None else None,
             "recent_weights": self.recent_weights.tolist(),
             "recent_noisy": self.recent_noisy.tolist(),
             "has_truth": self.has_truth,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if self.mixture is not None and state.get("mixture") is not None:
-            self.mixture.load_state_dict(state["mixture"])
+        if self.estimator is not None and state.get("estimator") is not None:
+            self.estimator.load_state_dict(state["estimator"])
         self.recent_weights = np.asarray(state["recent_weights"], dtype=np.float64)
         self.recent_noisy = np.asarray(state["recent_noisy"], dtype=bool)
         self.has_truth = bool(state["has_truth"])

@@ -30,6 +30,7 @@ from mmcl.losses import contrastive_loss, sigmoid_loss
 from mmcl.losses.distributed import gather_no_grad, rank_and_world_size
 from mmcl.models import build_model
 from mmcl.models.weights import load_weights
+from mmcl.noise.local_fdr import null_pvalues
 from mmcl.noise.metrics import plot_weights
 from mmcl.noise.teacher import MomentumTeacher
 from mmcl.noise.weighting import PairWeighter
@@ -168,7 +169,9 @@ class Trainer:
         if not self.weighter.active:
             return None, None
         method, soft = self.cfg.noise.method, None
-        if method == "loss_mixture":
+        if method == "local_fdr":
+            signal = null_pvalues(media, text, logit_scale)
+        elif method == "loss_mixture":
             with torch.no_grad():
                 signal = self._loss(media, text, logit_scale, logit_bias)["per_sample_loss"]
         elif method == "teacher":

@@ -1,0 +1,107 @@
+"""P(mismatched | a pair's loss) against the in-batch null: the local false discovery rate.
+
+A mismatched pair is media and a caption that do not belong together, which is exactly what every
+off-diagonal entry of a batch's similarity matrix is. So at every step the batch itself shows how the
+losses of mismatched pairs are distributed under the current model (an empirical null), with no
+component to fit. Each pair's p-value is the fraction of the batch's off-diagonal pair losses at or below
+its own: uniform on [0, 1] for a mismatched pair, near 0 for a matched one. Measured against its own
+step's null, p-values from different steps are comparable, so a window of them does not drift as the
+loss falls.
+
+On a window of recent p-values, Storey's estimate gives the noise rate pi0 = P(p > lambda) / (1 - lambda)
+and a decreasing density g of the p-values (a histogram made monotone by pool-adjacent-violators,
+Grenander's estimator) gives the local false discovery rate lfdr(p) = pi0 / g(p) (Efron's two-groups
+model). A pair's weight is 1 - lfdr(p). On clean data pi0 is ~0 and every weight ~1; and since no
+second loss mode is needed, it also works at high noise, where a two-component mixture finds none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmcl.losses.distributed import gather_no_grad
+from mmcl.noise.window import ValueWindow
+
+MIN_FIT_VALUES = 256
+BINS = 50
+STOREY_LAMBDA = 0.5
+
+
+@torch.no_grad()
+def null_pvalues(media_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """For each of this rank's pairs, the fraction of this rank's mismatched (off-diagonal) media-text
+    combinations whose symmetric contrastive loss is at or below the pair's own.
+
+    The loss of combination (media i, text j) is what the pair would have had in the batch:
+    (-log softmax over all texts of media i at j  -log softmax over all media of text j at i) / 2, both
+    softmaxes over the global batch; on the diagonal it is the CLIP loss's per-sample loss. Features are
+    L2-normalized ``[B, D]``; needs B >= 2 (B (B - 1) null values).
+    """
+    batch = media_features.shape[0]
+    if batch < 2:
+        raise ValueError("null_pvalues needs at least 2 pairs per process (the off-diagonal pairs are the null)")
+    media, text = media_features.float(), text_features.float()
+    all_media, all_text = gather_no_grad(media), gather_no_grad(text)
+    media_lse = torch.logsumexp(logit_scale * media @ all_text.T, dim=1)
+    text_lse = torch.logsumexp(logit_scale * text @ all_media.T, dim=1)
+    losses = (media_lse[:, None] + text_lse[None, :]) / 2 - logit_scale * media @ text.T
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=losses.device)
+    null = losses[off_diagonal].sort().values
+    return torch.searchsorted(null, losses.diagonal().contiguous(), right=True).double() / null.numel()
+
+
+class LocalFdr:
+    """Storey's pi0 and a monotone lfdr(p), refitted on a window of recent p-values."""
+
+    def __init__(self, window: int) -> None:
+        self.window = ValueWindow(window)
+        self.params: dict | None = None  # {"pi0": float, "lfdr": [BINS floats]} once fitted
+
+    def add(self, pvalues: np.ndarray) -> None:
+        self.window.add(pvalues)
+
+    def fit(self) -> dict | None:
+        """Refit on the window (None while it holds fewer than MIN_FIT_VALUES p-values)."""
+        data = self.window.values()
+        if len(data) < MIN_FIT_VALUES:
+            self.params = None
+            return None
+        pi0 = min(1.0, float((data > STOREY_LAMBDA).mean()) / (1.0 - STOREY_LAMBDA))
+        counts, _ = np.histogram(np.clip(data, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
+        density = decreasing(counts * BINS / len(data))
+        lfdr = np.minimum(1.0, pi0 / np.maximum(density, 1e-12))
+        self.params = {"pi0": pi0, "lfdr": lfdr.tolist()}
+        return self.params
+
+    def clean_probability(self, pvalues: np.ndarray) -> np.ndarray:
+        """1 - lfdr(p), interpolated between bin centres (all ones before the first fit)."""
+        pvalues = np.asarray(pvalues, dtype=np.float64)
+        if self.params is None:
+            return np.ones_like(pvalues)
+        centres = (np.arange(BINS) + 0.5) / BINS
+        return 1.0 - np.interp(pvalues, centres, self.params["lfdr"])
+
+    @property
+    def noise_rate(self) -> float | None:
+        return None if self.params is None else self.params["pi0"]
+
+    def state_dict(self) -> dict:
+        return {**self.window.state_dict(), "params": self.params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.load_state_dict(state)
+        self.params = state["params"]
+
+
+def decreasing(values: np.ndarray) -> np.ndarray:
+    """The non-increasing sequence closest to `values` in least squares (pool-adjacent-violators)."""
+    blocks: list[list[float]] = []  # [mean, size]
+    for value in np.asarray(values, dtype=np.float64):
+        blocks.append([float(value), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            mean, size = blocks.pop()
+            blocks[-1][0] = (blocks[-1][0] * blocks[-1][1] + mean * size) / (blocks[-1][1] + size)
+            blocks[-1][1] += size
+    return np.concatenate([np.full(int(size), mean) for mean, size in blocks])
