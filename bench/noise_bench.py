@@ -135,7 +135,7 @@ def table(results: list[dict]) -> str:
     for (modality, rate, method), runs in sorted(groups.items()):
         acc = statistics.mean(r["acc1"] for r in runs)
         clean = groups.get((modality, 0.0, method)) or groups.get((modality, 0.0, "none"))  # oracle at 0% = off
-        kept = f"{100 * acc / statistics.mean(r['acc1'] for r in clean):.0f}%" if clean else ""
+        kept = f"{100 * acc / statistics.mean(r['acc1'] for r in clean):.1f}%" if clean else ""
         aurocs = [r["auroc"] for r in runs if r["auroc"] is not None]
         auroc = f"{statistics.mean(aurocs):.3f}" if aurocs and rate > 0 else ""
         estimates = [r["noise_rate_estimate"] for r in runs if r.get("noise_rate_estimate") is not None]

@@ -47,6 +47,7 @@ SIZES = {
 DEMO_EXAMPLE = """example:
   mmcl demo                                   # both modalities, small size, 30% caption noise (~5 min on 2 cores)
   mmcl demo --modality audio --noise-rate 0.5 --noise-method teacher
+  mmcl demo --modality image --noise-rate 0.5 --noise-method local_fdr
   mmcl demo --size tiny --processes 1         # a quick smoke run
   mmcl demo --size medium --output runs/demo-medium
 """
@@ -66,7 +67,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="dataset size and training steps")
     p.add_argument("--noise-rate", type=float, default=0.3, help="fraction of pairs whose captions are swapped")
     p.add_argument(
-        "--noise-method", choices=["loss_mixture", "teacher", "none"], default="loss_mixture",
+        "--noise-method", choices=["loss_mixture", "local_fdr", "teacher", "none"], default="loss_mixture",
         help="noise-aware weighting (none: the plain contrastive loss)",
     )
     p.add_argument("--processes", type=int, choices=[1, 2], default=2, help="training processes (accelerate)")
