@@ -141,6 +141,7 @@ def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
 def test_teacher_averages_weights_and_batchnorm_statistics_alike() -> None:
     """The teacher's running statistics must belong to its averaged weights, not the student's latest."""
     student = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    student.register_buffer("attn_mask", torch.full((2, 2), float("-inf")).triu(1))  # as open_clip's text tower
     teacher = MomentumTeacher(student, momentum=0.9)
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     student.train()
@@ -152,6 +153,7 @@ def test_teacher_averages_weights_and_batchnorm_statistics_alike() -> None:
     for key in ("0.weight", "1.running_mean", "1.running_var"):
         assert torch.allclose(after[key], 0.9 * before[key] + 0.1 * moved[key]), key
     assert after["1.num_batches_tracked"] == moved["1.num_batches_tracked"] == 1
+    assert torch.equal(after["attn_mask"], moved["attn_mask"])  # copied: lerp of -inf would give NaN
 
 
 def test_auroc_matches_sklearn_with_ties() -> None:

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from mmcl.losses import contrastive_loss
 from mmcl.losses.distributed import gather_no_grad
 
+RUNNING_STATISTICS = ("running_mean", "running_var")  # BatchNorm's averaged buffers
+
 
 class MomentumTeacher:
     """An EMA copy of a DualEncoder, kept in eval mode without gradients."""
@@ -29,14 +31,14 @@ class MomentumTeacher:
     def update(self, model: nn.Module) -> None:
         """teacher = momentum * teacher + (1 - momentum) * student, after each optimizer step.
 
-        Float buffers (BatchNorm running statistics) are averaged the same way, so that they describe the
-        averaged weights' activations: copying the student's latest ones made a BatchNorm ResNet's teacher
-        collapse at 50 % noise. Integer buffers (batch counters) are copied.
+        BatchNorm running statistics are averaged the same way, so that they describe the averaged weights'
+        activations: copying the student's latest ones made a BatchNorm ResNet's teacher collapse at 50 %
+        noise. Other buffers (batch counters, attention masks holding -inf) are copied.
         """
         for teacher_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
             teacher_param.lerp_(param.detach(), 1.0 - self.momentum)
-        for teacher_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
-            if teacher_buffer.is_floating_point():
+        for (name, teacher_buffer), buffer in zip(self.model.named_buffers(), model.buffers(), strict=True):
+            if name.rsplit(".", 1)[-1] in RUNNING_STATISTICS:
                 teacher_buffer.lerp_(buffer, 1.0 - self.momentum)
             else:
                 teacher_buffer.copy_(buffer)
