@@ -23,7 +23,6 @@ from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr, decreasing, null_pvalues
 from mmcl.noise.metrics import auroc, detection_metrics
 from mmcl.noise.mixture import OnlineMixture
-from mmcl.noise.teacher import MomentumTeacher
 from mmcl.noise.weighting import PairWeighter
 from shards_tools.config import build_config
 from shards_tools.run import run_sharding
@@ -136,24 +135,6 @@ def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     copy.load_state_dict(json.loads(json.dumps(fdr.state_dict())))
     probe = np.linspace(0, 1, 11)
     assert np.array_equal(copy.clean_probability(probe), fdr.clean_probability(probe))
-
-
-def test_teacher_averages_weights_and_batchnorm_statistics_alike() -> None:
-    """The teacher's running statistics must belong to its averaged weights, not the student's latest."""
-    student = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    student.register_buffer("attn_mask", torch.full((2, 2), float("-inf")).triu(1))  # as open_clip's text tower
-    teacher = MomentumTeacher(student, momentum=0.9)
-    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    student.train()
-    student(torch.randn(16, 4) * 5 + 3)  # moves the student's running_mean/var and counts a batch
-    with torch.no_grad():
-        student[0].weight.add_(1.0)
-    teacher.update(student)
-    after, moved = teacher.model.state_dict(), student.state_dict()
-    for key in ("0.weight", "1.running_mean", "1.running_var"):
-        assert torch.allclose(after[key], 0.9 * before[key] + 0.1 * moved[key]), key
-    assert after["1.num_batches_tracked"] == moved["1.num_batches_tracked"] == 1
-    assert torch.equal(after["attn_mask"], moved["attn_mask"])  # copied: lerp of -inf would give NaN
 
 
 def test_auroc_matches_sklearn_with_ties() -> None:

@@ -15,8 +15,6 @@ from torch import Tensor, nn
 from mmcl.losses import contrastive_loss
 from mmcl.losses.distributed import gather_no_grad
 
-RUNNING_STATISTICS = ("running_mean", "running_var")  # BatchNorm's averaged buffers
-
 
 class MomentumTeacher:
     """An EMA copy of a DualEncoder, kept in eval mode without gradients."""
@@ -29,19 +27,11 @@ class MomentumTeacher:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, after each optimizer step.
-
-        BatchNorm running statistics are averaged the same way, so that they describe the averaged weights'
-        activations: copying the student's latest ones made a BatchNorm ResNet's teacher collapse at 50 %
-        noise. Other buffers (batch counters, attention masks holding -inf) are copied.
-        """
+        """teacher = momentum * teacher + (1 - momentum) * student, after each optimizer step."""
         for teacher_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
             teacher_param.lerp_(param.detach(), 1.0 - self.momentum)
-        for (name, teacher_buffer), buffer in zip(self.model.named_buffers(), model.buffers(), strict=True):
-            if name.rsplit(".", 1)[-1] in RUNNING_STATISTICS:
-                teacher_buffer.lerp_(buffer, 1.0 - self.momentum)
-            else:
-                teacher_buffer.copy_(buffer)
+        for teacher_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
+            teacher_buffer.copy_(buffer)
 
     @torch.no_grad()
     def judge(self, media: Tensor, tokens: Tensor, soft_targets: bool) -> dict:
