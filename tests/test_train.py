@@ -108,6 +108,16 @@ def test_sigterm_saves_and_exits_cleanly(image_shards: Path, tmp_path: Path) -> 
     assert 1 <= step < 5000
 
 
+def test_in_process_training_gives_the_signal_handlers_back(image_shards: Path, tmp_path: Path) -> None:
+    """A forked worker must not inherit the trainer's SIGTERM flag-setter: Pool.terminate would hang on it."""
+    from mmcl.train.trainer import run_training
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", train={"steps": 3})
+    run_training(load_train_config(config, ["data.workers=0"]))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_feature_cache_accumulation_matches_the_full_batch_gradient(image_shards: Path, tmp_path: Path) -> None:
     from mmcl.train.trainer import Trainer
 

@@ -59,6 +59,7 @@ class Trainer:
         self.output = Path(config.run.output_dir)
         self.state = TrainState()
         self.stop_requested = False
+        self._previous_handlers: dict = {}
         self.tb = None
         self._last_loss = float("nan")
 
@@ -130,8 +131,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(self.output / "tensorboard")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request_stop)
+        # restored by cleanup(): a process that trains in-process (a notebook, a test) and later forks
+        # workers must not leave them a SIGTERM that only sets a flag (multiprocessing.Pool.terminate hangs)
+        self._previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -424,6 +426,9 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         self.accelerator.end_training()
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
