@@ -44,15 +44,10 @@ def build_trainer(recipe: Path, shards: Path, method: str, output: Path):
 
 
 def run_block(trainer, steps: int) -> tuple[float, float]:
-    """`steps` optimizer steps as the training loop does them; returns (CPU s, wall s) of this process."""
+    """`steps` updates through the training loop's own step; returns (CPU s, wall s) of this process."""
     cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(steps):
-        batch = next(trainer.batches)
-        trainer._train_step([batch])
-        trainer.optimizer.step()
-        if trainer.teacher is not None:
-            trainer.teacher.update(trainer.accelerator.unwrap_model(trainer.model))
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._optimizer_step([next(trainer.batches)])
         trainer.state.step += 1
     return time.process_time() - cpu, time.perf_counter() - wall
 

@@ -198,6 +198,23 @@ class Trainer:
         self.weighter.record(weights, None if any(n is None for n in noisy) else torch.cat(noisy))
         return weights.to(media.device), soft
 
+    def _optimizer_step(self, batches: list[dict]) -> tuple[torch.Tensor, int, bool]:
+        """One update: forward and backward over the accumulated batches, then, when every rank's loss is
+        finite, gradient clipping, the optimizer step and the teacher's EMA; gradients are cleared either way.
+        Returns (loss, negatives per pair, whether the update was applied)."""
+        cfg, acc = self.cfg, self.accelerator
+        loss, negatives = self._train_step(batches)
+        finite = torch.isfinite(loss).float()
+        all_finite = acc.reduce(finite.to(acc.device), reduction="sum").item() == acc.num_processes
+        if all_finite:
+            if cfg.optim.grad_clip is not None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            if self.teacher is not None:
+                self.teacher.update(acc.unwrap_model(self.model))
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, negatives, all_finite
+
     def _train_step(self, batches: list[dict]) -> tuple[torch.Tensor, int]:
         """Forward + backward for one optimizer step; returns the (detached) loss and how many negatives
         each sample was contrasted with (global batch - 1 when features are gathered across processes)."""
@@ -298,15 +315,8 @@ class Trainer:
             for batch in batches:
                 self.data_state.update(batch)
 
-            loss, negatives = self._train_step(batches)
-            finite = torch.isfinite(loss).float()
-            all_finite = acc.reduce(finite.to(acc.device), reduction="sum").item() == acc.num_processes
+            loss, negatives, all_finite = self._optimizer_step(batches)
             if all_finite:
-                if cfg.optim.grad_clip is not None:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                if self.teacher is not None:
-                    self.teacher.update(acc.unwrap_model(self.model))
                 bad_in_a_row = 0
             else:
                 self.state.skipped_steps += 1
@@ -316,7 +326,6 @@ class Trainer:
                     raise RuntimeError(
                         f"{bad_in_a_row} non-finite losses in a row: lower optim.lr or check the data"
                     )
-            self.optimizer.zero_grad(set_to_none=True)
 
             local_samples = sum(len(b["keys"]) for b in batches)
             self.state.step += 1
