@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from mmcl.losses.distributed import gather_no_grad
-from mmcl.noise.window import ValueWindow
+from mmcl.noise.window import MIN_FIT_VALUES, ValueWindow
 
-MIN_FIT_VALUES = 256
 BINS = 50
 STOREY_LAMBDA = 0.5
 

@@ -15,9 +15,8 @@ import math
 
 import numpy as np
 
-from mmcl.noise.window import ValueWindow
+from mmcl.noise.window import MIN_FIT_VALUES, ValueWindow
 
-MIN_FIT_VALUES = 256
 SEPARATION = 2.0  # Ashman's D above which two modes count as separated
 KEEP_SEPARATION = 1.5  # once separated, the D a refit must keep to stay in use
 EM_ITERATIONS = 30

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MIN_FIT_VALUES = 256  # fewer values in the window than this: an estimator does not fit yet
+
 
 class ValueWindow:
     """The last `size` finite values added (oldest dropped first)."""
