@@ -22,7 +22,9 @@ from mmcl.losses import contrastive_loss
 from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr, decreasing, null_pvalues
 from mmcl.noise.metrics import auroc, detection_metrics
+from mmcl.models import ModelConfig, build_model
 from mmcl.noise.mixture import OnlineMixture
+from mmcl.noise.teacher import MomentumTeacher
 from mmcl.noise.weighting import PairWeighter
 from shards_tools.config import build_config
 from shards_tools.run import run_sharding
@@ -165,6 +167,25 @@ def test_noise_config_errors() -> None:
         NoiseConfig(method="loss_mixture", soft_target_alpha=0.3)
     with pytest.raises(UsageError, match="data.batch_size x train.accumulation_steps = 4 is too few"):
         load_train_config(REPO / "configs" / "image_text" / "micro.yaml", ["noise.method=local_fdr", "data.batch_size=4"])
+
+
+def test_teacher_normalizes_with_batch_statistics_as_the_student_trains() -> None:
+    """The teacher's BatchNorms use the batch's statistics, not running ones gathered under the student's
+    weights (which collapsed the teacher on a ResNet); a frozen tower's BatchNorms keep their fixed ones."""
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(modality="image", open_clip_name="mmcl-micro-resnet")).train()
+    media = torch.randn(8, 3, 32, 32) * 3 + 1  # far from the initial running statistics (0, 1)
+    tokens = student.tokenizer([f"a photo of a {c} thing." for c in "abcdefgh"])
+    with torch.no_grad():
+        out = student(media, tokens)
+    expected = contrastive_loss(out["media_features"], out["text_features"], out["logit_scale"])["per_sample_loss"]
+    teacher = MomentumTeacher(student, momentum=0.99)
+    judged = teacher.judge(media, tokens, soft_targets=False)["per_sample_loss"]
+    torch.testing.assert_close(judged, expected)
+    student.freeze("media")
+    frozen_teacher = MomentumTeacher(student, momentum=0.99)
+    norms = [m for m in frozen_teacher.model.clip.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
 
 
 @pytest.fixture(scope="module")
