@@ -11,6 +11,7 @@ where it stopped.
     .venv/bin/python bench/noise_bench.py --modality audio      # 32 runs, ~45 min
     .venv/bin/python bench/noise_bench.py --modality image --rates 0.2 0.5 0.8 --methods oracle
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --seeds 0
+    .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods none local_fdr --steps 3000
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def run(command: list, log: Path) -> None:
         raise SystemExit(f"failed: {' '.join(map(str, command))}\n{log.read_text()[-2000:]}")
 
 
-def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int) -> dict:
-    steps = STEPS[modality]
+def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
+            steps: int) -> dict:
     name = f"{modality}-{recipe.stem}-r{rate:g}-{method}-s{seed}-n{steps}"
     result_file = work / "results" / f"{name}.json"
     if result_file.exists():
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--image-recipe", type=Path, default=REPO / "configs" / RECIPES["image"],
                         help="training recipe of the image runs (its model; steps, data and weighting are the bench's)")
+    parser.add_argument("--steps", type=int, help=f"training steps of every run (default: {STEPS})")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "noise")
     args = parser.parse_args()
     work = args.work_dir.resolve()
@@ -176,7 +178,8 @@ def main() -> None:
                     if method == ORACLE and rate == 0:
                         continue  # the true weights of clean data are all 1: weighting off's run
                     recipe = args.image_recipe if modality == "image" else REPO / "configs" / RECIPES["audio"]
-                    r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed)
+                    steps = args.steps or STEPS[modality]
+                    r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps)
                     print(json.dumps(r), flush=True)
                     results.append(r)
     print(table(results))

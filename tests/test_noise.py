@@ -19,10 +19,10 @@ from sklearn.metrics import roc_auc_score
 from mmcl.config import load_train_config
 from mmcl.errors import UsageError
 from mmcl.losses import contrastive_loss
+from mmcl.models import ModelConfig, build_model
 from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr, decreasing, null_pvalues
 from mmcl.noise.metrics import auroc, detection_metrics
-from mmcl.models import ModelConfig, build_model
 from mmcl.noise.mixture import OnlineMixture
 from mmcl.noise.teacher import MomentumTeacher
 from mmcl.noise.weighting import PairWeighter
