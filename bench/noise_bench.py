@@ -11,7 +11,7 @@ where it stopped.
     .venv/bin/python bench/noise_bench.py --modality audio      # 32 runs, ~45 min
     .venv/bin/python bench/noise_bench.py --modality image --rates 0.2 0.5 0.8 --methods oracle
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --seeds 0
-    .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods none local_fdr --steps 3000
+    .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods local_fdr --seeds 0 --steps 3000
 """
 
 from __future__ import annotations
