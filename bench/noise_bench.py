@@ -40,6 +40,8 @@ WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
 # image: the micro ResNet learns these pairs to 88-89% zero-shot at 1,200 steps (the micro ViT of micro.yaml: ~75%)
 RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.yaml"}
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
+# further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha)
+VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3}}
 ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
 
 
@@ -96,6 +98,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     config["optim"]["warmup_steps"] = steps // 10
     warmup, ramp = WEIGHTING_SCHEDULE[modality]
     config["noise"] = {"method": method, "warmup_steps": warmup, "ramp_steps": ramp, "window": 2048, "log_every": 20}
+    config["noise"].update(VARIANTS.get(method, {}))
     if method == ORACLE:
         config["noise"].update(method="alignment_score", score_range=[0.0, 1.0])
     config_path = work / "configs" / f"{name}.yaml"
@@ -156,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modality", nargs="+", default=["image", "audio"], choices=["image", "audio"])
     parser.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, ORACLE],
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, *VARIANTS, ORACLE],
                         help=f"{ORACLE}: train with the true weights (the ceiling of any weighting; not an estimator)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--image-recipe", type=Path, default=REPO / "configs" / RECIPES["image"],
