@@ -12,6 +12,11 @@ where it stopped.
     .venv/bin/python bench/noise_bench.py --modality image --rates 0.2 0.5 0.8 --methods oracle
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --seeds 0
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods local_fdr --seeds 0 --steps 3000
+
+Fewer passes over more pairs (closer to a stream; cached under their own names, e.g. image30000-...):
+
+    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 2400 --rates 0 0.5
+    .venv/bin/python bench/noise_bench.py --modality audio --audio-repeats 40 --rates 0 0.5     # 3,200 clips
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.demo_data import build_fashion_mnist, build_spoken_words  # noqa: E402
+from pipelines.demo_data import TRAIN_VOICES, WORDS, build_fashion_mnist, build_spoken_words  # noqa: E402
 
+IMAGE_PAIRS = 6000  # Fashion-MNIST training pairs
+AUDIO_REPEATS = 8  # clips per word and training voice: 640 clips, as `mmcl demo`
 STEPS = {"image": 1200, "audio": 250}  # image: 12.8 epochs of 6,000 pairs; audio: 25 epochs of 640 clips
 # uniform weights for the first steps, then blended in (noise.warmup_steps, noise.ramp_steps); the same for every method
 WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
@@ -75,12 +82,14 @@ def run(command: list, log: Path) -> None:
 
 
 def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
-            steps: int) -> dict:
-    name = f"{modality}-{recipe.stem}-r{rate:g}-{method}-s{seed}-n{steps}"
+            steps: int, dataset: str) -> dict:
+    """One training run and its zero-shot eval (cached). `dataset` names the training set in the run's and
+    shards' names: the modality, plus the number of pairs when it is not the default set."""
+    name = f"{dataset}-{recipe.stem}-r{rate:g}-{method}-s{seed}-n{steps}"
     result_file = work / "results" / f"{name}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    shards = work / "shards" / f"{modality}-r{rate:g}-s{seed}"
+    shards = work / "shards" / f"{dataset}-r{rate:g}-s{seed}"
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pairs = sum(1 for _ in open(data["train"])) - 1
@@ -116,7 +125,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     train_rows = [r for r in rows if "loss" in r]
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
-        "modality": modality, "recipe": recipe.stem, "rate": rate, "method": method, "seed": seed, "steps": steps,
+        "modality": modality, "dataset": dataset, "recipe": recipe.stem, "rate": rate, "method": method, "seed": seed, "steps": steps,
         "acc1": zero_shot["acc1"], "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
@@ -135,7 +144,7 @@ def table(results: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["modality"], r["rate"], r["method"]), []).append(r)
+        groups.setdefault((r.get("dataset", r["modality"]), r["rate"], r["method"]), []).append(r)
     for (modality, rate, method), runs in sorted(groups.items()):
         acc = statistics.mean(r["acc1"] for r in runs)
         clean = groups.get((modality, 0.0, method)) or groups.get((modality, 0.0, "none"))  # oracle at 0% = off
@@ -165,14 +174,20 @@ def main() -> None:
     parser.add_argument("--image-recipe", type=Path, default=REPO / "configs" / RECIPES["image"],
                         help="training recipe of the image runs (its model; steps, data and weighting are the bench's)")
     parser.add_argument("--steps", type=int, help=f"training steps of every run (default: {STEPS})")
+    parser.add_argument("--image-pairs", type=int, default=IMAGE_PAIRS,
+                        help="Fashion-MNIST training pairs of the image runs (more pairs: fewer passes over each)")
+    parser.add_argument("--audio-repeats", type=int, default=AUDIO_REPEATS,
+                        help="spoken clips per word and training voice of the audio runs (8: 640 clips)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "noise")
     args = parser.parse_args()
     work = args.work_dir.resolve()
     data = {}
     if "image" in args.modality:
-        data["image"] = build_fashion_mnist(work / "data" / "fashion-mnist", 6000, 100)
+        suffix = "" if args.image_pairs == IMAGE_PAIRS else f"-{args.image_pairs}"
+        data["image"] = build_fashion_mnist(work / "data" / f"fashion-mnist{suffix}", args.image_pairs, 100)
     if "audio" in args.modality:
-        data["audio"] = build_spoken_words(work / "data" / "spoken-words", 8)  # as `mmcl demo` (640 clips)
+        suffix = "" if args.audio_repeats == AUDIO_REPEATS else f"-{args.audio_repeats}"
+        data["audio"] = build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats)
     results = []
     for seed in args.seeds:  # seed outermost: a cut-short bench still has every cell of the grid once
         for modality in args.modality:
@@ -182,7 +197,12 @@ def main() -> None:
                         continue  # the true weights of clean data are all 1: weighting off's run
                     recipe = args.image_recipe if modality == "image" else REPO / "configs" / RECIPES["audio"]
                     steps = args.steps or STEPS[modality]
-                    r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps)
+                    dataset = modality
+                    if modality == "image" and args.image_pairs != IMAGE_PAIRS:
+                        dataset = f"image{args.image_pairs}"
+                    if modality == "audio" and args.audio_repeats != AUDIO_REPEATS:
+                        dataset = f"audio{len(WORDS) * len(TRAIN_VOICES) * args.audio_repeats}"
+                    r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps, dataset)
                     print(json.dumps(r), flush=True)
                     results.append(r)
     print(table(results))
