@@ -1,0 +1,117 @@
+"""How well a trained image-text checkpoint tells mismatched pairs from matched ones: the detection ceiling.
+
+Scores every pair of a noisy shard folder (written by `mmcl shard --noise-rate`, whose .json carry the truth)
+with a checkpoint in eval mode, in shuffled batches as in training, and prints the AUROC of several per-pair
+signals against the truth:
+
+  symmetric loss       the CLIP loss's per-pair term over the batch (what loss_mixture and the teacher use)
+  p-value              its rank among the batch's off-diagonal pairs (what local_fdr uses)
+  ... without dups     the same with the other pairs that carry the identical caption left out of the
+                       candidates and of the null (they are not mismatches)
+  caption bank         image-to-caption loss over every distinct caption of the set instead of the batch
+
+A checkpoint trained on the clean pairs bounds what an estimator that learns from the noisy ones can
+reach with this model: an estimator's `noise_auroc` near it is at the model's limit.
+
+    .venv/bin/python bench/detection_ceiling.py \\
+        --checkpoint bench/out/noise/runs/image30000-micro_resnet-r0-none-s0-n2400 \\
+        --shards bench/out/noise/shards/image30000-r0.5-s0 --max-shards 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mmcl.eval.loading import load_eval_model  # noqa: E402
+from mmcl.noise.metrics import auroc  # noqa: E402
+
+
+def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[str], np.ndarray]:
+    """Image bytes, captions and ground-truth noisy flags of the samples in `shards`' tar files."""
+    images, captions, noisy = [], [], []
+    for shard in sorted(shards.glob("*.tar"))[:max_shards]:
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for sample in samples.values():
+            meta = json.loads(sample["json"])
+            if "noisy" not in meta:
+                raise SystemExit(f"{shard}: no 'noisy' flag in the .json; shard with --noise-rate")
+            images.append(next(sample[ext] for ext in ("jpg", "png", "webp") if ext in sample))
+            captions.append(sample["txt"].decode("utf-8"))
+            noisy.append(bool(meta["noisy"]))
+    return images, captions, np.asarray(noisy)
+
+
+@torch.no_grad()
+def score(model, images: list[bytes], captions: list[str], batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Per-pair mismatch signals (higher = more likely mismatched), in shuffled-batch order."""
+    transform = model.media_transform(train=False)
+    distinct = sorted(set(captions))
+    bank = model.encode_text(model.tokenizer(distinct))
+    bank_index = {caption: i for i, caption in enumerate(distinct)}
+    order = list(range(len(images)))
+    random.Random(seed).shuffle(order)
+    signals: dict[str, list[float]] = {"symmetric loss": [], "p-value": [], "symmetric loss without dups": [],
+                                       "p-value without dups": [], "caption bank": []}  # fmt: skip
+    kept = []
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        rows = order[start : start + batch_size]
+        media = torch.stack([transform(Image.open(io.BytesIO(images[i])).convert("RGB")) for i in rows])
+        texts = [captions[i] for i in rows]
+        out = model(media, model.tokenizer(texts))
+        scale = out["logit_scale"]
+        logits = scale * out["media_features"] @ out["text_features"].T
+        eye = torch.eye(len(rows), dtype=torch.bool)
+        same_caption = torch.tensor([[a == b for b in texts] for a in texts]) & ~eye
+        for suffix, excluded in (("", torch.zeros_like(eye)), (" without dups", same_caption)):
+            media_lse = torch.logsumexp(logits.masked_fill(excluded, -torch.inf), dim=1)
+            text_lse = torch.logsumexp(logits.T.masked_fill(excluded, -torch.inf), dim=1)
+            combined = (media_lse[:, None] + text_lse[None, :]) / 2 - logits  # loss of (media i, text j)
+            null = combined[~eye & ~excluded].sort().values
+            pvalues = torch.searchsorted(null, combined.diagonal().contiguous(), right=True) / null.numel()
+            signals[f"symmetric loss{suffix}"] += combined.diagonal().tolist()
+            signals[f"p-value{suffix}"] += pvalues.tolist()  # uniform for a mismatched pair, ~0 for a matched one
+        bank_logits = scale * out["media_features"] @ bank.T
+        own = torch.tensor([bank_index[t] for t in texts])
+        signals["caption bank"] += (torch.logsumexp(bank_logits, 1) - bank_logits[torch.arange(len(rows)), own]).tolist()
+        kept += rows
+    return {name: np.asarray(values) for name, values in signals.items()} | {"order": np.asarray(kept)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="an mmcl run folder or checkpoint folder")
+    parser.add_argument("--shards", type=Path, required=True, help="image shards written with --noise-rate")
+    parser.add_argument("--max-shards", type=int, help="score only the first N shards")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    model = load_eval_model(checkpoint=args.checkpoint)
+    images, captions, noisy = read_pairs(args.shards, args.max_shards)
+    signals = score(model, images, captions, args.batch_size, args.seed)
+    truth = noisy[signals.pop("order")]
+    print(f"{len(truth)} pairs ({truth.mean():.1%} noisy, {len(set(captions))} distinct captions), "
+          f"checkpoint {args.checkpoint}")  # fmt: skip
+    for name, values in signals.items():
+        print(f"  {name:28s} AUROC {auroc(values, truth):.4f}")
+
+
+if __name__ == "__main__":
+    main()
