@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mmcl.eval.loading import load_eval_model  # noqa: E402
+from mmcl.losses import contrastive_loss  # noqa: E402
+from mmcl.noise.local_fdr import null_pvalues  # noqa: E402
 from mmcl.noise.metrics import auroc  # noqa: E402
 
 
@@ -59,8 +61,12 @@ def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[
 
 
 @torch.no_grad()
-def score(model, images: list[bytes], captions: list[str], batch_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Per-pair mismatch signals (higher = more likely mismatched), in shuffled-batch order."""
+def score(
+    model, images: list[bytes], captions: list[str], batch_size: int, seed: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-pair mismatch signals (higher = more likely mismatched) and the pair indices they belong to, in
+    shuffled-batch order. The plain loss and p-value are the trainer's own functions; the variants without
+    same-caption candidates recompute them with those entries masked."""
     transform = model.media_transform(train=False)
     distinct = sorted(set(captions))
     bank = model.encode_text(model.tokenizer(distinct))
@@ -75,23 +81,24 @@ def score(model, images: list[bytes], captions: list[str], batch_size: int, seed
         media = torch.stack([transform(Image.open(io.BytesIO(images[i])).convert("RGB")) for i in rows])
         texts = [captions[i] for i in rows]
         out = model(media, model.tokenizer(texts))
-        scale = out["logit_scale"]
-        logits = scale * out["media_features"] @ out["text_features"].T
+        media_features, text_features, scale = out["media_features"], out["text_features"], out["logit_scale"]
+        signals["symmetric loss"] += contrastive_loss(media_features, text_features, scale)["per_sample_loss"].tolist()
+        signals["p-value"] += null_pvalues(media_features, text_features, scale).tolist()
+        logits = scale * media_features @ text_features.T
         eye = torch.eye(len(rows), dtype=torch.bool)
         same_caption = torch.tensor([[a == b for b in texts] for a in texts]) & ~eye
-        for suffix, excluded in (("", torch.zeros_like(eye)), (" without dups", same_caption)):
-            media_lse = torch.logsumexp(logits.masked_fill(excluded, -torch.inf), dim=1)
-            text_lse = torch.logsumexp(logits.T.masked_fill(excluded, -torch.inf), dim=1)
-            combined = (media_lse[:, None] + text_lse[None, :]) / 2 - logits  # loss of (media i, text j)
-            null = combined[~eye & ~excluded].sort().values
-            pvalues = torch.searchsorted(null, combined.diagonal().contiguous(), right=True) / null.numel()
-            signals[f"symmetric loss{suffix}"] += combined.diagonal().tolist()
-            signals[f"p-value{suffix}"] += pvalues.tolist()  # uniform for a mismatched pair, ~0 for a matched one
-        bank_logits = scale * out["media_features"] @ bank.T
+        media_lse = torch.logsumexp(logits.masked_fill(same_caption, -torch.inf), dim=1)
+        text_lse = torch.logsumexp(logits.T.masked_fill(same_caption, -torch.inf), dim=1)
+        combined = (media_lse[:, None] + text_lse[None, :]) / 2 - logits  # loss of (media i, text j)
+        null = combined[~eye & ~same_caption].sort().values
+        pvalues = torch.searchsorted(null, combined.diagonal().contiguous(), right=True) / null.numel()
+        signals["symmetric loss without dups"] += combined.diagonal().tolist()
+        signals["p-value without dups"] += pvalues.tolist()
+        bank_logits = scale * media_features @ bank.T
         own = torch.tensor([bank_index[t] for t in texts])
         signals["caption bank"] += (torch.logsumexp(bank_logits, 1) - bank_logits[torch.arange(len(rows)), own]).tolist()
         kept += rows
-    return {name: np.asarray(values) for name, values in signals.items()} | {"order": np.asarray(kept)}
+    return {name: np.asarray(values) for name, values in signals.items()}, np.asarray(kept)
 
 
 def main() -> None:
@@ -105,8 +112,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = load_eval_model(checkpoint=args.checkpoint)
     images, captions, noisy = read_pairs(args.shards, args.max_shards)
-    signals = score(model, images, captions, args.batch_size, args.seed)
-    truth = noisy[signals.pop("order")]
+    signals, order = score(model, images, captions, args.batch_size, args.seed)
+    truth = noisy[order]
     print(f"{len(truth)} pairs ({truth.mean():.1%} noisy, {len(set(captions))} distinct captions), "
           f"checkpoint {args.checkpoint}")  # fmt: skip
     for name, values in signals.items():

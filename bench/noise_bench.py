@@ -181,13 +181,17 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "noise")
     args = parser.parse_args()
     work = args.work_dir.resolve()
-    data = {}
+    data, datasets = {}, {}  # per modality: the built set, and its name in run and shard names
     if "image" in args.modality:
-        suffix = "" if args.image_pairs == IMAGE_PAIRS else f"-{args.image_pairs}"
+        default = args.image_pairs == IMAGE_PAIRS
+        suffix = "" if default else f"-{args.image_pairs}"
         data["image"] = build_fashion_mnist(work / "data" / f"fashion-mnist{suffix}", args.image_pairs, 100)
+        datasets["image"] = "image" if default else f"image{args.image_pairs}"
     if "audio" in args.modality:
-        suffix = "" if args.audio_repeats == AUDIO_REPEATS else f"-{args.audio_repeats}"
+        default = args.audio_repeats == AUDIO_REPEATS
+        suffix = "" if default else f"-{args.audio_repeats}"
         data["audio"] = build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats)
+        datasets["audio"] = "audio" if default else f"audio{len(WORDS) * len(TRAIN_VOICES) * args.audio_repeats}"
     results = []
     for seed in args.seeds:  # seed outermost: a cut-short bench still has every cell of the grid once
         for modality in args.modality:
@@ -197,12 +201,8 @@ def main() -> None:
                         continue  # the true weights of clean data are all 1: weighting off's run
                     recipe = args.image_recipe if modality == "image" else REPO / "configs" / RECIPES["audio"]
                     steps = args.steps or STEPS[modality]
-                    dataset = modality
-                    if modality == "image" and args.image_pairs != IMAGE_PAIRS:
-                        dataset = f"image{args.image_pairs}"
-                    if modality == "audio" and args.audio_repeats != AUDIO_REPEATS:
-                        dataset = f"audio{len(WORDS) * len(TRAIN_VOICES) * args.audio_repeats}"
-                    r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps, dataset)
+                    r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps,
+                                datasets[modality])
                     print(json.dumps(r), flush=True)
                     results.append(r)
     print(table(results))
