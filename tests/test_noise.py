@@ -126,6 +126,30 @@ def test_local_fdr_estimates_the_noise_rate_and_finds_the_noisy_pairs(noise_rate
         assert clean_probability[~noisy].mean() > 0.8 and clean_probability[noisy].mean() < 0.35
 
 
+def test_local_fdr_weights_only_while_the_window_shows_matched_pairs() -> None:
+    """An untrained model's p-values are uniform (pi0 ~1): 1 - lfdr would favour the pairs it happens to agree
+    with, so weights stay uniform until the window shows significantly more low p-values than chance."""
+
+    def window_pvalues(media: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+        return torch.cat([null_pvalues(media[i : i + 64], text[i : i + 64], 10.0) for i in range(0, 2048, 64)]).numpy()
+
+    gen = torch.Generator().manual_seed(5)
+    untrained = [torch.nn.functional.normalize(torch.randn(2048, 32, generator=gen), dim=1) for _ in range(2)]
+    learned_media, learned_text, noisy = _features(2048, 0.8, seed=6)
+    fdr = LocalFdr(window=2048)
+    for features, gate_open in [(untrained, False), ((learned_media, learned_text), True), (untrained, False)]:
+        pvalues = window_pvalues(*features)
+        fdr.add(pvalues)
+        params = fdr.fit()
+        assert params["gate_open"] is gate_open, params["evidence_z"]
+        weights = fdr.clean_probability(pvalues)
+        if gate_open:
+            assert params["evidence_z"] > 10 and abs(params["pi0"] - noisy.mean()) < 0.1
+            assert auroc(1 - weights, noisy) > 0.95
+        else:
+            assert params["pi0"] > 0.9 and np.all(weights == 1.0)
+
+
 def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     fdr = LocalFdr(window=512)
     fdr.add(np.random.default_rng(0).random(100))
@@ -137,6 +161,10 @@ def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     copy.load_state_dict(json.loads(json.dumps(fdr.state_dict())))
     probe = np.linspace(0, 1, 11)
     assert np.array_equal(copy.clean_probability(probe), fdr.clean_probability(probe))
+    before_the_gate = fdr.state_dict()  # a checkpoint written before the gate existed: refitted on load
+    before_the_gate["params"] = {"pi0": before_the_gate["params"]["pi0"], "lfdr": before_the_gate["params"]["lfdr"]}
+    copy.load_state_dict(before_the_gate)
+    assert copy.params == fdr.params
 
 
 def test_auroc_matches_sklearn_with_ties() -> None:

@@ -13,6 +13,13 @@ and a decreasing density g of the p-values (a histogram made monotone by pool-ad
 Grenander's estimator) gives the local false discovery rate lfdr(p) = pi0 / g(p) (Efron's two-groups
 model). A pair's weight is 1 - lfdr(p). On clean data pi0 is ~0 and every weight ~1; and since no
 second loss mode is needed, it also works at high noise, where a two-component mixture finds none.
+
+Weighting needs evidence that the window holds matched pairs at all. A model that has not learned yet
+gives uniform p-values (pi0 ~1), and 1 - lfdr would then favour whichever pairs it happens to agree with,
+mostly mismatched ones at high noise, and lock that in. So a fit only weights when the count of p-values
+<= lambda exceeds what all-mismatched pairs give (a binomial(n, lambda)) by GATE_Z standard deviations;
+otherwise weights stay uniform. Each refit checks again, so weighting starts once the model has learned
+enough and stops if the evidence fades.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from mmcl.noise.window import MIN_FIT_VALUES, ValueWindow
 
 BINS = 50
 STOREY_LAMBDA = 0.5
+GATE_Z = 3.0  # matched pairs must show as this many standard deviations above the all-mismatched count
 
 
 @torch.no_grad()
@@ -56,7 +64,7 @@ class LocalFdr:
 
     def __init__(self, window: int) -> None:
         self.window = ValueWindow(window)
-        self.params: dict | None = None  # {"pi0": float, "lfdr": [BINS floats]} once fitted
+        self.params: dict | None = None  # {"pi0", "evidence_z", "gate_open", "lfdr": [BINS floats]} once fitted
 
     def add(self, pvalues: np.ndarray) -> None:
         self.window.add(pvalues)
@@ -67,17 +75,22 @@ class LocalFdr:
         if len(data) < MIN_FIT_VALUES:
             self.params = None
             return None
+        n = len(data)
         pi0 = min(1.0, float((data > STOREY_LAMBDA).mean()) / (1.0 - STOREY_LAMBDA))
+        below = float((data <= STOREY_LAMBDA).sum())
+        evidence_z = (below - n * STOREY_LAMBDA) / np.sqrt(n * STOREY_LAMBDA * (1.0 - STOREY_LAMBDA))
         counts, _ = np.histogram(np.clip(data, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
-        density = decreasing(counts * BINS / len(data))
+        density = decreasing(counts * BINS / n)
         lfdr = np.minimum(1.0, pi0 / np.maximum(density, 1e-12))
-        self.params = {"pi0": pi0, "lfdr": lfdr.tolist()}
+        self.params = {"pi0": pi0, "evidence_z": float(evidence_z), "gate_open": bool(evidence_z >= GATE_Z),
+                       "lfdr": lfdr.tolist()}
         return self.params
 
     def clean_probability(self, pvalues: np.ndarray) -> np.ndarray:
-        """1 - lfdr(p), interpolated between bin centres (all ones before the first fit)."""
+        """1 - lfdr(p), interpolated between bin centres (all ones before the first fit and while the window
+        shows no evidence of matched pairs)."""
         pvalues = np.asarray(pvalues, dtype=np.float64)
-        if self.params is None:
+        if self.params is None or not self.params["gate_open"]:
             return np.ones_like(pvalues)
         centres = (np.arange(BINS) + 0.5) / BINS
         return 1.0 - np.interp(pvalues, centres, self.params["lfdr"])
@@ -92,6 +105,8 @@ class LocalFdr:
     def load_state_dict(self, state: dict) -> None:
         self.window.load_state_dict(state)
         self.params = state["params"]
+        if self.params is not None and "gate_open" not in self.params:  # saved before the gate: refit the window
+            self.fit()
 
 
 def decreasing(values: np.ndarray) -> np.ndarray:

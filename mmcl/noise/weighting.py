@@ -84,6 +84,8 @@ class PairWeighter:
             result["noise_rate_estimate"] = self.estimator.noise_rate
         if isinstance(self.estimator, OnlineMixture) and self.estimator.params is not None:
             result["noise_separation"] = float(self.estimator.params["separation"])
+        if isinstance(self.estimator, LocalFdr) and self.estimator.params is not None:
+            result["noise_evidence_z"] = self.estimator.params["evidence_z"]
         if self.has_truth:
             result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
         return result
