@@ -89,6 +89,19 @@ def test_resume_continues_the_same_trajectory(image_shards: Path, tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_fresh_run_sets_the_earlier_run_aside(image_shards: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", train={"steps": 4})
+    run_mmcl("train", "--config", config)
+    earlier = metrics(tmp_path / "run")
+    again = run_mmcl("train", "--config", config, "train.resume=never", "optim.lr=2e-3")
+    assert "resumed" not in again.stdout and "moved the earlier run's metrics.jsonl, checkpoints" in again.stdout
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows != earlier
+    (previous,) = (tmp_path / "run").glob("previous-*")
+    assert metrics(previous) == earlier
+    assert (previous / "checkpoints" / "step-00000004" / "model.safetensors").exists()
+
+
 def test_sigterm_saves_and_exits_cleanly(image_shards: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", train={"steps": 5000, "checkpoint_every": 1000})
     proc = subprocess.Popen(

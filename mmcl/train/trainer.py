@@ -125,7 +125,9 @@ class Trainer:
             self.data_state.load_state_dict(data_resume)
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            if cfg.train.resume != "never":
+            if cfg.train.resume == "never":
+                _set_aside_earlier_run(self.output, acc.print)
+            else:
                 _keep_metrics_until(self.output / "metrics.jsonl", self.state.step)
             (self.output / "config.json").write_text(cfg.model_dump_json(indent=1))
             from torch.utils.tensorboard import SummaryWriter
@@ -438,6 +440,26 @@ class Trainer:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "tensorboard", "noise_weights.png")
+
+
+def _set_aside_earlier_run(output: Path, say) -> None:
+    """train.resume=never in a folder that holds an earlier run: move that run's outputs into
+    `previous-<time>/`, so its metrics are not mixed into this run's and a later `resume: auto` cannot pick
+    up its checkpoints; nothing is deleted."""
+    found = [output / name for name in RUN_OUTPUTS if (output / name).exists()]
+    if not found:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = output / f"previous-{stamp}", 1
+    while target.exists():
+        target, n = output / f"previous-{stamp}-{n}", n + 1
+    target.mkdir()
+    for path in found:
+        os.replace(path, target / path.name)
+    say(f"train.resume=never: moved the earlier run's {', '.join(p.name for p in found)} to {target}")
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
