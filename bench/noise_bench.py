@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
         shards = oracle_shards(shards, work / "shards" / f"{shards.name}-oracle")
     config = yaml.safe_load(recipe.read_text())
     run_dir = work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun's metrics and checkpoints are this run's alone
     config["run"] = {"output_dir": str(run_dir), "seed": seed}
     config["data"].update({"sources": [{"urls": str(shards)}], "workers": 1, "seed": seed})
     config["train"].update({"steps": steps, "log_every": 20, "checkpoint_every": steps, "resume": "never"})
