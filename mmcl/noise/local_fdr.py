@@ -76,8 +76,8 @@ class LocalFdr:
             self.params = None
             return None
         n = len(data)
-        pi0 = min(1.0, float((data > STOREY_LAMBDA).mean()) / (1.0 - STOREY_LAMBDA))
         below = float((data <= STOREY_LAMBDA).sum())
+        pi0 = min(1.0, (n - below) / n / (1.0 - STOREY_LAMBDA))
         evidence_z = (below - n * STOREY_LAMBDA) / np.sqrt(n * STOREY_LAMBDA * (1.0 - STOREY_LAMBDA))
         counts, _ = np.histogram(np.clip(data, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
         density = decreasing(counts * BINS / n)
