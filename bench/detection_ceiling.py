@@ -25,16 +25,17 @@ import io
 import json
 import random
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mmcl.data.pipeline import keyed_samples  # noqa: E402
 from mmcl.eval.loading import load_eval_model  # noqa: E402
 from mmcl.losses import contrastive_loss  # noqa: E402
 from mmcl.noise.local_fdr import null_pvalues  # noqa: E402
@@ -44,19 +45,14 @@ from mmcl.noise.metrics import auroc  # noqa: E402
 def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[str], np.ndarray]:
     """Image bytes, captions and ground-truth noisy flags of the samples in `shards`' tar files."""
     images, captions, noisy = [], [], []
-    for shard in sorted(shards.glob("*.tar"))[:max_shards]:
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for sample in samples.values():
-            meta = json.loads(sample["json"])
-            if "noisy" not in meta:
-                raise SystemExit(f"{shard}: no 'noisy' flag in the .json; shard with --noise-rate")
-            images.append(next(sample[ext] for ext in ("jpg", "png", "webp") if ext in sample))
-            captions.append(sample["txt"].decode("utf-8"))
-            noisy.append(bool(meta["noisy"]))
+    urls = [str(shard) for shard in sorted(shards.glob("*.tar"))[:max_shards]]
+    for sample in keyed_samples(urls, wds.reraise_exception):
+        meta = json.loads(sample["json"])
+        if "noisy" not in meta:
+            raise SystemExit(f"{sample['__url__']}: no 'noisy' flag in the .json; shard with --noise-rate")
+        images.append(next(sample[ext] for ext in ("jpg", "png", "webp") if ext in sample))
+        captions.append(sample["txt"].decode("utf-8"))
+        noisy.append(bool(meta["noisy"]))
     return images, captions, np.asarray(noisy)
 
 
