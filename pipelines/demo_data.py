@@ -35,6 +35,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 AUDIO_CAPTIONS = ["a person saying {}.", "the spoken word {}.", "someone says {}.", "a voice saying {}."]
 TRAIN_VOICES = ["en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2", "en+m5", "en+f4"]
 HELD_OUT_VOICES = ["en-us+m4", "en+f2", "en+m7"]
+HELD_OUT_SETTINGS = [(140, 40), (175, 60)]  # (words per minute, pitch) of each held-out clip
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -92,6 +93,11 @@ def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed:
     return {"train": root / "train.csv", "test": root / "test"}
 
 
+def _require_espeak() -> None:
+    if shutil.which("espeak-ng") is None:
+        raise UsageError("espeak-ng not found: apt-get install espeak-ng (make sysdeps)")
+
+
 def _speak(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
     subprocess.run(
         ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
@@ -99,13 +105,34 @@ def _speak(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
     )
 
 
+def write_held_out_speech(folder: Path, voices: list[str], settings: list[tuple[int, int]]) -> None:
+    """Every word of WORDS spoken by each voice at each (speed, pitch), as class folders (`folder/WORD/*.wav`):
+    a zero-shot test set of speakers the training clips never had."""
+    for word in WORDS:
+        (folder / word).mkdir(parents=True, exist_ok=True)
+        for voice in voices:
+            for r, (speed, pitch) in enumerate(settings):
+                _speak(word, voice, speed, pitch, folder / word / f"{voice.replace('+', '_')}-{r}.wav")
+
+
+def build_held_out_speech(root: Path, voices: list[str], settings: list[tuple[int, int]]) -> Path:
+    """`write_held_out_speech` into `root` once (reused while voices and settings stay the same); returns `root`."""
+    root = Path(root)
+    params = {"voices": voices, "settings": [list(s) for s in settings]}
+    if not _done(root, params):
+        _require_espeak()
+        shutil.rmtree(root, ignore_errors=True)
+        write_held_out_speech(root, voices, settings)
+        _mark_done(root, params)
+    return root
+
+
 def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Path]:
     """Train clips (train voices, varied speed/pitch) with captions, and held-out voices as class folders."""
     root = Path(root)
     params = {"repeats": repeats, "seed": seed}
     if not _done(root, params):
-        if shutil.which("espeak-ng") is None:
-            raise UsageError("espeak-ng not found: apt-get install espeak-ng (make sysdeps)")
+        _require_espeak()
         shutil.rmtree(root, ignore_errors=True)
         rng = random.Random(seed)
         (root / "train").mkdir(parents=True)
@@ -121,11 +148,6 @@ def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Pat
             writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
             writer.writeheader()
             writer.writerows(rows)
-        for word in WORDS:
-            for voice in HELD_OUT_VOICES:
-                for r, (speed, pitch) in enumerate([(140, 40), (175, 60)]):
-                    folder = root / "test" / word
-                    folder.mkdir(parents=True, exist_ok=True)
-                    _speak(word, voice, speed, pitch, folder / f"{voice.replace('+', '_')}-{r}.wav")
+        write_held_out_speech(root / "test", HELD_OUT_VOICES, HELD_OUT_SETTINGS)
         _mark_done(root, params)
     return {"train": root / "train.csv", "test": root / "test"}

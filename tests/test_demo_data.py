@@ -6,7 +6,13 @@ import shutil
 
 import pytest
 
-from pipelines.demo_data import FASHION_DIR, build_fashion_mnist, build_spoken_words
+from pipelines.demo_data import (
+    FASHION_DIR,
+    WORDS,
+    build_fashion_mnist,
+    build_held_out_speech,
+    build_spoken_words,
+)
 
 
 def rows(csv_path) -> int:
@@ -28,3 +34,15 @@ def test_fashion_mnist_is_rebuilt_for_another_size(tmp_path):
 def test_spoken_words_are_rebuilt_for_another_repeat_count(tmp_path):
     assert rows(build_spoken_words(tmp_path / "sw", 1)["train"]) == 80
     assert rows(build_spoken_words(tmp_path / "sw", 2)["train"]) == 160
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_held_out_speech_has_every_word_by_every_voice_and_setting(tmp_path):
+    test = build_held_out_speech(tmp_path / "test", ["en+m2", "en-029+f1"], [(140, 40)])
+    assert sorted(p.name for p in test.iterdir() if p.is_dir()) == sorted(WORDS)
+    assert sorted(p.name for p in (test / "seven").iterdir()) == ["en-029_f1-0.wav", "en_m2-0.wav"]
+    marker = (test / ".complete").stat().st_mtime_ns
+    build_held_out_speech(tmp_path / "test", ["en+m2", "en-029+f1"], [(140, 40)])  # same set: reused
+    assert (test / ".complete").stat().st_mtime_ns == marker
+    build_held_out_speech(tmp_path / "test", ["en+m2"], [(140, 40), (175, 60)])  # another set: rebuilt
+    assert sorted(p.name for p in (test / "seven").iterdir()) == ["en_m2-0.wav", "en_m2-1.wav"]
