@@ -2,8 +2,8 @@
 
 For each modality, noise rate, weighting method and seed: shard the training pairs with
 `mmcl shard --noise-rate R --seed S`, train a micro model with `mmcl train` (same steps, data, schedule and
-seed for every method), evaluate zero-shot top-1 on held-out items (Fashion-MNIST test images; held-out
-espeak-ng voices), and read the detection AUROC, the noise-rate estimate and samples/s from the run's
+seed for every method), evaluate zero-shot top-1 on held-out items (1,000 Fashion-MNIST test images; 600
+clips of 12 espeak-ng voices no training clip has), and read the detection AUROC, the noise-rate estimate and samples/s from the run's
 metrics.jsonl. Results are cached per run (JSON in the work folder), so an interrupted bench continues
 where it stopped.
 
@@ -50,7 +50,7 @@ from pipelines.demo_data import (  # noqa: E402
 
 IMAGE_PAIRS = 6000  # Fashion-MNIST training pairs
 AUDIO_REPEATS = 8  # clips per word and training voice: 640 clips, as `mmcl demo`
-# the audio test set: the demo's 3 held-out voices and 9 more that no training clip has (4 of them other accents),
+# the audio test set: the demo's 3 held-out voices and 9 more that no training clip has (5 of them other accents),
 # each at 5 speeds and pitches: 600 clips, where the demo's 60 (its voices at 2 settings) saturate at ~100%
 AUDIO_TEST_VOICES = [*HELD_OUT_VOICES, "en+m2", "en+m6", "en+f5", "en-us+m6", "en-gb-scotland+m4", "en-029+f1",
                      "en-us-nyc+m2", "en-gb-x-rp+f2", "en-gb-x-gbclan+m7"]
