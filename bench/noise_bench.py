@@ -3,8 +3,8 @@
 For each modality, noise rate, weighting method and seed: shard the training pairs with
 `mmcl shard --noise-rate R --seed S`, train a micro model with `mmcl train` (same steps, data, schedule and
 seed for every method), evaluate zero-shot top-1 on held-out items (1,000 Fashion-MNIST test images; 600
-clips of 12 espeak-ng voices no training clip has), and read the detection AUROC, the noise-rate estimate and samples/s from the run's
-metrics.jsonl. Results are cached per run (JSON in the work folder), so an interrupted bench continues
+clips of 12 espeak-ng voices no training clip has), and read the detection AUROC, the noise-rate estimate
+and samples/s from the run's metrics.jsonl. Results are cached per run (JSON in the work folder), so an interrupted bench continues
 where it stopped.
 
     .venv/bin/python bench/noise_bench.py --modality image      # 32 runs, ~110 min on 2 idle cores
@@ -96,6 +96,11 @@ def run(command: list, log: Path) -> None:
         raise SystemExit(f"failed: {' '.join(map(str, command))}\n{log.read_text()[-2000:]}")
 
 
+def label_of_test_set(test: Path) -> str:
+    """How a result names the test set it was scored on: its data folder and the class folders' parent."""
+    return f"{test.parent.name}/{test.name}"
+
+
 def zero_shot(work: Path, name: str, run_dir: Path, modality: str, test: Path) -> dict:
     """Zero-shot top-1 of the run's final checkpoint on the held-out class folders `test`."""
     eval_dir = work / "eval" / name
@@ -103,7 +108,7 @@ def zero_shot(work: Path, name: str, run_dir: Path, modality: str, test: Path) -
          "--format", "class-folder", "--templates", "short" if modality == "image" else "audio",
          "--output", eval_dir, "--quiet", "--workers", "0"], work / "logs" / f"eval-{name}.log")
     results = json.loads((eval_dir / "results.json").read_text())
-    return {"acc1": results["metrics"]["acc1"], "test_set": test.parent.name + "/" + test.name}
+    return {"acc1": results["metrics"]["acc1"], "test_set": label_of_test_set(test)}
 
 
 def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
@@ -114,10 +119,9 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     name = f"{dataset}-{recipe.stem}-r{rate:g}-{method}-s{seed}-n{steps}"
     result_file = work / "results" / f"{name}.json"
     run_dir = work / "runs" / name
-    test_set = data["test"].parent.name + "/" + data["test"].name
     if result_file.exists():
         result = json.loads(result_file.read_text())
-        if result.get("test_set") == test_set:
+        if result.get("test_set") == label_of_test_set(data["test"]):
             return result
         if (run_dir / "checkpoints").exists():
             result.update(zero_shot(work, name, run_dir, modality, data["test"]))
