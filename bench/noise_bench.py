@@ -200,6 +200,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         groups.setdefault((r.get("dataset", r["modality"]), r["rate"], r["method"]), []).append(r)
     for (modality, rate, method), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
         acc = statistics.mean(r["acc1"] for r in runs)
         clean = groups.get((modality, 0.0, method)) or groups.get((modality, 0.0, "none"))  # oracle at 0% = off
         kept = kept_of_clean(runs, clean or [])
@@ -207,9 +208,9 @@ def table(results: list[dict]) -> str:
         auroc = f"{statistics.mean(aurocs):.3f}" if aurocs and rate > 0 else ""
         estimates = [r["noise_rate_estimate"] for r in runs if r.get("noise_rate_estimate") is not None]
         estimate = ", ".join(f"{e:.2f}" for e in estimates)
-        seeds = ", ".join(f"{100 * r['acc1']:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
+        seeds = ", ".join(f"{100 * r['acc1']:.1f}" for r in runs)
         speed = statistics.mean(r["samples_per_s"] for r in runs)
-        started = ", ".join(str(r.get("weighting_from_step") or "never") for r in sorted(runs, key=lambda r: r["seed"]))
+        started = ", ".join(str(r.get("weighting_from_step") or "never") for r in runs)
         started = "" if method == "none" else started
         paired = "" if method == "none" else paired_with_off(runs, groups.get((modality, rate, "none"), []))
         lines.append(
