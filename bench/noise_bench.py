@@ -171,22 +171,25 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     return result
 
 
+def same_seed_pairs(runs: list[dict], others: list[dict]) -> list[tuple[float, float]]:
+    """(top-1 of a run, top-1 of the other run with its seed) for every seed both have. A seed's clean
+    accuracy on held-out voices can be 10 points off another's, more than 50% noise costs, so means and
+    differences are taken over the same seeds."""
+    other = {r["seed"]: r["acc1"] for r in others}
+    return [(r["acc1"], other[r["seed"]]) for r in runs if r["seed"] in other]
+
+
 def kept_of_clean(runs: list[dict], clean_runs: list[dict]) -> str:
-    """Mean top-1 over the seeds that have a 0%-noise run too, as a share of those seeds' mean clean top-1
-    (a seed's clean accuracy can be 10 points off another's, so both means take the same seeds)."""
-    clean = {r["seed"]: r["acc1"] for r in clean_runs}
-    paired = [(r["acc1"], clean[r["seed"]]) for r in runs if r["seed"] in clean]
+    """Mean top-1 as a share of the mean clean top-1, both over the seeds that have a 0%-noise run."""
+    paired = same_seed_pairs(runs, clean_runs)
     if not paired:
         return ""
     return f"{100 * statistics.mean(a for a, _ in paired) / statistics.mean(c for _, c in paired):.1f}%"
 
 
 def paired_with_off(runs: list[dict], off_runs: list[dict]) -> str:
-    """Top-1 minus weighting off's at the same noise rate and seed, in points: the mean over the seeds both
-    have, with the range. The clean accuracy on held-out voices moves by up to 10 points from seed to seed,
-    more than 50% noise costs, so the same-seed difference is what tells methods apart."""
-    off = {r["seed"]: r["acc1"] for r in off_runs}
-    diffs = [100 * (r["acc1"] - off[r["seed"]]) for r in runs if r["seed"] in off]
+    """Top-1 minus weighting off's at the same noise rate and seed, in points: the mean, with the range."""
+    diffs = [100 * (a - off) for a, off in same_seed_pairs(runs, off_runs)]
     if not diffs:
         return ""
     return f"{statistics.mean(diffs):+.1f} ({min(diffs):+.1f}..{max(diffs):+.1f}, {len(diffs)} seeds)"
