@@ -1,8 +1,11 @@
 """Run shard-writing tasks on an existing engine: in-process, a multiprocessing pool, or Ray.
 
-Each task is a whole shard and its result depends only on its plan, so the engine and the number of
-workers change the speed, never the output. At most `2 * workers` shards are in flight, which keeps
-memory flat however large the input is.
+A task is a whole shard, written by one worker, while at least as many shards are left as there are
+workers. The last `workers - 1` shards (all of them when a run has fewer shards than workers) are split
+into pieces that the workers encode in parallel and this process joins in order, so no core idles on a
+small input or at the end of a run. Every result depends only on the plan, so the engine, the number of
+workers and the splitting change the speed, never the bytes. At most `2 * workers` tasks are in flight,
+which keeps memory flat however large the input is.
 """
 
 from __future__ import annotations
@@ -14,25 +17,71 @@ import signal
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 
 from mmcl.errors import UsageError
 from shards_tools.plan import ShardPlan
-from shards_tools.writer import ShardJob, write_shard
+from shards_tools.writer import EncodedPiece, PieceJoiner, ShardJob, ShardPiece, encode_piece, write_shard
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PIECES_PER_WORKER = 4  # pieces of the split shards per worker: small enough to even out slow items
+
+Task = ShardPlan | ShardPiece
+
+
+@dataclass
+class TaskDone:
+    """A finished task: the items it handled, those it skipped, and the shard's record once a shard is complete."""
+
+    items: int
+    errors: list[dict]
+    record: dict | None
 
 
 def run_shard_tasks(
-    plans: Iterable[ShardPlan], job: ShardJob, workers: int, distributor: str
-) -> Iterator[dict]:
-    """Yield each shard's record as it completes (completion order, not index order)."""
+    plans: Iterable[ShardPlan], count: int, job: ShardJob, workers: int, distributor: str
+) -> Iterator[TaskDone]:
+    """Write the `count` shards of `plans`; yields each task as it completes (completion order)."""
+    joiner = PieceJoiner(job)
+    tasks = split_tail(plans, count, workers)
     if distributor == "ray":
-        yield from _run_ray(plans, job, workers)
+        results = _run_ray(tasks, job, workers)
     elif workers == 1:
-        for plan in plans:
-            yield write_shard(plan, job)
+        results = (run_task(task, job) for task in tasks)
     else:
-        yield from _run_pool(plans, job, workers)
+        results = _run_pool(tasks, job, workers)
+    try:
+        for result in results:
+            if isinstance(result, EncodedPiece):
+                yield TaskDone(result.items, result.errors, joiner.add(result))
+            else:
+                yield TaskDone(result["items"], result["errors"], result)
+    finally:
+        results.close()  # stops the engine now when the caller stops early (--max-error-rate)
+        joiner.discard()
+
+
+def split_tail(plans: Iterable[ShardPlan], count: int, workers: int) -> Iterator[Task]:
+    """Whole shards while at least `workers` are left, then the last `workers - 1` shards in pieces of
+    consecutive items, about PIECES_PER_WORKER per worker in all."""
+    split = min(count, workers - 1)
+    pieces_per_shard = -(-PIECES_PER_WORKER * workers // max(split, 1))
+    for position, plan in enumerate(plans):
+        if count - position > split:
+            yield plan
+            continue
+        pieces = max(1, min(pieces_per_shard, len(plan.items)))
+        size = -(-len(plan.items) // pieces) if plan.items else 0
+        pieces = -(-len(plan.items) // size) if size else 1
+        for piece in range(pieces):
+            yield ShardPiece(plan.index, piece, pieces, plan.items[piece * size : (piece + 1) * size])
+
+
+def run_task(task: Task, job: ShardJob) -> dict | EncodedPiece:
+    """A whole shard's record, or a piece's samples. Runs in a worker."""
+    if isinstance(task, ShardPiece):
+        return encode_piece(task, job)
+    return write_shard(task, job)
 
 
 def _one_thread_per_worker(parent: int | None = None) -> None:
@@ -58,16 +107,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _run_pool(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterator[dict]:
+def _run_pool(tasks: Iterable[Task], job: ShardJob, workers: int) -> Iterator[dict | EncodedPiece]:
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     pending: set[Future] = set()
-    plan_iter = iter(plans)
+    task_iter = iter(tasks)
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_one_thread_per_worker, initargs=(os.getpid(),)
     ) as pool:
         try:
-            for plan in plan_iter:
-                pending.add(pool.submit(write_shard, plan, job))
+            for task in task_iter:
+                pending.add(pool.submit(run_task, task, job))
                 if len(pending) >= 2 * workers:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
@@ -81,7 +130,7 @@ def _run_pool(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterat
                 future.cancel()
 
 
-def _run_ray(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterator[dict]:
+def _run_ray(tasks: Iterable[Task], job: ShardJob, workers: int) -> Iterator[dict | EncodedPiece]:
     try:
         import ray
     except ImportError:
@@ -91,11 +140,11 @@ def _run_ray(plans: Iterable[ShardPlan], job: ShardJob, workers: int) -> Iterato
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    remote_write = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    remote_task = ray.remote(num_cpus=1, max_retries=2)(run_task)
     job_ref = ray.put(job)
     pending = []
-    for plan in plans:
-        pending.append(remote_write.remote(plan, job_ref))
+    for task in tasks:
+        pending.append(remote_task.remote(task, job_ref))
         if len(pending) >= 2 * workers:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])

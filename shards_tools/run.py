@@ -125,15 +125,17 @@ def _write_planned(config: ShardConfig, output: Path, planner: ShardPlanner, pro
         file=sys.stderr,
     )
     plans = (planner.shard(index) for index in todo)  # read back as the distributor takes them
+    reasons = Counter(e["reason"] for r in records for e in r["errors"])
     with bar:
-        for record in run_shard_tasks(plans, job, config.workers, config.distributor):
-            records.append(record)
-            done_items += record["items"]
-            errors += len(record["errors"])
-            bar.update(record["items"])
+        for done in run_shard_tasks(plans, len(todo), job, config.workers, config.distributor):
+            if done.record is not None:
+                records.append(done.record)
+            done_items += done.items
+            errors += len(done.errors)
+            reasons.update(e["reason"] for e in done.errors)
+            bar.update(done.items)
             bar.set_postfix(skipped=errors)
             if done_items and errors / done_items > config.max_error_rate:
-                reasons = Counter(e["reason"] for r in records for e in r["errors"])
                 raise ShardingAborted(
                     f"{errors} of {done_items} items skipped ({errors / done_items:.1%}) exceeds "
                     f"--max-error-rate {config.max_error_rate:g}; reasons: {dict(reasons)}. Finished shards are "

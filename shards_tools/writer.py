@@ -8,7 +8,6 @@ therefore leaves either a complete shard with its record or nothing that a re-ru
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -29,18 +28,33 @@ from shards_tools.plan import PlannedItem, ShardPlan
 TAR_MTIME = 0  # fixed member timestamps make shards byte-reproducible (an int: a float costs a pax header)
 
 
-def write_sample(tar: tarfile.TarFile, sample: dict[str, bytes]) -> None:
-    """Append one sample as `KEY.EXT` members, extensions sorted: the bytes webdataset's
-    `TarWriter(encoder=False, mtime=0, user="mmcl", group="mmcl")` writes (tarfile's default pax format,
-    plain ustar headers for ASCII names; mode 0444); tested against it. The stdlib does it here because importing webdataset imports torch: ~3 s and ~0.8 GB
-    in every `mmcl shard` process."""
+def sample_bytes(sample: dict[str, bytes]) -> bytes:
+    """One sample as the tar members `KEY.EXT`, extensions sorted: the bytes webdataset's
+    `TarWriter(encoder=False, mtime=0, user="mmcl", group="mmcl")` writes for it (tarfile's default pax
+    format, plain ustar headers for ASCII names; mode 0444); tested against it. The stdlib does it here
+    because importing webdataset imports torch: ~3 s and ~0.8 GB in every `mmcl shard` process. Being plain
+    bytes, a shard's samples can be encoded in pieces by several workers and joined in order."""
     key = sample["__key__"]
+    members = []
     for ext in sorted(k for k in sample if k != "__key__"):
         data = sample[ext]
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
         info.uname = info.gname = "mmcl"
-        tar.addfile(info, io.BytesIO(data))
+        members += [info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), data, _padding(len(data), tarfile.BLOCKSIZE)]
+    return b"".join(members)
+
+
+def tar_end(size: int) -> bytes:
+    """What closes a tar of `size` bytes of members: two zero blocks, then zeros up to a whole record,
+    as tarfile writes them."""
+    return bytes(2 * tarfile.BLOCKSIZE) + _padding(size + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
+
+
+def _padding(size: int, unit: int) -> bytes:
+    return bytes(-size % unit)
+
+
 PROGRESS_DIR = "_progress"
 
 
@@ -141,40 +155,155 @@ def encode_item(entry: PlannedItem, job: ShardJob, raw: bytes) -> dict[str, byte
     return sample
 
 
+def encoded_samples(items: list[PlannedItem], job: ShardJob, errors: list[dict]) -> Iterator[bytes]:
+    """Each good item as its tar members, in plan order; a skipped item is appended to `errors` with its reason."""
+    for entry, raw in fetched_items(items, job):
+        try:
+            sample = encode_item(entry, job, raw())
+        except ItemError as err:
+            errors.append({"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail})
+            continue
+        yield sample_bytes(sample)
+
+
+class ShardFile:
+    """A shard being written: samples go to a hidden temporary file; `publish` closes the tar, flushes it to
+    disk, renames it to its final name and then stores its record beside it."""
+
+    def __init__(self, job: ShardJob, index: int) -> None:
+        self.output = Path(job.config.output)
+        self.index = index
+        self.name = shard_name(job.config.prefix, index)
+        self.tmp = self.output / f".{self.name}.tmp-{os.getpid()}"
+        self.stream = open(self.tmp, "wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.count = 0
+
+    def write(self, data: bytes, samples: int = 1) -> None:
+        self.stream.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        self.count += samples
+
+    def append(self, piece: Path, samples: int) -> None:
+        """Move a piece file's samples to the end of the shard."""
+        with open(piece, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                self.write(block, samples=0)
+        self.count += samples
+        piece.unlink()
+
+    def publish(self, items: int, errors: list[dict]) -> dict:
+        """Finish the shard; returns its record (count, bytes, sha256, the items skipped and why)."""
+        self.write(tar_end(self.size), samples=0)
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        self.stream.close()
+        os.replace(self.tmp, self.output / self.name)
+        record = {"name": self.name, "index": self.index, "count": self.count, "items": items, "bytes": self.size,
+                  "sha256": self.digest.hexdigest(), "errors": errors}
+        write_atomic(record_path(self.output, self.name), json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        return record
+
+    def discard(self) -> None:
+        self.stream.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_shard(plan: ShardPlan, job: ShardJob) -> dict:
-    """Write shard `plan.index`; returns (and stores) its record. Runs in a worker process."""
-    output = Path(job.config.output)
-    name = shard_name(job.config.prefix, plan.index)
-    final = output / name
-    tmp = output / f".{name}.tmp-{os.getpid()}"
-    errors = []
+    """Write shard `plan.index` whole; returns (and stores) its record. Runs in a worker process."""
+    errors: list[dict] = []
+    shard = ShardFile(job, plan.index)
+    try:
+        for data in encoded_samples(plan.items, job, errors):
+            shard.write(data)
+    except BaseException:
+        shard.discard()
+        raise
+    return shard.publish(len(plan.items), errors)
+
+
+@dataclass
+class ShardPiece:
+    """Consecutive items of shard `index`, encoded on their own when a shard is split across workers."""
+
+    index: int
+    piece: int
+    pieces: int
+    items: list[PlannedItem]
+
+
+@dataclass
+class EncodedPiece:
+    """A piece's samples, written as tar members to a temporary file beside the shard (joined in piece order,
+    the pieces are the shard's bytes), and the items it skipped."""
+
+    index: int
+    piece: int
+    pieces: int
+    items: int
+    count: int
+    path: Path
+    errors: list[dict]
+
+
+def encode_piece(piece: ShardPiece, job: ShardJob) -> EncodedPiece:
+    """Encode one piece of a split shard to a temporary file; the sharding process joins the pieces. Runs in a
+    worker process. On disk, not in memory: pieces that finish before one ahead of them wait there."""
+    name = shard_name(job.config.prefix, piece.index)
+    path = Path(job.config.output) / f".{name}.tmp-piece{piece.piece:05d}-{os.getpid()}"
+    errors: list[dict] = []
     count = 0
-    with open(tmp, "wb") as stream:
-        with tarfile.open(fileobj=stream, mode="w|") as tar:
-            for entry, raw in fetched_items(plan.items, job):
-                try:
-                    sample = encode_item(entry, job, raw())
-                except ItemError as err:
-                    errors.append(
-                        {"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail}
-                    )
-                    continue
-                write_sample(tar, sample)
-                count += 1
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, final)
-    record = {
-        "name": name,
-        "index": plan.index,
-        "count": count,
-        "items": len(plan.items),
-        "bytes": final.stat().st_size,
-        "sha256": sha256_file(final),
-        "errors": errors,
-    }
-    write_atomic(record_path(output, name), json.dumps(record, ensure_ascii=False).encode("utf-8"))
-    return record
+    with open(path, "wb") as stream:
+        for data in encoded_samples(piece.items, job, errors):
+            stream.write(data)
+            count += 1
+    return EncodedPiece(piece.index, piece.piece, piece.pieces, len(piece.items), count, path, errors)
+
+
+@dataclass
+class _JoiningShard:
+    file: ShardFile
+    waiting: dict[int, EncodedPiece] = field(default_factory=dict)  # arrived before a piece ahead of them
+    errors: list[dict] = field(default_factory=list)
+    next_piece: int = 0
+    items: int = 0
+
+
+class PieceJoiner:
+    """Writes split shards from their pieces, which arrive in any order: each piece is appended as soon as
+    every piece before it is in, and a shard is published with its last. The bytes are those `write_shard`
+    writes for the whole shard."""
+
+    def __init__(self, job: ShardJob) -> None:
+        self.job = job
+        self.shards: dict[int, _JoiningShard] = {}
+
+    def add(self, piece: EncodedPiece) -> dict | None:
+        """Take one piece; returns the shard's record when this piece completed it."""
+        if piece.index not in self.shards:
+            self.shards[piece.index] = _JoiningShard(ShardFile(self.job, piece.index))
+        shard = self.shards[piece.index]
+        shard.waiting[piece.piece] = piece
+        while shard.next_piece in shard.waiting:
+            ready = shard.waiting.pop(shard.next_piece)
+            shard.file.append(ready.path, ready.count)
+            shard.errors.extend(ready.errors)
+            shard.items += ready.items
+            shard.next_piece += 1
+        if shard.next_piece < piece.pieces:
+            return None
+        del self.shards[piece.index]
+        return shard.file.publish(shard.items, shard.errors)
+
+    def discard(self) -> None:
+        """Remove the temporary files of shards left unfinished (the run stopped)."""
+        for shard in self.shards.values():
+            shard.file.discard()
+            for piece in shard.waiting.values():
+                piece.path.unlink(missing_ok=True)
+        self.shards.clear()
 
 
 def finished_record(output: Path, name: str, expected_items: int) -> dict | None:

@@ -156,7 +156,7 @@ def stuck(plan, job):  # a shard that takes forever, so the kill lands while the
     time.sleep(120)
 
 distribute.write_shard = stuck
-list(distribute.run_shard_tasks([ShardPlan(i) for i in range(4)], None, 2, "multiprocessing"))
+list(distribute.run_shard_tasks([ShardPlan(i) for i in range(4)], 4, None, 2, "multiprocessing"))
 """
 
 

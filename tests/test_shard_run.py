@@ -66,8 +66,35 @@ def test_output_identical_across_worker_counts_and_parts(image_csv: Path, tmp_pa
     run_mmcl("shard", "merge", tmp_path / "parts")
     reference = output_digest(tmp_path / "one")
     assert len([n for n in reference if n.endswith(".tar")]) == 6
-    assert output_digest(tmp_path / "two") == reference
+    assert output_digest(tmp_path / "two") == reference  # the last shard in pieces
     assert output_digest(tmp_path / "parts") == reference
+    # one shard: two workers encode its pieces, this process joins them
+    shard(image_csv, tmp_path / "single1", *opts[2:], "--workers", "1")
+    shard(image_csv, tmp_path / "single2", *opts[2:], "--workers", "2")
+    assert output_digest(tmp_path / "single2") == output_digest(tmp_path / "single1")
+
+
+def test_the_last_shards_are_split_so_every_worker_has_work() -> None:
+    from shards_tools.distribute import split_tail
+    from shards_tools.plan import PlannedItem, ShardPlan
+    from shards_tools.writer import ShardPiece
+
+    def plans(sizes: list[int]) -> list[ShardPlan]:
+        return [ShardPlan(i, [PlannedItem(f"{i}-{k}", None, []) for k in range(n)]) for i, n in enumerate(sizes)]
+
+    tasks = list(split_tail(plans([10] * 6), 6, workers=4))
+    assert [t.index for t in tasks if isinstance(t, ShardPlan)] == [0, 1, 2]  # while >= 4 are left: whole
+    pieces = [t for t in tasks if isinstance(t, ShardPiece)]
+    assert {t.index for t in pieces} == {3, 4, 5} and len(pieces) >= 12
+    for index in (3, 4, 5):
+        mine = [t for t in pieces if t.index == index]
+        assert [t.piece for t in mine] == list(range(mine[0].pieces)) and len(mine) == mine[0].pieces
+        assert [e.key for t in mine for e in t.items] == [f"{index}-{k}" for k in range(10)]
+    assert all(isinstance(t, ShardPlan) for t in split_tail(plans([10] * 3), 3, workers=1))
+    single = list(split_tail(plans([3]), 1, workers=16))  # fewer items than pieces wanted
+    assert [len(t.items) for t in single] == [1, 1, 1]
+    empty = list(split_tail(plans([0]), 1, workers=2))
+    assert len(empty) == 1 and empty[0].pieces == 1 and empty[0].items == []
 
 
 def test_merge_refuses_missing_parts(image_csv: Path, tmp_path: Path) -> None:
@@ -347,18 +374,18 @@ def test_tar_members_are_the_bytes_webdataset_writes(tmp_path: Path) -> None:
     stay exactly what webdataset's own TarWriter writes."""
     import io
 
-    from shards_tools.writer import TAR_MTIME, write_sample
+    from shards_tools.writer import TAR_MTIME, sample_bytes, tar_end
 
-    samples = [
-        {"__key__": f"k{i:03d}" if i else "clé_0", "txt": f"caption {i} é".encode(), "jpg": bytes(range(256)) * (i + 1), "cls": b"3"}
-        for i in range(5)
-    ]
-    ours, theirs = io.BytesIO(), io.BytesIO()
-    with tarfile.open(fileobj=ours, mode="w|") as tar:
-        for sample in samples:
-            write_sample(tar, sample)
-    with wds.TarWriter(theirs, encoder=False, mtime=TAR_MTIME, user="mmcl", group="mmcl") as writer:
-        for sample in samples:
-            writer.write(sample)
-    assert ours.getvalue() == theirs.getvalue()
-    assert b"PaxHeader" in ours.getvalue()[:512] and ours.getvalue().count(b"PaxHeader") == 3  # the non-ASCII key's 3 members only
+    for count in (0, 1, 5, 40):  # the end padding depends on the size
+        samples = [
+            {"__key__": f"k{i:03d}" if i else "clé_0", "txt": f"caption {i} é".encode(), "jpg": bytes(range(256)) * (i + 1), "cls": b"3"}
+            for i in range(count)
+        ]
+        members = b"".join(sample_bytes(sample) for sample in samples)
+        ours = members + tar_end(len(members))
+        theirs = io.BytesIO()
+        with wds.TarWriter(theirs, encoder=False, mtime=TAR_MTIME, user="mmcl", group="mmcl") as writer:
+            for sample in samples:
+                writer.write(sample)
+        assert ours == theirs.getvalue()
+    assert b"PaxHeader" in ours[:512] and ours.count(b"PaxHeader") == 3  # the non-ASCII key's 3 members only
