@@ -43,7 +43,7 @@ def run_shard_tasks(
 ) -> Iterator[TaskDone]:
     """Write the `count` shards of `plans`; yields each task as it completes (completion order)."""
     joiner = PieceJoiner(job)
-    tasks = split_tail(plans, count, workers)
+    tasks = (joiner.sent(task) if isinstance(task, ShardPiece) else task for task in split_tail(plans, count, workers))
     if distributor == "ray":
         results = _run_ray(tasks, job, workers)
     elif workers == 1:
@@ -57,7 +57,7 @@ def run_shard_tasks(
             else:
                 yield TaskDone(result["items"], result["errors"], result)
     finally:
-        results.close()  # stops the engine now when the caller stops early (--max-error-rate)
+        results.close()  # when the caller stops early (--max-error-rate): the engine stops, running tasks end
         joiner.discard()
 
 

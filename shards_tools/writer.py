@@ -279,6 +279,12 @@ class PieceJoiner:
     def __init__(self, job: ShardJob) -> None:
         self.job = job
         self.shards: dict[int, _JoiningShard] = {}
+        self.unpublished: set[int] = set()  # split shards with pieces sent out
+
+    def sent(self, piece: ShardPiece) -> ShardPiece:
+        """Note a piece going out to a worker, so that `discard` knows its shard's files."""
+        self.unpublished.add(piece.index)
+        return piece
 
     def add(self, piece: EncodedPiece) -> dict | None:
         """Take one piece; returns the shard's record when this piece completed it."""
@@ -295,15 +301,20 @@ class PieceJoiner:
         if shard.next_piece < piece.pieces:
             return None
         del self.shards[piece.index]
+        self.unpublished.discard(piece.index)
         return shard.file.publish(shard.items, shard.errors)
 
     def discard(self) -> None:
-        """Remove the temporary files of shards left unfinished (the run stopped)."""
+        """Remove the temporary files of split shards left unfinished when the run stops early: the shards'
+        own and their pieces', including pieces that workers finished after the stop."""
         for shard in self.shards.values():
             shard.file.discard()
-            for piece in shard.waiting.values():
-                piece.path.unlink(missing_ok=True)
         self.shards.clear()
+        for index in self.unpublished:
+            name = shard_name(self.job.config.prefix, index)
+            for path in Path(self.job.config.output).glob(f".{name}.tmp-piece*"):
+                path.unlink(missing_ok=True)
+        self.unpublished.clear()
 
 
 def finished_record(output: Path, name: str, expected_items: int) -> dict | None:

@@ -121,6 +121,7 @@ def test_every_state_a_kill_leaves_resumes_to_the_uninterrupted_output(tmp_path:
     (out / "shard-000003.tar").unlink()  # killed while writing shard 3: only its temporary is there
     (progress / "shard-000003.tar.json").unlink()
     (out / ".shard-000003.tar.tmp-4242").write_bytes(data[:1000])
+    (out / ".shard-000003.tar.tmp-piece00001-4243").write_bytes(data[:700])  # a worker's piece of a split shard
     (progress / ".shard-000004.tar.json.tmp-4242").write_text('{"name": "shard-0')
     (progress / "shard-000005.tar.json").write_text('{"name": "shard-000005.tar", "items":')  # torn record
     (out / "_parts").mkdir()

@@ -169,6 +169,15 @@ def test_max_error_rate_aborts_and_keeps_finished_shards(tmp_path: Path) -> None
     assert "exceeds --max-error-rate 0.2" in result.stderr and "missing_file" in result.stderr
     assert (tmp_path / "out2" / "shard-000000.tar").exists()
     assert not (tmp_path / "out2" / "manifest.json").exists()
+    # one shard split across two workers: the abort leaves no piece or shard temporaries behind
+    many = [f"{i}.png,caption {i}\n" for i in range(6)] + [f"missing{i}.png,caption\n" for i in range(60)]
+    manifest.write_text("path,caption\n" + "".join(many))
+    result = run_mmcl(
+        "shard", "image-text", "--input", manifest, "--output", tmp_path / "out3", "--quiet",
+        "--workers", "2", "--max-error-rate", "0.2", check=False,
+    )
+    assert result.returncode == 1 and "exceeds --max-error-rate 0.2" in result.stderr
+    assert not list((tmp_path / "out3").glob("*.tar")) and not list((tmp_path / "out3").glob(".*tmp*"))
 
 
 def test_noise_injection_permutes_captions_and_records_truth(image_csv: Path, tmp_path: Path) -> None:
@@ -190,14 +199,19 @@ def test_noise_injection_permutes_captions_and_records_truth(image_csv: Path, tm
         assert by_key[key]["json"]["text"] == by_key[source]["json"].get("original_text", by_key[source]["json"]["text"])
 
 
-def test_resume_after_kill_gives_identical_output(tmp_path: Path) -> None:
-    root = tmp_path / "in"
+def picture_manifest(root: Path, count: int) -> Path:
+    """`count` 320x240 PNGs and a CSV manifest of them: enough work for a kill to land mid-run."""
     rows = []
-    for i in range(300):
+    for i in range(count):
         make_image(root / f"{i:03d}.png", COLOURS[i % 8], size=(320, 240), seed=i)
         rows.append(f"{i:03d}.png,picture {i}\n")
     manifest = root / "m.csv"
     manifest.write_text("path,caption\n" + "".join(rows))
+    return manifest
+
+
+def test_resume_after_kill_gives_identical_output(tmp_path: Path) -> None:
+    manifest = picture_manifest(tmp_path / "in", 300)
     opts = ["--shard-size", "10", "--workers", "1", "--image-size", "200", "--quiet"]
     shard(manifest, tmp_path / "reference", *opts)
 
@@ -217,6 +231,28 @@ def test_resume_after_kill_gives_identical_output(tmp_path: Path) -> None:
     (out / "shard-000028.tar").write_bytes(b"partial")  # a shard with no record is redone
 
     shard(manifest, out, *opts)
+    assert output_digest(out) == output_digest(tmp_path / "reference")
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_kill_while_a_shard_is_joined_from_pieces_then_resume(tmp_path: Path) -> None:
+    """One shard on two workers is written in pieces; a kill while they are being joined leaves piece files
+    and the shard's temporary, which the re-run removes before ending with the uninterrupted output."""
+    manifest = picture_manifest(tmp_path / "in", 240)
+    opts = ["--image-size", "200", "--quiet"]
+    shard(manifest, tmp_path / "reference", *opts, "--workers", "1")
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mmcl", "shard", "image-text", "--input", str(manifest), "--output", str(out),
+           *opts, "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob(".shard-000000.tar.tmp-piece*")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "shard-000000.tar").exists(), "the kill should land while pieces are written"
+    shard(manifest, out, *opts, "--workers", "2")
     assert output_digest(out) == output_digest(tmp_path / "reference")
     assert not list(out.glob(".*tmp*"))
 
