@@ -892,8 +892,8 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="processes on every side")
-    parser.add_argument("--shard-size", type=int, default=1000, help="mmcl's --shard-size (its default, 1000): "
-                        "mmcl's workers split the shards, so fewer shards than workers leaves cores idle")
+    parser.add_argument("--shard-size", type=int, default=1000, help="mmcl's --shard-size (its default, 1000; "
+                        "with fewer shards than workers mmcl splits them into pieces across the workers)")
     parser.add_argument("--thread-count", type=int, default=16, help="img2dataset --thread_count")
     parser.add_argument("--img2dataset", default=str(REPO / ".bench-venv" / "bin" / "img2dataset"))
     parser.add_argument("--skip-img2dataset", action="store_true", help="url section: mmcl only")
