@@ -70,11 +70,10 @@ def split_tail(plans: Iterable[ShardPlan], count: int, workers: int) -> Iterator
         if count - position > split:
             yield plan
             continue
-        pieces = max(1, min(pieces_per_shard, len(plan.items)))
-        size = -(-len(plan.items) // pieces) if plan.items else 0
-        pieces = -(-len(plan.items) // size) if size else 1
-        for piece in range(pieces):
-            yield ShardPiece(plan.index, piece, pieces, plan.items[piece * size : (piece + 1) * size])
+        size = max(1, -(-len(plan.items) // pieces_per_shard))
+        starts = range(0, max(len(plan.items), 1), size)  # an empty shard is one empty piece
+        for piece, start in enumerate(starts):
+            yield ShardPiece(plan.index, piece, len(starts), plan.items[start : start + size])
 
 
 def run_task(task: Task, job: ShardJob) -> dict | EncodedPiece:

@@ -248,11 +248,17 @@ class EncodedPiece:
     errors: list[dict]
 
 
+def piece_files(job: ShardJob, index: int) -> Path:
+    """What the temporary piece files of shard `index` are named with, before the piece number and worker pid;
+    matched by the re-run's clean-up of `.NAME.tmp-*`."""
+    return Path(job.config.output) / f".{shard_name(job.config.prefix, index)}.tmp-piece"
+
+
 def encode_piece(piece: ShardPiece, job: ShardJob) -> EncodedPiece:
     """Encode one piece of a split shard to a temporary file; the sharding process joins the pieces. Runs in a
     worker process. On disk, not in memory: pieces that finish before one ahead of them wait there."""
-    name = shard_name(job.config.prefix, piece.index)
-    path = Path(job.config.output) / f".{name}.tmp-piece{piece.piece:05d}-{os.getpid()}"
+    prefix = piece_files(job, piece.index)
+    path = prefix.with_name(f"{prefix.name}{piece.piece:05d}-{os.getpid()}")
     errors: list[dict] = []
     count = 0
     with open(path, "wb") as stream:
@@ -311,8 +317,8 @@ class PieceJoiner:
             shard.file.discard()
         self.shards.clear()
         for index in self.unpublished:
-            name = shard_name(self.job.config.prefix, index)
-            for path in Path(self.job.config.output).glob(f".{name}.tmp-piece*"):
+            prefix = piece_files(self.job, index)
+            for path in prefix.parent.glob(f"{prefix.name}*"):
                 path.unlink(missing_ok=True)
         self.unpublished.clear()
 
