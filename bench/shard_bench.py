@@ -374,6 +374,7 @@ def wait_for_quiet(max_wait: float, threshold: float, window: float = 2.0) -> fl
 
 
 QUIET_WAIT_S, QUIET_THRESHOLD = 0.0, 0.15  # set from --max-wait, --quiet-threshold
+CLIENT_CPUS: str | None = None  # set from --client-cpus: every timed side runs under `taskset -c CLIENT_CPUS`
 
 
 def timed_run(
@@ -384,6 +385,8 @@ def timed_run(
     load_before = os.getloadavg()
     busy0, self0 = _cpu_busy_seconds(), time.process_time()
     server0 = _tree_cpu_seconds(server_pid) if server_pid else 0.0
+    if CLIENT_CPUS:
+        command = ["taskset", "-c", CLIENT_CPUS, *command]
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -624,12 +627,14 @@ class Bench:
         kind = self.args.url_server
         if kind == "auto":
             kind = "nginx" if shutil.which("nginx") and not latency else "python"
-        server, base = start_server(kind, files[0].parent, latency, self.work / "nginx")
+        server, base = start_server(kind, files[0].parent, latency, self.work / "nginx", self.args.server_cpus)
         try:
             urls = [f"{base}/{p.name}" for p in files]
             manifest = write_manifest(self.work / f"urls-{count}.csv", urls, column="url")
+            pinning = f", server on CPUs {self.args.server_cpus}" if self.args.server_cpus else ""
+            pinning += f", sides on CPUs {self.args.client_cpus}" if self.args.client_cpus else ""
             print(f"== url: {count} JPEGs from {base} ({kind} server, pid {server.pid}, {latency:g} ms added "
-                  "latency per request), same settings")  # fmt: skip
+                  f"latency per request{pinning}), same settings")  # fmt: skip
 
             def mmcl_side(r: int) -> Run:
                 out = self.fresh_dir("url-mmcl")
@@ -665,6 +670,7 @@ class Bench:
         mm["verify"] = verified
         mm["server_cpu_s"] = [round(r.server_cpu_s, 3) for r in runs[0]]
         section = {"mmcl": mm, "target": 3.0, "latency_ms": latency, "server": kind,
+                   "server_cpus": self.args.server_cpus, "client_cpus": self.args.client_cpus,
                    "discarded_runs": self.last_discarded}
         if use_i2d:
             i2d = self.summarise(
@@ -717,12 +723,15 @@ class Bench:
         self.results["memory"] = section
 
 
-def start_server(kind: str, folder: Path, latency_ms: float, work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    kind: str, folder: Path, latency_ms: float, work: Path, cpus: str | None = None
+) -> tuple[subprocess.Popen, str]:
     """Serve `folder` on 127.0.0.1: "nginx" (a real web server, sendfile, one worker: what answers a crawler,
     and cheap enough not to take the client's cores) or "python" (ThreadingHTTPServer; supports
-    --url-latency-ms). Returns the server process and the base URL."""
+    --url-latency-ms), under `taskset -c CPUS` when given. Returns the server process and the base URL."""
+    pin = ["taskset", "-c", cpus] if cpus else []
     if kind == "python":
-        server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(folder), str(latency_ms)],
+        server = subprocess.Popen([*pin, sys.executable, "-c", SERVER_CODE, str(folder), str(latency_ms)],
                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
         return server, f"http://127.0.0.1:{int(server.stdout.readline())}"
     if latency_ms:
@@ -741,7 +750,7 @@ events {{ worker_connections 1024; }}
 http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000; default_type image/jpeg; {temp}
   server {{ listen 127.0.0.1:{port}; root {folder}; }} }}
 """)
-    server = subprocess.Popen(["nginx", "-p", str(work), "-c", str(work / "nginx.conf")])
+    server = subprocess.Popen([*pin, "nginx", "-p", str(work), "-c", str(work / "nginx.conf")])
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -901,6 +910,9 @@ def main() -> int:
                         help="url section: the web server on 127.0.0.1 (auto: nginx when installed)")  # fmt: skip
     parser.add_argument("--url-latency-ms", type=float, default=0.0,
                         help="url section: the server waits this long before each answer (default 0: plain loopback)")  # fmt: skip
+    parser.add_argument("--server-cpus", help="url section: run the server under `taskset -c SERVER_CPUS`, e.g. 1 "
+                        "(with --client-cpus 0: the server off the sides' cores, as on another machine)")  # fmt: skip
+    parser.add_argument("--client-cpus", help="run every timed side under `taskset -c CLIENT_CPUS`, e.g. 0 or 0,1")
     parser.add_argument("--only", nargs="+", choices=["image", "url", "audio", "memory"],
                         default=["image", "url", "audio", "memory"])  # fmt: skip
     parser.add_argument("--quiet-threshold", type=float, default=0.15,
@@ -913,8 +925,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="results file (default WORK_DIR/results.json)")
     args = parser.parse_args()
 
-    global QUIET_WAIT_S, QUIET_THRESHOLD
-    QUIET_WAIT_S, QUIET_THRESHOLD = args.max_wait, args.quiet_threshold
+    global QUIET_WAIT_S, QUIET_THRESHOLD, CLIENT_CPUS
+    QUIET_WAIT_S, QUIET_THRESHOLD, CLIENT_CPUS = args.max_wait, args.quiet_threshold, args.client_cpus
     bench = Bench(args)
     info = machine_info(args)
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; Python {info['python']}, "

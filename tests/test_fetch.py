@@ -213,11 +213,16 @@ def test_http_timeout(server):
 
 
 def test_http_proxy_from_the_environment_is_used(server, monkeypatch):
-    """http_proxy is honoured (as urllib and img2dataset do): the request goes to the proxy with the full URL."""
+    """http_proxy is honoured (as urllib and img2dataset do): the request goes to the proxy with the full URL,
+    also when it is set after requests without it (the lookup is cached per environment) and no longer once
+    it is removed."""
+    assert fetch_error("http://images.invalid/ok", FetchOptions(retries=0)).reason == "fetch_error"
     monkeypatch.setenv("http_proxy", server)
     before = Handler.hits["/ok"]
     assert fetch_bytes("http://images.invalid/ok", FetchOptions(retries=0)) == b"image bytes"
     assert Handler.hits["/ok"] == before + 1
+    monkeypatch.delenv("http_proxy")
+    assert fetch_error("http://images.invalid/ok", FetchOptions(retries=0)).reason == "fetch_error"
 
 
 def test_http_connection_refused():
