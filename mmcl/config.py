@@ -96,10 +96,10 @@ class TrainConfig(_Strict):
                                      f"remove data.{key} (it follows the model)")
                 setattr(self.data, key, model_value)
         pairs_per_step = self.data.batch_size * self.train.accumulation_steps
-        if self.noise.method == "local_fdr" and pairs_per_step < LOCAL_FDR_MIN_PAIRS:
-            raise ValueError(f"noise.method local_fdr compares each pair with the other pairs of its process's batch: "
-                             f"data.batch_size x train.accumulation_steps = {pairs_per_step} is too few; raise it "
-                             f"to at least {LOCAL_FDR_MIN_PAIRS} or choose noise.method: loss_mixture")
+        if self.noise.method in ("local_fdr", "loss_mixture") and pairs_per_step < LOCAL_FDR_MIN_PAIRS:
+            raise ValueError(f"noise.method {self.noise.method} compares each pair with the other pairs of its "
+                             f"process's batch: data.batch_size x train.accumulation_steps = {pairs_per_step} is "
+                             f"too few; raise it to at least {LOCAL_FDR_MIN_PAIRS} or choose noise.method: teacher")
         if self.noise.soft_target_alpha and self.loss.kind == "siglip":
             raise ValueError("noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)")
         if self.eval.every_steps and not (self.eval.zero_shot or self.eval.retrieval):

@@ -176,18 +176,59 @@ def test_auroc_matches_sklearn_with_ties() -> None:
     assert metrics["auroc"] == 1.0 and metrics["precision"] == 0.5 and metrics["recall"] == 1.0
 
 
+def synthetic_pvalues(noisy: np.ndarray, seed: int = 0) -> np.ndarray:
+    """In-batch p-values as `null_pvalues` gives them: uniform for mismatched pairs, near 0 for matched ones."""
+    rng = np.random.default_rng(seed)
+    return np.where(noisy, rng.random(len(noisy)), rng.beta(0.5, 20.0, len(noisy)))
+
+
 def test_weighter_warmup_ramp_and_floor() -> None:
     weighter = PairWeighter(NoiseConfig(method="loss_mixture", warmup_steps=10, ramp_steps=4, floor=0.2, refit_every=1))
     losses, noisy = synthetic_losses(512, 0.3)
     signal = torch.tensor(losses, dtype=torch.float32)
+    pvalues = torch.tensor(synthetic_pvalues(noisy, seed=1), dtype=torch.float32)
     for step in range(10):  # warm-up: uniform weights while the mixture learns
-        assert torch.all(weighter.weights(step, signal, signal) == 1.0)
-    ramped = [weighter.weights(step, signal, signal) for step in range(10, 15)]
+        assert torch.all(weighter.weights(step, signal, signal, pvalues, pvalues) == 1.0)
+    ramped = [weighter.weights(step, signal, signal, pvalues, pvalues) for step in range(10, 15)]
     noisy_means = [w[torch.tensor(noisy)].mean().item() for w in ramped]
     assert noisy_means == sorted(noisy_means, reverse=True)  # blends in over ramp_steps
     final = ramped[-1]
     assert final.min().item() >= 0.2 and final[torch.tensor(~noisy)].mean() > 0.9
     assert final[torch.tensor(noisy)].mean() < 0.3
+
+
+def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_modes() -> None:
+    """Before the window's losses separate, loss_mixture keeps or drops each pair by local_fdr's test on its
+    p-value (hard weights); once they separate, the mixture's posterior takes over. The starter's state is
+    checkpointed with the mixture's."""
+    cfg = NoiseConfig(method="loss_mixture", warmup_steps=0, ramp_steps=0, window=1024, refit_every=1)
+    weighter = PairWeighter(cfg)
+    rng = np.random.default_rng(3)
+    noisy = rng.random(256) < 0.4
+    pvalues = torch.tensor(synthetic_pvalues(noisy, seed=30), dtype=torch.float32)
+    one_mode = torch.tensor(rng.gamma(4.0, 0.25, 256), dtype=torch.float32)  # the losses do not tell them apart yet
+    for step in range(4):
+        weights = weighter.weights(step, one_mode, one_mode, pvalues, pvalues)
+    assert weighter.estimator.params is None
+    assert set(weights.unique().tolist()) == {0.0, 1.0}
+    assert weights[torch.tensor(~noisy)].mean() > 0.95 and weights[torch.tensor(noisy)].mean() < 0.3
+    weighter.record(weights, torch.tensor(noisy))
+    assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the starter's, before the mixture's
+
+    restored = PairWeighter(cfg)
+    restored.load_state_dict(json.loads(json.dumps(weighter.state_dict())))
+    assert restored.starter.params == weighter.starter.params
+
+    losses, noisy = synthetic_losses(1024, 0.4, seed=4)
+    two_modes = torch.tensor(losses, dtype=torch.float32)
+    unrelated = torch.tensor(np.random.default_rng(5).random(1024), dtype=torch.float32)
+    for step in range(4, 8):
+        weights = weighter.weights(step, two_modes, two_modes, unrelated, unrelated)
+    assert weighter.estimator.params is not None
+    assert ((weights > 0.01) & (weights < 0.99)).any()  # the mixture's soft posterior
+    assert auroc(1 - weights.numpy(), noisy) > 0.95  # from the losses: these p-values are noise
+    with pytest.raises(ValueError, match="loss_mixture needs the pairs' in-batch p-values"):
+        weighter.weights(8, two_modes, two_modes)
 
 
 def test_noise_config_errors() -> None:

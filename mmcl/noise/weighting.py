@@ -3,7 +3,9 @@
 Estimators (noise.method), none of which needs epochs, a full pass or an external model:
   local_fdr        each pair's loss against the batch's own mismatched (off-diagonal) pairs -> p-value ->
                    window -> noise rate and local false discovery rate -> P(clean) (no fitted noise mode)
-  loss_mixture     the student's own per-pair losses -> online two-component mixture -> P(clean)
+  loss_mixture     the student's own per-pair losses -> online two-component mixture -> P(clean); until the
+                   window's losses show two modes, local_fdr's test on the same pairs keeps (1 - lfdr >= 0.5)
+                   or drops each one, so weighting starts as soon as the batches show matched pairs
   teacher          the same on a momentum teacher's per-pair losses (+ optional soft targets)
   alignment_score  a precomputed per-pair score from the shards' .json ("alignment_score", higher = better
                    match, from any existing model), mapped linearly by noise.score_range or by the mixture
@@ -32,6 +34,10 @@ class PairWeighter:
             cfg.method == "alignment_score" and cfg.score_range is None
         )
         self.estimator: OnlineMixture | LocalFdr | None = None
+        # loss_mixture's start: a small set seen many times is memorized, mismatched pairs included, long before
+        # the losses form two modes; the in-batch null tells the pairs apart earlier (hard weights: the soft
+        # 1 - lfdr leaves memorized mismatched pairs ~0.4, and training on them blurs the modes still more)
+        self.starter = LocalFdr(cfg.window) if cfg.method == "loss_mixture" else None
         if cfg.method == "local_fdr":
             self.estimator = LocalFdr(cfg.window)
         elif uses_mixture:
@@ -52,15 +58,33 @@ class PairWeighter:
             return 1.0
         return min(1.0, (step - self.cfg.warmup_steps + 1) / self.cfg.ramp_steps)
 
-    def weights(self, step: int, signal: Tensor, global_signal: Tensor) -> Tensor:
+    def weights(
+        self,
+        step: int,
+        signal: Tensor,
+        global_signal: Tensor,
+        pvalues: Tensor | None = None,
+        global_pvalues: Tensor | None = None,
+    ) -> Tensor:
         """Weights for this rank's pairs; `global_signal` (every rank's, identical on all ranks) updates the
-        estimate, so all ranks keep the same state."""
+        estimate, so all ranks keep the same state. loss_mixture also takes the pairs' in-batch p-values
+        (`null_pvalues`) for its start."""
+        start = None
+        if self.starter is not None:
+            if pvalues is None or global_pvalues is None:
+                raise ValueError("noise.method loss_mixture needs the pairs' in-batch p-values (null_pvalues)")
+            start = self.starter.clean_probability(pvalues.detach().double().cpu().numpy()) >= 0.5
+            self.starter.add(global_pvalues.detach().double().cpu().numpy())
+            if step % self.cfg.refit_every == 0:
+                self.starter.fit()
         local = signal.detach().double().cpu().numpy()
         if self.cfg.method == "alignment_score" and self.cfg.score_range is not None:
             low, high = self.cfg.score_range
             estimate = np.clip((-local - low) / (high - low), 0.0, 1.0)  # signal is -score
         else:
             estimate = self.estimator.clean_probability(local)
+            if start is not None and self.estimator.params is None:  # no two loss modes (yet)
+                estimate = start.astype(np.float64)
             self.estimator.add(global_signal.detach().double().cpu().numpy())
             if step % self.cfg.refit_every == 0:
                 self.estimator.fit()
@@ -80,8 +104,9 @@ class PairWeighter:
         if not len(self.recent_weights):
             return {}
         result = {"noise_mean_weight": float(self.recent_weights.mean())}
-        if self.estimator is not None and self.estimator.noise_rate is not None:
-            result["noise_rate_estimate"] = self.estimator.noise_rate
+        estimators = [e for e in (self.estimator, self.starter) if e is not None and e.noise_rate is not None]
+        if estimators:  # the mixture's once it has two modes, before that its starter's
+            result["noise_rate_estimate"] = estimators[0].noise_rate
         if isinstance(self.estimator, OnlineMixture) and self.estimator.params is not None:
             result["noise_separation"] = float(self.estimator.params["separation"])
         if isinstance(self.estimator, LocalFdr) and self.estimator.params is not None:
@@ -93,6 +118,7 @@ class PairWeighter:
     def state_dict(self) -> dict:
         return {
             "estimator": self.estimator.state_dict() if self.estimator is not None else None,
+            "starter": self.starter.state_dict() if self.starter is not None else None,
             "recent_weights": self.recent_weights.tolist(),
             "recent_noisy": self.recent_noisy.tolist(),
             "has_truth": self.has_truth,
@@ -101,6 +127,8 @@ class PairWeighter:
     def load_state_dict(self, state: dict) -> None:
         if self.estimator is not None and state.get("estimator") is not None:
             self.estimator.load_state_dict(state["estimator"])
+        if self.starter is not None and state.get("starter") is not None:
+            self.starter.load_state_dict(state["starter"])
         self.recent_weights = np.asarray(state["recent_weights"], dtype=np.float64)
         self.recent_noisy = np.asarray(state["recent_noisy"], dtype=bool)
         self.has_truth = bool(state["has_truth"])

@@ -172,12 +172,13 @@ class Trainer:
         Features here carry no graph: the estimate must not be trained through."""
         if not self.weighter.active:
             return None, None
-        method, soft = self.cfg.noise.method, None
+        method, soft, pvalues = self.cfg.noise.method, None, None
         if method == "local_fdr":
             signal = null_pvalues(media, text, logit_scale)
         elif method == "loss_mixture":
             with torch.no_grad():
                 signal = self._loss(media, text, logit_scale, logit_bias)["per_sample_loss"]
+            pvalues = null_pvalues(media, text, logit_scale).float()
         elif method == "teacher":
             device = self.accelerator.device
             media_in = torch.cat([b["media"] for b in batches]).to(device)
@@ -195,7 +196,10 @@ class Trainer:
                     "add it when sharding (a manifest column) or choose another noise.method"
                 )
             signal = -torch.cat(scores).to(media.device)
-        weights = self.weighter.weights(self.state.step, signal.float(), gather_no_grad(signal.float()))
+        weights = self.weighter.weights(
+            self.state.step, signal.float(), gather_no_grad(signal.float()),
+            pvalues, None if pvalues is None else gather_no_grad(pvalues),
+        )
         noisy = [b["noisy"] for b in batches]
         self.weighter.record(weights, None if any(n is None for n in noisy) else torch.cat(noisy))
         return weights.to(media.device), soft
