@@ -13,6 +13,10 @@ signals against the truth:
 A checkpoint trained on the clean pairs bounds what an estimator that learns from the noisy ones can
 reach with this model: an estimator's `noise_auroc` near it is at the model's limit.
 
+It then shows how local_fdr's weights are calibrated: fitted on all the scored p-values, the mean 1 - lfdr
+of the pairs in each p-value bin next to the true share of matched pairs there. Where the two agree, the
+weights are as good as this model's ranking allows, and what is left is the ranking itself.
+
     .venv/bin/python bench/detection_ceiling.py \\
         --checkpoint bench/out/noise/runs/image30000-micro_resnet-r0-none-s0-n2400 \\
         --shards bench/out/noise/shards/image30000-r0.5-s0 --max-shards 4
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import random
 import sys
@@ -38,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from mmcl.data.pipeline import keyed_samples  # noqa: E402
 from mmcl.eval.loading import load_eval_model  # noqa: E402
 from mmcl.losses import contrastive_loss  # noqa: E402
-from mmcl.noise.local_fdr import null_pvalues  # noqa: E402
+from mmcl.noise.local_fdr import LocalFdr, null_pvalues  # noqa: E402
 from mmcl.noise.metrics import auroc  # noqa: E402
 
 
@@ -97,6 +102,27 @@ def score(
     return {name: np.asarray(values) for name, values in signals.items()}, np.asarray(kept)
 
 
+CALIBRATION_EDGES = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
+
+
+def calibration(pvalues: np.ndarray, noisy: np.ndarray) -> list[str]:
+    """Lines of a table: per p-value bin, the pairs in it, their true share of matched pairs and their mean
+    local_fdr weight (1 - lfdr, fitted on all of `pvalues` at once), then the mean weight of each group."""
+    fdr = LocalFdr(len(pvalues))
+    fdr.add(pvalues)
+    params = fdr.fit()
+    weights = fdr.clean_probability(pvalues)
+    lines = [f"  local_fdr on all {len(pvalues)} p-values: noise rate estimate {params['pi0']:.3f}; mean weight "
+             f"of matched pairs {weights[~noisy].mean():.3f}, of mismatched ones {weights[noisy].mean():.3f}",
+             "  p-value bin      pairs  matched share  mean weight"]  # fmt: skip
+    for low, high in itertools.pairwise(CALIBRATION_EDGES):
+        inside = (pvalues >= low) & ((pvalues < high) if high < 1.0 else (pvalues <= high))
+        if inside.any():
+            lines.append(f"  [{low:.3f}, {high:.3f}) {inside.sum():6d}  {1 - noisy[inside].mean():13.3f}  "
+                         f"{weights[inside].mean():11.3f}")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="an mmcl run folder or checkpoint folder")
@@ -114,6 +140,7 @@ def main() -> None:
           f"checkpoint {args.checkpoint}")  # fmt: skip
     for name, values in signals.items():
         print(f"  {name:28s} AUROC {auroc(values, truth):.4f}")
+    print("\n".join(calibration(signals["p-value"], truth)))
 
 
 if __name__ == "__main__":
