@@ -143,7 +143,8 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     logs.mkdir(parents=True, exist_ok=True)
     pairs = sum(1 for _ in open(data["train"])) - 1
     run([sys.executable, "-m", "mmcl", "shard", f"{modality}-text", "--input", data["train"], "--output", shards,
-         "--shard-size", max(8, pairs // 16), "--shuffle", "--seed", seed, "--noise-rate", rate, "--quiet",
+         "--shard-size", max(8, pairs // 16), "--shuffle", "--seed", seed, "--noise-rate", rate, "--label-column", "label",
+         "--quiet",
          *(["--sample-rate", "16000", "--max-seconds", "1.5"] if modality == "audio" else ["--image-format", "png"])],
         logs / f"shard-{shards.name}.log")
     if method == ORACLE:

@@ -113,7 +113,7 @@ def _shard(modality: str, manifest: Path, out: Path, noise_rate: float, seed: in
     pairs = sum(1 for _ in open(manifest)) - 1
     command = _mmcl(
         "shard", f"{modality}-text", "--input", manifest, "--output", out, "--shard-size", max(8, pairs // 16),
-        "--shuffle", "--seed", seed, "--noise-rate", noise_rate, "--quiet",
+        "--shuffle", "--seed", seed, "--noise-rate", noise_rate, "--label-column", "label", "--quiet",
     )
     command += ["--sample-rate", "16000", "--max-seconds", "1.5"] if modality == "audio" else ["--image-format", "png"]
     _run(command, logs / f"shard-{modality}.log")

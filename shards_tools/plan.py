@@ -54,6 +54,9 @@ def mark_duplicates(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
         yield item
 
 
+LABEL_LIKE_COLUMNS = ("label", "class", "category", "class_name")
+
+
 def content_id(item: SourceItem) -> int:
     """What a pair's caption says, as a number: its label when it has one, else its captions. Two items with
     the same content id describe the same thing, so giving one the other's caption injects no noise."""
@@ -99,6 +102,9 @@ class ShardPlanner:
         self._file = tempfile.TemporaryFile(prefix="mmcl-plan-")
         self._offsets = array("q")
         self.labels: set[str] = set()
+        # manifest columns that look like class labels but were not given as --label-column: noise then tells
+        # captions apart by their text, so a noisy pair may get another wording of its own class
+        self.unused_label_columns: set[str] = set()
         good = bytearray()  # 1 for items without a known problem (candidates for caption noise)
         contents = array("q")
         sizes = array("q")
@@ -108,6 +114,8 @@ class ShardPlanner:
             good.append(item.problem is None)
             if noise_rate > 0:
                 contents.append(content_id(item))
+                if item.label is None:
+                    self.unused_label_columns.update(k for k in item.meta if k.lower() in LABEL_LIKE_COLUMNS)
             if item.label is not None:
                 self.labels.add(item.label)
             if max_shard_bytes:

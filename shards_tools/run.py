@@ -99,6 +99,12 @@ def _write_planned(config: ShardConfig, output: Path, planner: ShardPlanner, pro
         print(f"warning: --noise-rate {config.noise_rate:g} asked for {planner.noise_requested} mismatched pairs; "
               f"only {len(planner.noise_permutation())} can get a caption of another label or text (one label "
               f"holds most of the items); the manifest records the pairs made", file=sys.stderr)
+    if planner.unused_label_columns:
+        column = sorted(planner.unused_label_columns)[0]
+        print(f"warning: --noise-rate without --label-column: a noisy pair gets a caption with other text, which "
+              f"can name its own class in other words (a matched pair recorded as noisy); column {column!r} looks "
+              f"like a class label: pass --label-column {column} so that every noisy pair gets another class's "
+              f"caption", file=sys.stderr)
     part, parts = config.part or (0, 1)
     mine = [index for index in range(len(planner)) if index % parts == part]
     _remove_stale_temporaries(output, [shard_name(config.prefix, index) for index in mine], part, parts)

@@ -425,3 +425,34 @@ def test_tar_members_are_the_bytes_webdataset_writes(tmp_path: Path) -> None:
                 writer.write(sample)
         assert ours == theirs.getvalue()
     assert b"PaxHeader" in ours[:512] and ours.count(b"PaxHeader") == 3  # the non-ASCII key's 3 members only
+
+
+def test_noise_with_a_label_column_never_gives_a_pair_its_own_class(tmp_path: Path) -> None:
+    """Captions in several wordings per class: without --label-column the noise tells captions apart by text,
+    so some noisy pairs get their own class in other words (matched pairs recorded as noisy), and the sharder
+    says which column to pass; with it, every noisy pair gets another class's caption."""
+    root = tmp_path / "in"
+    rows = []
+    for i in range(60):
+        colour = COLOURS[i % 4]
+        make_image(root / f"{i:03d}.png", colour, size=(16, 16), seed=i)
+        rows.append({"path": f"{i:03d}.png", "caption": f"{['a', 'one', 'the'][i % 3]} {colour} square", "label": colour})
+    manifest = root / "pairs.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def own_class_noisy(out: Path) -> int:
+        samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode())
+        noisy = [s for s in samples if s["json"]["noisy"]]
+        assert len(noisy) == 30
+        return sum(s["json"]["label"] in s["txt"] for s in noisy)
+
+    unlabelled = shard(manifest, tmp_path / "text", "--noise-rate", "0.5", "--seed", "1", "--shard-size", "60")
+    assert "pass --label-column label" in unlabelled.stderr
+    assert own_class_noisy(tmp_path / "text") > 0
+    labelled = shard(manifest, tmp_path / "label", "--noise-rate", "0.5", "--seed", "1", "--shard-size", "60",
+                     "--label-column", "label")  # fmt: skip
+    assert "--label-column" not in labelled.stderr
+    assert own_class_noisy(tmp_path / "label") == 0
