@@ -290,8 +290,9 @@ def _keep_one_configuration(root: Path, args: argparse.Namespace) -> None:
     """A work folder holds the shards, runs and report of one configuration: a re-run with the same settings
     resumes, one with other settings starts them afresh (the data folders check their own parameters).
     Without this a finished run of other settings would be evaluated as if it were this one's."""
+    # noise_by_label: noisy pairs get another label's caption (folders from before, other text, start afresh)
     settings = {"size": args.size, "noise_rate": args.noise_rate, "noise_method": args.noise_method,
-                "processes": args.processes, "seed": args.seed}  # fmt: skip
+                "processes": args.processes, "seed": args.seed, "noise_by_label": True}  # fmt: skip
     marker = root / "settings.json"
     try:
         previous = json.loads(marker.read_text())
