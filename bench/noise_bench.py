@@ -70,8 +70,7 @@ WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
 RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.yaml"}
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
 # further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha)
-VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3},
-            "local_fdr_keep": {"method": "local_fdr", "keep_threshold": 0.5}}
+VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3}}
 TEST_TAGS = ["", "-test10000"]  # result-file suffixes: the default test sets, all 10,000 Fashion-MNIST test images
 ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
 

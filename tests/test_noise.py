@@ -197,24 +197,6 @@ def test_weighter_warmup_ramp_and_floor() -> None:
     assert final[torch.tensor(noisy)].mean() < 0.3
 
 
-def test_keep_threshold_turns_clean_probability_into_keep_or_drop() -> None:
-    """local_fdr's P(clean) against the threshold: pairs at or above it weigh 1, the rest 0 (then the ramp
-    and the floor as for soft weights), so the same p-values give the soft weights' ranking as a decision."""
-    noisy = np.random.default_rng(3).random(2048) < 0.5
-    pvalues = torch.tensor(synthetic_pvalues(noisy, seed=4), dtype=torch.float32)
-    soft = PairWeighter(NoiseConfig(method="local_fdr", warmup_steps=0, ramp_steps=0, window=2048, refit_every=1))
-    hard = PairWeighter(NoiseConfig(method="local_fdr", warmup_steps=0, ramp_steps=0, window=2048, refit_every=1,
-                                    keep_threshold=0.5, floor=0.1))  # fmt: skip
-    for weighter in (soft, hard):
-        weighter.weights(0, pvalues, pvalues)  # fills the window and fits
-    soft_weights, hard_weights = soft.weights(1, pvalues, pvalues), hard.weights(1, pvalues, pvalues)
-    assert hard_weights.unique().tolist() == pytest.approx([0.1, 1.0])
-    assert torch.equal(hard_weights == 1.0, soft_weights >= 0.5)
-    assert 0 < soft_weights[torch.tensor(noisy)].mean() and hard_weights[torch.tensor(~noisy)].mean() > 0.95
-    with pytest.raises(ValueError, match="keep_threshold"):
-        NoiseConfig(method="local_fdr", keep_threshold=1.5)
-
-
 def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_modes() -> None:
     """Before the window's losses separate, loss_mixture keeps or drops each pair by local_fdr's test on its
     p-value (hard weights); once they separate, the mixture's posterior takes over. The starter's state is

@@ -26,10 +26,6 @@ class NoiseConfig(BaseModel):
     score_range: tuple[float, float] | None = Field(
         None, description="alignment_score: scores mapped linearly to weights 0..1 (None: fit the mixture on them)"
     )
-    keep_threshold: float | None = Field(
-        None, gt=0, lt=1,
-        description="keep (1) or drop (0) each pair by whether its P(clean) reaches this, instead of weighting by it",
-    )
     log_every: int = Field(50, ge=1, description="steps between weight histograms and detection metrics")
 
     @model_validator(mode="after")

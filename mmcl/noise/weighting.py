@@ -9,7 +9,6 @@ Estimators (noise.method), none of which needs epochs, a full pass or an externa
   teacher          the same on a momentum teacher's per-pair losses (+ optional soft targets)
   alignment_score  a precomputed per-pair score from the shards' .json ("alignment_score", higher = better
                    match, from any existing model), mapped linearly by noise.score_range or by the mixture
-With noise.keep_threshold, P(clean) becomes a decision: 1 where it reaches the threshold, else 0.
 Weights start uniform (noise.warmup_steps: the model must learn before its losses mean anything), then blend
 in over noise.ramp_steps, and never go below noise.floor, so weighting cannot collapse training.
 """
@@ -89,8 +88,6 @@ class PairWeighter:
             self.estimator.add(global_signal.detach().double().cpu().numpy())
             if step % self.cfg.refit_every == 0:
                 self.estimator.fit()
-        if self.cfg.keep_threshold is not None:
-            estimate = (estimate >= self.cfg.keep_threshold).astype(np.float64)
         blended = 1.0 - self.ramp(step) * (1.0 - estimate)
         return torch.as_tensor(np.maximum(blended, self.cfg.floor), dtype=signal.dtype, device=signal.device)
 
