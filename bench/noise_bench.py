@@ -71,7 +71,8 @@ RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.y
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
 # further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha)
 VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3}}
-TEST_TAGS = ["", "-test10000"]  # result-file suffixes: the default test sets, all 10,000 Fashion-MNIST test images
+FULL_TEST_TAG = "-test10000"
+TEST_TAGS = ["", FULL_TEST_TAG]  # result-file suffixes: the default test sets, all 10,000 Fashion-MNIST test images
 ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
 
 
@@ -126,9 +127,10 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     measured on another test set is evaluated again from its checkpoint (retrained if that is gone)."""
     name = f"{dataset}-{recipe.stem}-r{rate:g}-{method}-s{seed}-n{steps}"
     # one result per run and test set; a run scored on another test set is evaluated again from its checkpoint
-    result_file = work / "results" / f"{name}{data.get('test_tag', '')}.json"
+    own_tag = data.get("test_tag", "")
+    result_file = work / "results" / f"{name}{own_tag}.json"
     run_dir = work / "runs" / name
-    for scored in [result_file, *(work / "results" / f"{name}{tag}.json" for tag in TEST_TAGS)]:
+    for scored in [result_file, *(work / "results" / f"{name}{tag}.json" for tag in TEST_TAGS if tag != own_tag)]:
         if not scored.exists():
             continue
         result = json.loads(scored.read_text())
@@ -262,7 +264,7 @@ def main() -> None:
         data["image"] = build_fashion_mnist(work / "data" / f"fashion-mnist{suffix}", args.image_pairs, IMAGE_TEST_PER_CLASS)
         if args.image_test == "full":  # the same training pairs, scored on the whole test split
             full = build_fashion_mnist(work / "data" / "fashion-mnist-test10000", 0, FULL_TEST_PER_CLASS)
-            data["image"].update(test=full["test"], test_tag="-test10000")
+            data["image"].update(test=full["test"], test_tag=FULL_TEST_TAG)
         datasets["image"] = "image" if default else f"image{args.image_pairs}"
     if "audio" in args.modality:
         default = args.audio_repeats == AUDIO_REPEATS
