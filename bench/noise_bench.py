@@ -23,6 +23,11 @@ a standard error of ~1 point, as large as the gaps the targets ask about; cached
 trained is only scored again):
 
     .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 2400 --rates 0 0.5 --image-test full
+
+Twice the steps (10 passes; ~13-15 min a run; the thirteenth session's image rows in docs/BENCHMARKS.md):
+
+    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 4800 --rates 0 0.5 \
+        --methods local_fdr none oracle --image-test full
 """
 
 from __future__ import annotations
