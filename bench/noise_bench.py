@@ -74,11 +74,8 @@ WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
 # image: the micro ResNet learns these pairs to 88-89% zero-shot at 1,200 steps (the micro ViT of micro.yaml: ~75%)
 RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.yaml"}
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
-# further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha),
-# local_fdr with a fitted linear null (noise.null_shape) or with its odds squared (noise.sharpen)
-VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3},
-            "local_fdr_linear": {"method": "local_fdr", "null_shape": "linear"},
-            "local_fdr_sharp": {"method": "local_fdr", "sharpen": 2.0}}
+# further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha)
+VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3}}
 FULL_TEST_TAG = "-test10000"
 TEST_TAGS = ["", FULL_TEST_TAG]  # result-file suffixes: the default test sets, all 10,000 Fashion-MNIST test images
 ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting

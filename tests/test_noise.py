@@ -25,7 +25,7 @@ from mmcl.noise.local_fdr import LocalFdr, decreasing, null_pvalues
 from mmcl.noise.metrics import auroc, detection_metrics
 from mmcl.noise.mixture import OnlineMixture
 from mmcl.noise.teacher import MomentumTeacher
-from mmcl.noise.weighting import PairWeighter, sharpened
+from mmcl.noise.weighting import PairWeighter
 from shards_tools.config import build_config
 from shards_tools.run import run_sharding
 
@@ -167,47 +167,6 @@ def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     assert copy.params == fdr.params
 
 
-def test_local_fdr_linear_null_counts_mismatched_pairs_that_lean_to_low_p_values() -> None:
-    """A model that has partly memorized its mismatched pairs gives them p-values denser at low p (here the
-    density 1.5 - p). Storey's uniform null under-counts them there and leaves them weight; the linear null,
-    fitted where matched pairs are rare, follows the lean: the noise rate comes out right and the mismatched
-    pairs weigh less, at the same ranking."""
-    rng = np.random.default_rng(11)
-    noisy = rng.random(8192) < 0.5
-    leaning = 1.5 - np.sqrt(2.25 - 2.0 * rng.random(8192))  # inverse CDF of the density 1.5 - p on [0, 1]
-    pvalues = np.where(noisy, leaning, rng.beta(0.5, 20.0, 8192))
-    fitted = {}
-    for null in ("uniform", "linear"):
-        fdr = LocalFdr(window=8192, null=null)
-        fdr.add(pvalues)
-        fdr.fit()
-        fitted[null] = (fdr.noise_rate, fdr.clean_probability(pvalues))
-    (uniform_rate, uniform), (linear_rate, linear) = fitted["uniform"], fitted["linear"]
-    assert abs(uniform_rate - 0.375) < 0.03 and abs(linear_rate - 0.5) < 0.05  # Storey: P(p > 0.5) / 0.5
-    assert linear[noisy].mean() < 0.6 * uniform[noisy].mean()
-    assert linear[~noisy].mean() > 0.8
-    assert auroc(1 - linear, noisy) == pytest.approx(auroc(1 - uniform, noisy), abs=0.01)
-
-
-def test_sharpen_raises_the_odds_of_the_estimate_to_a_power() -> None:
-    probability = np.array([0.0, 0.1, 0.5, 0.9, 1.0])
-    assert np.array_equal(sharpened(probability, 1.0), probability)
-    squared = sharpened(probability, 2.0)
-    assert squared == pytest.approx([0.0, 0.01 / 0.82, 0.5, 0.81 / 0.82, 1.0])
-    cfg = {"method": "local_fdr", "warmup_steps": 0, "ramp_steps": 0, "refit_every": 1, "window": 1024}
-    noisy = np.random.default_rng(2).random(1024) < 0.5
-    pvalues = torch.tensor(synthetic_pvalues(noisy, seed=21), dtype=torch.float64)
-    plain, sharp = PairWeighter(NoiseConfig(**cfg)), PairWeighter(NoiseConfig(**cfg, sharpen=2.0))
-    for step in range(2):  # the first call fits, the second weights
-        weights, sharp_weights = plain.weights(step, pvalues, pvalues), sharp.weights(step, pvalues, pvalues)
-    assert weights.min() < 0.5 < weights.max()
-    assert torch.allclose(sharp_weights, torch.as_tensor(sharpened(weights.numpy(), 2.0)))
-    unsure = (weights > 0) & (weights < 1)
-    doubted, trusted = unsure & (weights < 0.5), unsure & (weights > 0.5)
-    assert doubted.any() and trusted.any()
-    assert torch.all(sharp_weights[doubted] < weights[doubted]) and torch.all(sharp_weights[trusted] > weights[trusted])
-
-
 def test_auroc_matches_sklearn_with_ties() -> None:
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 5, 300).astype(float)
@@ -275,10 +234,6 @@ def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_mo
 def test_noise_config_errors() -> None:
     with pytest.raises(ValueError, match="soft_target_alpha needs noise.method: teacher"):
         NoiseConfig(method="loss_mixture", soft_target_alpha=0.3)
-    with pytest.raises(ValueError, match="noise.null_shape shapes local_fdr's estimate"):
-        NoiseConfig(method="teacher", null_shape="linear")
-    with pytest.raises(ValueError, match="sharpen"):
-        NoiseConfig(method="local_fdr", sharpen=0.5)
     with pytest.raises(UsageError, match="data.batch_size x train.accumulation_steps = 4 is too few"):
         load_train_config(REPO / "configs" / "image_text" / "micro.yaml", ["noise.method=local_fdr", "data.batch_size=4"])
 

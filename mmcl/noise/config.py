@@ -19,12 +19,6 @@ class NoiseConfig(BaseModel):
     window: int = Field(4096, ge=64, description="recent per-pair signals (losses, p-values) the estimate is fitted on")
     refit_every: int = Field(10, ge=1, description="steps between refits of the estimate")
     mixture: Literal["gaussian", "beta"] = "gaussian"
-    null_shape: Literal["uniform", "linear"] = Field(
-        "uniform", description="local_fdr: the mismatched pairs' p-value density, Storey's uniform or a fitted line"
-    )
-    sharpen: float = Field(
-        1.0, ge=1, description="raise each estimate's odds P(clean) / P(mismatched) to this power (1: as estimated)"
-    )
     teacher_momentum: float = Field(0.99, gt=0, lt=1, description="EMA momentum of the teacher's weights")
     soft_target_alpha: float = Field(
         0.0, ge=0, le=1, description="teacher: mix this much of the teacher's distribution into the targets"
@@ -38,11 +32,6 @@ class NoiseConfig(BaseModel):
     def _check(self) -> NoiseConfig:
         if self.soft_target_alpha and self.method != "teacher":
             raise ValueError("noise.soft_target_alpha needs noise.method: teacher (the targets come from it)")
-        if self.null_shape != "uniform" and self.method not in ("local_fdr", "loss_mixture"):
-            raise ValueError(
-                "noise.null_shape shapes local_fdr's estimate (and loss_mixture's start): set noise.method: local_fdr, "
-                "or leave null_shape: uniform"
-            )
         if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
             raise ValueError(f"noise.score_range must be [low, high] with low < high, got {list(self.score_range)}")
         return self

@@ -20,17 +20,9 @@ mostly mismatched ones at high noise, and lock that in. So a fit only weights wh
 <= lambda exceeds what all-mismatched pairs give (a binomial(n, lambda)) by GATE_Z standard deviations;
 otherwise weights stay uniform. Each refit checks again, so weighting starts once the model has learned
 enough and stops if the evidence fades.
-
-Storey's null is uniform: it assumes a mismatched pair's p-value is equally likely anywhere in [0, 1]. On a
-model that has trained on its mismatched pairs for a while their p-values lean low (the model has partly
-memorized them), so the uniform null under-counts them at small p and leaves them weight. `null_shape: linear`
-fits the null's density as a line on p > LINEAR_NULL_FROM, where matched pairs are rare, and extends it
-down to 0, so the lean is counted where matched and mismatched pairs overlap.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import numpy as np
 import torch
@@ -41,7 +33,6 @@ from mmcl.noise.window import MIN_FIT_VALUES, ValueWindow
 
 BINS = 50
 STOREY_LAMBDA = 0.5
-LINEAR_NULL_FROM = 0.3  # null_shape: linear is fitted on the bins above this p-value
 GATE_Z = 3.0  # matched pairs must show as this many standard deviations above the all-mismatched count
 
 
@@ -69,12 +60,10 @@ def null_pvalues(media_features: Tensor, text_features: Tensor, logit_scale: Ten
 
 
 class LocalFdr:
-    """Storey's pi0 and a monotone lfdr(p), refitted on a window of recent p-values. `null` is the shape
-    assumed for mismatched pairs' p-values: "uniform" (Storey) or "linear" (fitted on p > LINEAR_NULL_FROM)."""
+    """Storey's pi0 and a monotone lfdr(p), refitted on a window of recent p-values."""
 
-    def __init__(self, window: int, null: Literal["uniform", "linear"] = "uniform") -> None:
+    def __init__(self, window: int) -> None:
         self.window = ValueWindow(window)
-        self.null = null
         self.params: dict | None = None  # {"pi0", "evidence_z", "gate_open", "lfdr": [BINS floats]} once fitted
 
     def add(self, pvalues: np.ndarray) -> None:
@@ -92,10 +81,7 @@ class LocalFdr:
         evidence_z = (below - n * STOREY_LAMBDA) / np.sqrt(n * STOREY_LAMBDA * (1.0 - STOREY_LAMBDA))
         counts, _ = np.histogram(np.clip(data, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
         density = decreasing(counts * BINS / n)
-        null_density = np.full(BINS, pi0) if self.null == "uniform" else linear_null(density)
-        lfdr = np.minimum(1.0, null_density / np.maximum(density, 1e-12))
-        if self.null == "linear":
-            pi0 = float(min(1.0, null_density.mean()))
+        lfdr = np.minimum(1.0, pi0 / np.maximum(density, 1e-12))
         self.params = {"pi0": pi0, "evidence_z": float(evidence_z), "gate_open": bool(evidence_z >= GATE_Z),
                        "lfdr": lfdr.tolist()}
         return self.params
@@ -121,15 +107,6 @@ class LocalFdr:
         self.params = state["params"]
         if self.params is not None and "gate_open" not in self.params:  # saved before the gate: refit the window
             self.fit()
-
-
-def linear_null(density: np.ndarray) -> np.ndarray:
-    """The mismatched pairs' share of `density` (per bin) as a line fitted on the bins above LINEAR_NULL_FROM
-    and extended down to p = 0; never negative, never above the density itself."""
-    centres = (np.arange(len(density)) + 0.5) / len(density)
-    above = centres > LINEAR_NULL_FROM
-    slope, intercept = np.polyfit(centres[above], density[above], 1)
-    return np.clip(intercept + slope * centres, 0.0, density)
 
 
 def decreasing(values: np.ndarray) -> np.ndarray:

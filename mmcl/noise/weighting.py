@@ -9,9 +9,8 @@ Estimators (noise.method), none of which needs epochs, a full pass or an externa
   teacher          the same on a momentum teacher's per-pair losses (+ optional soft targets)
   alignment_score  a precomputed per-pair score from the shards' .json ("alignment_score", higher = better
                    match, from any existing model), mapped linearly by noise.score_range or by the mixture
-noise.sharpen raises each estimate's odds to a power (2: a pair left at 0.1 drops to 0.012, one at 0.9 rises
-to 0.988). Weights start uniform (noise.warmup_steps: the model must learn before its losses mean anything),
-then blend in over noise.ramp_steps, and never go below noise.floor, so weighting cannot collapse training.
+Weights start uniform (noise.warmup_steps: the model must learn before its losses mean anything), then blend
+in over noise.ramp_steps, and never go below noise.floor, so weighting cannot collapse training.
 """
 
 from __future__ import annotations
@@ -26,15 +25,6 @@ from mmcl.noise.metrics import detection_metrics
 from mmcl.noise.mixture import OnlineMixture
 
 
-def sharpened(probability: np.ndarray, power: float) -> np.ndarray:
-    """P(clean) with its odds raised to `power`: p^k / (p^k + (1 - p)^k). 0, 1/2 and 1 stay put; a pair the
-    estimate leaves at 0.1 drops to 0.012 at k = 2, one at 0.9 rises to 0.988."""
-    if power == 1.0:
-        return probability
-    clean, mismatched = probability**power, (1.0 - probability) ** power
-    return clean / (clean + mismatched)
-
-
 class PairWeighter:
     """Turns each batch's noise signal (higher = more likely mismatched) into per-pair weights."""
 
@@ -47,9 +37,9 @@ class PairWeighter:
         # loss_mixture's start: a small set seen many times is memorized, mismatched pairs included, long before
         # the losses form two modes; the in-batch null tells the pairs apart earlier (hard weights: the soft
         # 1 - lfdr leaves memorized mismatched pairs ~0.4, and training on them blurs the modes still more)
-        self.starter = LocalFdr(cfg.window, cfg.null_shape) if cfg.method == "loss_mixture" else None
+        self.starter = LocalFdr(cfg.window) if cfg.method == "loss_mixture" else None
         if cfg.method == "local_fdr":
-            self.estimator = LocalFdr(cfg.window, cfg.null_shape)
+            self.estimator = LocalFdr(cfg.window)
         elif uses_mixture:
             self.estimator = OnlineMixture(cfg.window, cfg.mixture)
         self.recent_weights = np.zeros(0)
@@ -98,7 +88,6 @@ class PairWeighter:
             self.estimator.add(global_signal.detach().double().cpu().numpy())
             if step % self.cfg.refit_every == 0:
                 self.estimator.fit()
-        estimate = sharpened(estimate, self.cfg.sharpen)
         blended = 1.0 - self.ramp(step) * (1.0 - estimate)
         return torch.as_tensor(np.maximum(blended, self.cfg.floor), dtype=signal.dtype, device=signal.device)
 
