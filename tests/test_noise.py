@@ -150,6 +150,26 @@ def test_local_fdr_weights_only_while_the_window_shows_matched_pairs() -> None:
             assert params["pi0"] > 0.9 and np.all(weights == 1.0)
 
 
+def test_local_fdr_waits_until_some_pairs_are_more_likely_matched_than_not() -> None:
+    """A model that has barely started learning at 80% noise: the count of low p-values shows matched pairs
+    (evidence z > 3), but their p-values lean only slightly low, so no pair is more likely matched than
+    mismatched. Weighting would train on the few pairs the model happens to agree with; weights stay uniform
+    until the matched pairs stand out."""
+    rng = np.random.default_rng(8)
+    n = 65536
+    noisy = rng.random(n) < 0.9
+    barely_learned = np.where(noisy, rng.random(n), rng.beta(0.7, 1.0, n))
+    fdr = LocalFdr(window=n)
+    fdr.add(barely_learned)
+    params = fdr.fit()
+    assert params["evidence_z"] > 3 and 1 - params["lfdr"][0] < 0.5
+    assert not params["gate_open"] and np.all(fdr.clean_probability(barely_learned) == 1.0)
+    learned = np.where(noisy, rng.random(n), rng.beta(0.5, 20.0, n))
+    fdr.add(learned)
+    assert fdr.fit()["gate_open"]
+    assert auroc(1 - fdr.clean_probability(learned), noisy) > 0.95
+
+
 def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     fdr = LocalFdr(window=512)
     fdr.add(np.random.default_rng(0).random(100))

@@ -17,9 +17,13 @@ second loss mode is needed, it also works at high noise, where a two-component m
 Weighting needs evidence that the window holds matched pairs at all. A model that has not learned yet
 gives uniform p-values (pi0 ~1), and 1 - lfdr would then favour whichever pairs it happens to agree with,
 mostly mismatched ones at high noise, and lock that in. So a fit only weights when the count of p-values
-<= lambda exceeds what all-mismatched pairs give (a binomial(n, lambda)) by GATE_Z standard deviations;
-otherwise weights stay uniform. Each refit checks again, so weighting starts once the model has learned
-enough and stops if the evidence fades.
+<= lambda exceeds what all-mismatched pairs give (a binomial(n, lambda)) by GATE_Z standard deviations,
+and when the fit finds pairs more likely matched than not (1 - lfdr >= MIN_BEST_CLEAN at the smallest
+p-values); otherwise weights stay uniform. The second condition matters at high noise: a model that has
+barely started to learn shows matched pairs in the count before it can pick them out, and weighting
+then trains on the few pairs it happens to agree with, most of them mismatched (at 80% noise on 6,000
+images that took top-1 to chance). Each refit checks again, so weighting starts once the model has
+learned enough and stops if the evidence fades.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from mmcl.noise.window import MIN_FIT_VALUES, ValueWindow
 BINS = 50
 STOREY_LAMBDA = 0.5
 GATE_Z = 3.0  # matched pairs must show as this many standard deviations above the all-mismatched count
+MIN_BEST_CLEAN = 0.5  # and the pairs with the lowest p-values must be more likely matched than not
 
 
 @torch.no_grad()
@@ -82,8 +87,8 @@ class LocalFdr:
         counts, _ = np.histogram(np.clip(data, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
         density = decreasing(counts * BINS / n)
         lfdr = np.minimum(1.0, pi0 / np.maximum(density, 1e-12))
-        self.params = {"pi0": pi0, "evidence_z": float(evidence_z), "gate_open": bool(evidence_z >= GATE_Z),
-                       "lfdr": lfdr.tolist()}
+        gate_open = evidence_z >= GATE_Z and 1.0 - lfdr[0] >= MIN_BEST_CLEAN  # lfdr is non-decreasing in p
+        self.params = {"pi0": pi0, "evidence_z": float(evidence_z), "gate_open": bool(gate_open), "lfdr": lfdr.tolist()}
         return self.params
 
     def clean_probability(self, pvalues: np.ndarray) -> np.ndarray:
