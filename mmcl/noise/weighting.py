@@ -109,8 +109,10 @@ class PairWeighter:
             result["noise_rate_estimate"] = estimators[0].noise_rate
         if isinstance(self.estimator, OnlineMixture) and self.estimator.params is not None:
             result["noise_separation"] = float(self.estimator.params["separation"])
-        if isinstance(self.estimator, LocalFdr) and self.estimator.params is not None:
-            result["noise_evidence_z"] = self.estimator.params["evidence_z"]
+        fdr = next((e for e in (self.estimator, self.starter) if isinstance(e, LocalFdr) and e.params), None)
+        if fdr is not None:  # local_fdr's, or loss_mixture's start
+            result["noise_evidence_z"] = fdr.params["evidence_z"]
+            result["noise_implied_auroc"] = fdr.params["implied_auroc"]
         if self.has_truth:
             result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
         return result
