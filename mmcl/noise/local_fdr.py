@@ -23,8 +23,8 @@ p-values), ranking them well enough by its own estimate (implied_auroc >= MIN_IM
 weights stay uniform. The last two matter at high noise: a model that has barely started to learn shows
 matched pairs in the count before it can pick them out, and weighting then trains on the few pairs it
 happens to agree with, most of them mismatched (at 80% noise on 6,000 images that took top-1 to chance).
-At 20-50% noise trained models imply 0.91-0.95, at 80% (where weighting hurt) 0.75-0.79. Each refit checks again, so weighting starts once the model has
-learned enough and stops if the evidence fades.
+At 20-50% noise trained models imply 0.91-0.95, at 80% (where weighting hurt) 0.75-0.79. Each refit
+checks again, so weighting starts once the model has learned enough and stops if the evidence fades.
 """
 
 from __future__ import annotations
