@@ -37,6 +37,7 @@ from mmcl.losses.distributed import gather_no_grad
 from mmcl.noise.window import MIN_FIT_VALUES, ValueWindow
 
 BINS = 50
+BIN_CENTRES = (np.arange(BINS) + 0.5) / BINS  # lfdr is fitted per bin and read between these
 STOREY_LAMBDA = 0.5
 GATE_Z = 3.0  # matched pairs must show as this many standard deviations above the all-mismatched count
 MIN_BEST_CLEAN = 0.5  # and the pairs with the lowest p-values must be more likely matched than not
@@ -71,7 +72,7 @@ class LocalFdr:
 
     def __init__(self, window: int) -> None:
         self.window = ValueWindow(window)
-        self.params: dict | None = None  # {"pi0", "evidence_z", "gate_open", "lfdr": [BINS floats]} once fitted
+        self.params: dict | None = None  # {"pi0", "evidence_z", "implied_auroc", "gate_open", "lfdr": [BINS floats]} once fitted
 
     def add(self, pvalues: np.ndarray) -> None:
         self.window.add(pvalues)
@@ -101,8 +102,7 @@ class LocalFdr:
         pvalues = np.asarray(pvalues, dtype=np.float64)
         if self.params is None or not self.params["gate_open"]:
             return np.ones_like(pvalues)
-        centres = (np.arange(BINS) + 0.5) / BINS
-        return 1.0 - np.interp(pvalues, centres, self.params["lfdr"])
+        return 1.0 - np.interp(pvalues, BIN_CENTRES, self.params["lfdr"])
 
     @property
     def noise_rate(self) -> float | None:
@@ -114,12 +114,13 @@ class LocalFdr:
     def load_state_dict(self, state: dict) -> None:
         self.window.load_state_dict(state)
         self.params = state["params"]
-        if self.params is not None and "implied_auroc" not in self.params:  # saved before the gate: refit the window
+        if self.params is not None and "implied_auroc" not in self.params:  # saved before the gate's checks: refit the window
             self.fit()
 
 
 def implied_auroc(density: np.ndarray, pi0: float) -> float:
-    """How well the p-values tell matched from mismatched pairs by the two-groups fit itself, no labels:
+    """How well the p-values tell matched from mismatched pairs by the two-groups fit itself, no labels
+    (`density` per bin, BINS of them):
     P(a matched pair's p < a mismatched pair's) = 1 - E[p | matched] for a uniform null, with the matched
     pairs' density (density - pi0)+ per bin. 0.5 when the fit finds no matched pairs. Optimistic when the
     matched pairs' p-values spread out (Storey's pi0 counts their upper part as null): a true 0.59 reads
@@ -127,8 +128,7 @@ def implied_auroc(density: np.ndarray, pi0: float) -> float:
     matched = np.maximum(density - pi0, 0.0)
     if matched.sum() <= 0:
         return 0.5
-    centres = (np.arange(len(density)) + 0.5) / len(density)
-    return float(1.0 - (matched * centres).sum() / matched.sum())
+    return float(1.0 - (matched * BIN_CENTRES).sum() / matched.sum())
 
 
 def decreasing(values: np.ndarray) -> np.ndarray:

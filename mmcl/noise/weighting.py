@@ -109,7 +109,7 @@ class PairWeighter:
             result["noise_rate_estimate"] = estimators[0].noise_rate
         if isinstance(self.estimator, OnlineMixture) and self.estimator.params is not None:
             result["noise_separation"] = float(self.estimator.params["separation"])
-        fdr = next((e for e in (self.estimator, self.starter) if isinstance(e, LocalFdr) and e.params), None)
+        fdr = next((e for e in estimators if isinstance(e, LocalFdr)), None)
         if fdr is not None:  # local_fdr's, or loss_mixture's start
             result["noise_evidence_z"] = fdr.params["evidence_z"]
             result["noise_implied_auroc"] = fdr.params["implied_auroc"]
