@@ -172,6 +172,26 @@ def test_local_fdr_waits_until_it_can_pick_matched_pairs_out() -> None:
     assert auroc(1 - fdr.clean_probability(learned), noisy) > 0.95
 
 
+def test_local_fdr_waits_while_only_a_few_matched_pairs_stand_out() -> None:
+    """The count shows matched pairs and the lowest p-values are mostly theirs (1 - lfdr >= 0.5), but most
+    matched pairs sit among the mismatched ones (true AUROC 0.81): only the implied AUROC keeps the gate
+    shut, until the matched pairs' p-values as a whole fall low."""
+    rng = np.random.default_rng(9)
+    n = 65536
+    kind = rng.random(n)
+    noisy, standing_out = kind < 0.8, (kind >= 0.8) & (kind < 0.85)
+    fdr = LocalFdr(window=n)
+    for spread, gate_open in [(0.5, False), (0.1, True)]:
+        pvalues = np.where(noisy, rng.random(n), rng.random(n) * np.where(standing_out, 0.02, spread))
+        fdr.add(pvalues)
+        params = fdr.fit()
+        assert params["evidence_z"] > 3 and 1 - params["lfdr"][0] > 0.5
+        assert (params["implied_auroc"] >= MIN_IMPLIED_AUROC) is gate_open
+        assert abs(params["implied_auroc"] - roc_auc_score(noisy, pvalues)) < 0.02  # spread out uniformly: exact
+        assert params["gate_open"] is gate_open
+        assert bool(np.all(fdr.clean_probability(pvalues) == 1.0)) is not gate_open
+
+
 def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     fdr = LocalFdr(window=512)
     fdr.add(np.random.default_rng(0).random(100))
