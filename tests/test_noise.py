@@ -241,7 +241,7 @@ def test_weighter_warmup_ramp_and_floor() -> None:
 
 def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_modes() -> None:
     """Before the window's losses separate, loss_mixture keeps or drops each pair by local_fdr's test on its
-    p-value (hard weights); once they separate, the mixture's posterior takes over. The starter's state is
+    p-value (hard weights); once they separate, the mixture's posterior takes over. The null test's state is
     checkpointed with the mixture's."""
     cfg = NoiseConfig(method="loss_mixture", warmup_steps=0, ramp_steps=0, window=1024, refit_every=1)
     weighter = PairWeighter(cfg)
@@ -255,21 +255,54 @@ def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_mo
     assert set(weights.unique().tolist()) == {0.0, 1.0}
     assert weights[torch.tensor(~noisy)].mean() > 0.95 and weights[torch.tensor(noisy)].mean() < 0.3
     weighter.record(weights, torch.tensor(noisy))
-    assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the starter's, before the mixture's
+    assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the null test's, before the mixture's
 
     restored = PairWeighter(cfg)
     restored.load_state_dict(json.loads(json.dumps(weighter.state_dict())))
-    assert restored.starter.params == weighter.starter.params
+    assert restored.null_test.params == weighter.null_test.params
 
     losses, noisy = synthetic_losses(1024, 0.4, seed=4)
     two_modes = torch.tensor(losses, dtype=torch.float32)
-    unrelated = torch.tensor(np.random.default_rng(5).random(1024), dtype=torch.float32)
+    pvalues = torch.tensor(synthetic_pvalues(noisy, seed=5), dtype=torch.float32)
     for step in range(4, 8):
-        weights = weighter.weights(step, two_modes, two_modes, unrelated, unrelated)
+        weights = weighter.weights(step, two_modes, two_modes, pvalues, pvalues)
     assert weighter.estimator.params is not None
     assert ((weights > 0.01) & (weights < 0.99)).any()  # the mixture's soft posterior
-    assert auroc(1 - weights.numpy(), noisy) > 0.95  # from the losses: these p-values are noise
+    assert auroc(1 - weights.numpy(), noisy) > 0.95
     with pytest.raises(ValueError, match="loss_mixture needs the pairs' in-batch p-values"):
+        weighter.weights(8, two_modes, two_modes)
+
+
+@pytest.mark.parametrize("method", ["loss_mixture", "teacher"])
+def test_mixture_methods_weight_only_while_the_in_batch_null_shows_matched_pairs(method: str) -> None:
+    """Two loss modes are not enough: while the pairs' p-values are uniform (a model that cannot tell matched
+    from mismatched pairs yet, or at 80% noise only a few it can), the mixture's split is not trusted and every
+    weight stays 1; once the p-values show the matched pairs, the mixture weights, and stops again when the
+    evidence fades."""
+    cfg = NoiseConfig(method=method, warmup_steps=0, ramp_steps=0, window=1024, refit_every=1)
+    weighter = PairWeighter(cfg)
+    losses, noisy = synthetic_losses(1024, 0.4, seed=4)
+    two_modes = torch.tensor(losses, dtype=torch.float32)
+    uniform = torch.tensor(np.random.default_rng(5).random(1024), dtype=torch.float32)
+    for step in range(4):
+        weights = weighter.weights(step, two_modes, two_modes, uniform, uniform)
+    assert weighter.estimator.params is not None  # the losses do show two modes
+    assert torch.all(weights == 1.0)
+    weighter.record(weights, torch.tensor(noisy))
+    assert weighter.metrics()["noise_rate_estimate"] > 0.9  # the null test's (no matched pairs), not the mixture's
+
+    informative = torch.tensor(synthetic_pvalues(noisy, seed=6), dtype=torch.float32)
+    for step in range(4, 6):
+        weights = weighter.weights(step, two_modes, two_modes, informative, informative)
+    assert auroc(1 - weights.numpy(), noisy) > 0.95
+    assert ((weights > 0.01) & (weights < 0.99)).any()  # the mixture's posterior, not the null test's hard start
+    weighter.record(weights, torch.tensor(noisy))
+    assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the mixture's
+
+    for step in range(6, 8):
+        weights = weighter.weights(step, two_modes, two_modes, uniform, uniform)
+    assert torch.all(weights == 1.0)
+    with pytest.raises(ValueError, match=f"{method} needs the pairs' in-batch p-values"):
         weighter.weights(8, two_modes, two_modes)
 
 

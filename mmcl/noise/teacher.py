@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmcl.losses import contrastive_loss
 from mmcl.losses.distributed import gather_no_grad
+from mmcl.noise.local_fdr import null_pvalues
 
 
 class MomentumTeacher:
@@ -45,11 +46,13 @@ class MomentumTeacher:
 
     @torch.no_grad()
     def judge(self, media: Tensor, tokens: Tensor, soft_targets: bool) -> dict:
-        """Per-pair teacher losses (high = likely mismatched) and, if asked, its target distributions
-        over the global batch for both directions (rows of this rank's media and texts)."""
+        """Per-pair teacher losses (high = likely mismatched), their in-batch p-values (`null_pvalues`, for
+        the weighting's gate) and, if asked, its target distributions over the global batch for both
+        directions (rows of this rank's media and texts)."""
         out = self.model(media, tokens)
         probe = contrastive_loss(out["media_features"], out["text_features"], out["logit_scale"])
-        result = {"per_sample_loss": probe["per_sample_loss"], "soft_targets": None}
+        pvalues = null_pvalues(out["media_features"], out["text_features"], out["logit_scale"])
+        result = {"per_sample_loss": probe["per_sample_loss"], "pvalues": pvalues, "soft_targets": None}
         if soft_targets:
             all_media = gather_no_grad(out["media_features"])
             all_text = gather_no_grad(out["text_features"])

@@ -185,7 +185,7 @@ class Trainer:
             text_in = torch.cat([b["text"] for b in batches]).to(device)
             alpha = self.cfg.noise.soft_target_alpha
             judged = self.teacher.judge(media_in, text_in, soft_targets=alpha > 0)
-            signal = judged["per_sample_loss"]
+            signal, pvalues = judged["per_sample_loss"], judged["pvalues"].float()
             if alpha > 0:
                 soft = tuple(_mix_one_hot(t, alpha) for t in judged["soft_targets"])
         else:
