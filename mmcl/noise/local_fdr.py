@@ -100,9 +100,14 @@ class LocalFdr:
         """1 - lfdr(p), interpolated between bin centres (all ones before the first fit and while the window
         shows no evidence of matched pairs)."""
         pvalues = np.asarray(pvalues, dtype=np.float64)
-        if self.params is None or not self.params["gate_open"]:
+        if not self.gate_open:
             return np.ones_like(pvalues)
         return 1.0 - np.interp(pvalues, BIN_CENTRES, self.params["lfdr"])
+
+    @property
+    def gate_open(self) -> bool:
+        """Whether the last fit found the evidence of matched pairs that weighting needs."""
+        return self.params is not None and self.params["gate_open"]
 
     @property
     def noise_rate(self) -> float | None:

@@ -7,12 +7,12 @@ Estimators (noise.method), none of which needs epochs, a full pass or an externa
                    window's losses show two modes, local_fdr's test on the same pairs keeps (1 - lfdr >= 0.5)
                    or drops each one, so weighting starts as soon as the batches show matched pairs
   teacher          the same mixture on a momentum teacher's per-pair losses (+ optional soft targets)
-Both mixture methods weight only while local_fdr's gate on the same model's in-batch p-values is open (the null
-test): a mixture always finds two components, and where the model cannot yet tell matched pairs (high noise,
-early training) they split the losses the wrong way (at 80% noise on 6,000 images the teacher weighted from
-step 360 on a fit that read the noise as 0.17, detection AUROC 0.72, and lost 6 points of top-1 against off).
   alignment_score  a precomputed per-pair score from the shards' .json ("alignment_score", higher = better
                    match, from any existing model), mapped linearly by noise.score_range or by the mixture
+loss_mixture and teacher weight only while local_fdr's gate on the same model's in-batch p-values is open (the
+null test): a mixture always finds two components, and where the model cannot yet tell matched pairs (high
+noise, early training) they split the losses the wrong way (at 80% noise on 6,000 images the teacher weighted
+from step 360 on a fit that read the noise as 0.17, detection AUROC 0.72, and lost 6 points of top-1 to off).
 Weights start uniform (noise.warmup_steps: the model must learn before its losses mean anything), then blend
 in over noise.ramp_steps, and never go below noise.floor, so weighting cannot collapse training.
 """
@@ -78,7 +78,7 @@ class PairWeighter:
         if self.null_test is not None:
             if pvalues is None or global_pvalues is None:
                 raise ValueError(f"noise.method {self.cfg.method} needs the pairs' in-batch p-values (null_pvalues)")
-            gate_open = self.null_test.params is not None and self.null_test.params["gate_open"]
+            gate_open = self.null_test.gate_open
             if self.cfg.method == "loss_mixture":
                 start = self.null_test.clean_probability(pvalues.detach().double().cpu().numpy()) >= 0.5
             self.null_test.add(global_pvalues.detach().double().cpu().numpy())
@@ -89,11 +89,12 @@ class PairWeighter:
             low, high = self.cfg.score_range
             estimate = np.clip((-local - low) / (high - low), 0.0, 1.0)  # signal is -score
         else:
-            estimate = self.estimator.clean_probability(local)
             if not gate_open:
                 estimate = np.ones_like(local)
             elif start is not None and self.estimator.params is None:  # no two loss modes (yet)
                 estimate = start.astype(np.float64)
+            else:
+                estimate = self.estimator.clean_probability(local)
             self.estimator.add(global_signal.detach().double().cpu().numpy())
             if step % self.cfg.refit_every == 0:
                 self.estimator.fit()
@@ -113,7 +114,7 @@ class PairWeighter:
         if not len(self.recent_weights):
             return {}
         result = {"noise_mean_weight": float(self.recent_weights.mean())}
-        gate_shut = self.null_test is not None and not (self.null_test.params or {}).get("gate_open", False)
+        gate_shut = self.null_test is not None and not self.null_test.gate_open
         order = (self.null_test, self.estimator) if gate_shut else (self.estimator, self.null_test)
         estimators = [e for e in order if e is not None and e.noise_rate is not None]
         if estimators:  # the mixture's once it has two modes and the null test lets it weight, else the null test's
