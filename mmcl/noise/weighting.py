@@ -79,7 +79,8 @@ class PairWeighter:
             if pvalues is None or global_pvalues is None:
                 raise ValueError(f"noise.method {self.cfg.method} needs the pairs' in-batch p-values (null_pvalues)")
             gate_open = self.null_test.gate_open
-            if self.cfg.method == "loss_mixture":
+            if self.cfg.method == "loss_mixture" and gate_open and self.estimator.params is None:
+                # read before this batch's add/refit below: the weights come from the state of earlier batches
                 start = self.null_test.clean_probability(pvalues.detach().double().cpu().numpy()) >= 0.5
             self.null_test.add(global_pvalues.detach().double().cpu().numpy())
             if step % self.cfg.refit_every == 0:
@@ -91,7 +92,7 @@ class PairWeighter:
         else:
             if not gate_open:
                 estimate = np.ones_like(local)
-            elif start is not None and self.estimator.params is None:  # no two loss modes (yet)
+            elif start is not None:  # no two loss modes (yet)
                 estimate = start.astype(np.float64)
             else:
                 estimate = self.estimator.clean_probability(local)
