@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.demo_data import (  # noqa: E402
+    EXTRA_TRAIN_VOICES,
     HELD_OUT_SETTINGS,
     HELD_OUT_VOICES,
     TRAIN_VOICES,
@@ -251,11 +252,16 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--image-recipe", type=Path, default=REPO / "configs" / RECIPES["image"],
                         help="training recipe of the image runs (its model; steps, data and weighting are the bench's)")
+    parser.add_argument("--audio-recipe", type=Path, default=REPO / "configs" / RECIPES["audio"],
+                        help="training recipe of the audio runs (its model; steps, data and weighting are the bench's)")
     parser.add_argument("--steps", type=int, help=f"training steps of every run (default: {STEPS})")
     parser.add_argument("--image-pairs", type=int, default=IMAGE_PAIRS,
                         help="Fashion-MNIST training pairs of the image runs (more pairs: fewer passes over each)")
     parser.add_argument("--audio-repeats", type=int, default=AUDIO_REPEATS,
                         help="spoken clips per word and training voice of the audio runs (8: 640 clips)")
+    parser.add_argument("--audio-voices", type=int, default=len(TRAIN_VOICES),
+                        help=f"training voices of the audio runs: the demo's {len(TRAIN_VOICES)}, then more from "
+                             f"espeak-ng's variants (at most {len(TRAIN_VOICES) + len(EXTRA_TRAIN_VOICES)}; never a test voice)")
     parser.add_argument("--image-test", choices=["1000", "full"], default="1000",
                         help="score image runs on the bench's 1,000 test images (100 per class) or on all 10,000; "
                              "a trained run is scored on the other from its checkpoint")
@@ -272,12 +278,18 @@ def main() -> None:
             data["image"].update(test=full["test"], test_tag=FULL_TEST_TAG)
         datasets["image"] = "image" if default else f"image{args.image_pairs}"
     if "audio" in args.modality:
-        default = args.audio_repeats == AUDIO_REPEATS
-        suffix = "" if default else f"-{args.audio_repeats}"
-        data["audio"] = {"train": build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats)["train"],
+        voices = [*TRAIN_VOICES, *EXTRA_TRAIN_VOICES][: args.audio_voices]
+        if not len(TRAIN_VOICES) <= args.audio_voices <= len(TRAIN_VOICES) + len(EXTRA_TRAIN_VOICES):
+            parser.error(f"--audio-voices must be {len(TRAIN_VOICES)}..{len(TRAIN_VOICES) + len(EXTRA_TRAIN_VOICES)}")
+        more_voices = len(voices) > len(TRAIN_VOICES)
+        default = args.audio_repeats == AUDIO_REPEATS and not more_voices
+        suffix = "" if default else f"-{args.audio_repeats}" + (f"-v{len(voices)}" if more_voices else "")
+        data["audio"] = {"train": build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats,
+                                                     voices=voices if more_voices else None)["train"],
                          "test": build_held_out_speech(work / "data" / "spoken-words-test600" / "test",
                                                        AUDIO_TEST_VOICES, AUDIO_TEST_SETTINGS)}
-        datasets["audio"] = "audio" if default else f"audio{len(WORDS) * len(TRAIN_VOICES) * args.audio_repeats}"
+        datasets["audio"] = ("audio" if default else f"audio{len(WORDS) * len(voices) * args.audio_repeats}"
+                             + (f"v{len(voices)}" if more_voices else ""))
     results = []
     for seed in args.seeds:  # seed outermost: a cut-short bench still has every cell of the grid once
         for modality in args.modality:
@@ -285,7 +297,7 @@ def main() -> None:
                 for method in args.methods:
                     if method == ORACLE and rate == 0:
                         continue  # the true weights of clean data are all 1: weighting off's run
-                    recipe = args.image_recipe if modality == "image" else REPO / "configs" / RECIPES["audio"]
+                    recipe = args.image_recipe if modality == "image" else args.audio_recipe
                     steps = args.steps or STEPS[modality]
                     r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps,
                                 datasets[modality])

@@ -35,6 +35,11 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 AUDIO_CAPTIONS = ["a person saying {}.", "the spoken word {}.", "someone says {}.", "a voice saying {}."]
 TRAIN_VOICES = ["en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2", "en+m5", "en+f4"]
 HELD_OUT_VOICES = ["en-us+m4", "en+f2", "en+m7"]
+# more training speakers (espeak-ng's named variants; none is a test voice of the demo or the noise bench)
+EXTRA_TRAIN_VOICES = [f"en+{name}" for name in [
+    "adam", "anika", "announcer", "aunty", "belinda", "benjamin", "boris", "caleb", "david", "edward", "grandma",
+    "grandpa", "iven", "john", "linda", "max", "michel", "norbert", "paul", "pedro", "quincy", "rob", "steph", "travis",
+]]
 HELD_OUT_SETTINGS = [(140, 40), (175, 60)]  # (words per minute, pitch) of each held-out clip
 
 
@@ -127,10 +132,12 @@ def build_held_out_speech(root: Path, voices: list[str], settings: list[tuple[in
     return root
 
 
-def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Path]:
-    """Train clips (train voices, varied speed/pitch) with captions, and held-out voices as class folders."""
+def build_spoken_words(root: Path, repeats: int, seed: int = 0, voices: list[str] | None = None) -> dict[str, Path]:
+    """Train clips (`voices`, default TRAIN_VOICES, at varied speed/pitch) with captions, and held-out voices as
+    class folders."""
     root = Path(root)
-    params = {"repeats": repeats, "seed": seed}
+    params = {"repeats": repeats, "seed": seed, **({"voices": voices} if voices else {})}
+    voices = voices or TRAIN_VOICES
     if not _done(root, params):
         _require_espeak()
         shutil.rmtree(root, ignore_errors=True)
@@ -138,7 +145,7 @@ def build_spoken_words(root: Path, repeats: int, seed: int = 0) -> dict[str, Pat
         (root / "train").mkdir(parents=True)
         rows = []
         for word in WORDS:
-            for voice in TRAIN_VOICES:
+            for voice in voices:
                 for r in range(repeats):
                     name = f"{word}-{voice.replace('+', '_')}-{r}.wav"
                     _speak(word, voice, rng.randint(120, 200), rng.randint(30, 70), root / "train" / name)
