@@ -18,6 +18,12 @@ Fewer passes over more pairs (closer to a stream; cached under their own names, 
     .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 2400 --rates 0 0.5
     .venv/bin/python bench/noise_bench.py --modality audio --audio-repeats 40 --rates 0 0.5     # 3,200 clips
 
+More training speakers (the demo's 8 voices, then espeak-ng's named variants; the test voices stay unseen),
+e.g. 32 voices x 10 clips per word = 3,200 clips, cached as audio3200v32-...; another audio recipe:
+
+    .venv/bin/python bench/noise_bench.py --modality audio --audio-voices 32 --audio-repeats 10 --rates 0 0.5
+    .venv/bin/python bench/noise_bench.py --modality audio --audio-recipe my_audio.yaml --rates 0 0.5
+
 Image runs scored on all 10,000 Fashion-MNIST test images instead of the 1,000 (a run's top-1 on 1,000 images has
 a standard error of ~1 point, as large as the gaps the targets ask about; cached per test set, and a run already
 trained is only scored again):
