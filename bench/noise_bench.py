@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.demo_data import (  # noqa: E402
+    AUDIO_CAPTIONS,
     EXTRA_TRAIN_VOICES,
     HELD_OUT_SETTINGS,
     HELD_OUT_VOICES,
@@ -84,7 +85,12 @@ METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
 # further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha)
 VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3}}
 FULL_TEST_TAG = "-test10000"
-TEST_TAGS = ["", FULL_TEST_TAG]  # result-file suffixes: the default test sets, all 10,000 Fashion-MNIST test images
+CAPTION_PROMPTS_TAG = "-captions"
+# result-file suffixes: the default test sets and prompts, all 10,000 Fashion-MNIST test images, the audio runs
+# scored with prompts in their training captions' wording
+TEST_TAGS = ["", FULL_TEST_TAG, CAPTION_PROMPTS_TAG]
+# zero-shot prompts: a built-in set of `mmcl eval`, or "captions": the training captions' phrasings, each a template
+PROMPTS = {"image": "short", "audio": "captions"}
 ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
 
 
@@ -117,19 +123,26 @@ def run(command: list, log: Path) -> None:
         raise SystemExit(f"failed: {' '.join(map(str, command))}\n{log.read_text()[-2000:]}")
 
 
-def label_of_test_set(test: Path) -> str:
-    """How a result names the test set it was scored on: its data folder and the class folders' parent."""
-    return f"{test.parent.name}/{test.name}"
+def label_of_test_set(data: dict) -> str:
+    """How a result names what it was scored on: the test set's data folder and the class folders' parent,
+    and the prompts when they are the training captions' (results before them have no prompts in the label)."""
+    label = f"{data['test'].parent.name}/{data['test'].name}"
+    return f"{label}, caption prompts" if data["prompts"] == "captions" else label
 
 
-def zero_shot(work: Path, name: str, run_dir: Path, modality: str, test: Path) -> dict:
-    """Zero-shot top-1 of the run's final checkpoint on the held-out class folders `test`."""
+def zero_shot(work: Path, name: str, run_dir: Path, data: dict) -> dict:
+    """Zero-shot top-1 of the run's final checkpoint on the held-out class folders `data["test"]`, with the
+    prompts `data["prompts"]` (a built-in set, or "captions": a template of each training caption's phrasing)."""
     eval_dir = work / "eval" / name
-    run([sys.executable, "-m", "mmcl", "eval", "zero-shot", "--checkpoint", run_dir, "--data", test,
-         "--format", "class-folder", "--templates", "short" if modality == "image" else "audio",
+    templates = data["prompts"]
+    if templates == "captions":
+        templates = work / "data" / "caption-prompts.txt"
+        templates.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
+    run([sys.executable, "-m", "mmcl", "eval", "zero-shot", "--checkpoint", run_dir, "--data", data["test"],
+         "--format", "class-folder", "--templates", templates,
          "--output", eval_dir, "--quiet", "--workers", "0"], work / "logs" / f"eval-{name}.log")
     results = json.loads((eval_dir / "results.json").read_text())
-    return {"acc1": results["metrics"]["acc1"], "test_set": label_of_test_set(test)}
+    return {"acc1": results["metrics"]["acc1"], "test_set": label_of_test_set(data)}
 
 
 def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
@@ -146,10 +159,10 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
         if not scored.exists():
             continue
         result = json.loads(scored.read_text())
-        if result.get("test_set") == label_of_test_set(data["test"]):
+        if result.get("test_set") == label_of_test_set(data):
             return result
         if (run_dir / "checkpoints").exists():
-            result.update(zero_shot(work, name, run_dir, modality, data["test"]))
+            result.update(zero_shot(work, name, run_dir, data))
             result_file.write_text(json.dumps(result))
             return result
     shards = work / "shards" / f"{dataset}-r{rate:g}-s{seed}"
@@ -185,7 +198,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
         "modality": modality, "dataset": dataset, "recipe": recipe.stem, "rate": rate, "method": method, "seed": seed, "steps": steps,
-        **zero_shot(work, name, run_dir, modality, data["test"]), "train_seconds": round(train_seconds, 1),
+        **zero_shot(work, name, run_dir, data), "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
         "noise_rate_estimate": train_rows[-1].get("noise_rate_estimate"),
@@ -271,6 +284,10 @@ def main() -> None:
     parser.add_argument("--image-test", choices=["1000", "full"], default="1000",
                         help="score image runs on the bench's 1,000 test images (100 per class) or on all 10,000; "
                              "a trained run is scored on the other from its checkpoint")
+    parser.add_argument("--audio-prompts", choices=["captions", "audio"], default=PROMPTS["audio"],
+                        help="zero-shot prompts of the audio runs: the training captions' phrasings ('a person saying "
+                             "{}.', ...), or mmcl's CLAP-style sound prompts ('This is a sound of {}.', ...: words the "
+                             "bench's text tower, trained from scratch on the captions, never saw; before 2026-12-05)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "noise")
     args = parser.parse_args()
     work = args.work_dir.resolve()
@@ -279,6 +296,7 @@ def main() -> None:
         default = args.image_pairs == IMAGE_PAIRS
         suffix = "" if default else f"-{args.image_pairs}"
         data["image"] = build_fashion_mnist(work / "data" / f"fashion-mnist{suffix}", args.image_pairs, IMAGE_TEST_PER_CLASS)
+        data["image"]["prompts"] = PROMPTS["image"]
         if args.image_test == "full":  # the same training pairs, scored on the whole test split
             full = build_fashion_mnist(work / "data" / "fashion-mnist-test10000", 0, FULL_TEST_PER_CLASS)
             data["image"].update(test=full["test"], test_tag=FULL_TEST_TAG)
@@ -293,7 +311,9 @@ def main() -> None:
         data["audio"] = {"train": build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats,
                                                      voices=voices if more_voices else None)["train"],
                          "test": build_held_out_speech(work / "data" / "spoken-words-test600" / "test",
-                                                       AUDIO_TEST_VOICES, AUDIO_TEST_SETTINGS)}
+                                                       AUDIO_TEST_VOICES, AUDIO_TEST_SETTINGS),
+                         "prompts": args.audio_prompts,
+                         "test_tag": CAPTION_PROMPTS_TAG if args.audio_prompts == "captions" else ""}
         datasets["audio"] = ("audio" if default else f"audio{len(WORDS) * len(voices) * args.audio_repeats}"
                              + (f"v{len(voices)}" if more_voices else ""))
     results = []
