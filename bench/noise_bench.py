@@ -91,6 +91,7 @@ CAPTION_PROMPTS_TAG = "-captions"
 TEST_TAGS = ["", FULL_TEST_TAG, CAPTION_PROMPTS_TAG]
 # zero-shot prompts: a built-in set of `mmcl eval`, or "captions": the training captions' phrasings, each a template
 PROMPTS = {"image": "short", "audio": "captions"}
+CAPTION_PROMPTS_FILE = "caption-prompts.txt"  # under the work folder's data/: AUDIO_CAPTIONS, one per line
 ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
 
 
@@ -116,6 +117,7 @@ def oracle_shards(shards: Path, out: Path) -> Path:
 
 
 def run(command: list, log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
         result = subprocess.run(list(map(str, command)), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"})
@@ -132,14 +134,10 @@ def label_of_test_set(data: dict) -> str:
 
 def zero_shot(work: Path, name: str, run_dir: Path, data: dict) -> dict:
     """Zero-shot top-1 of the run's final checkpoint on the held-out class folders `data["test"]`, with the
-    prompts `data["prompts"]` (a built-in set, or "captions": a template of each training caption's phrasing)."""
+    prompts `data["templates"]` (a built-in set or a file); report in eval/NAME, NAME tagged by test set and prompts."""
     eval_dir = work / "eval" / name
-    templates = data["prompts"]
-    if templates == "captions":
-        templates = work / "data" / "caption-prompts.txt"
-        templates.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
     run([sys.executable, "-m", "mmcl", "eval", "zero-shot", "--checkpoint", run_dir, "--data", data["test"],
-         "--format", "class-folder", "--templates", templates,
+         "--format", "class-folder", "--templates", data["templates"],
          "--output", eval_dir, "--quiet", "--workers", "0"], work / "logs" / f"eval-{name}.log")
     results = json.loads((eval_dir / "results.json").read_text())
     return {"acc1": results["metrics"]["acc1"], "test_set": label_of_test_set(data)}
@@ -162,12 +160,11 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
         if result.get("test_set") == label_of_test_set(data):
             return result
         if (run_dir / "checkpoints").exists():
-            result.update(zero_shot(work, name, run_dir, data))
+            result.update(zero_shot(work, f"{name}{own_tag}", run_dir, data))
             result_file.write_text(json.dumps(result))
             return result
     shards = work / "shards" / f"{dataset}-r{rate:g}-s{seed}"
     logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     pairs = sum(1 for _ in open(data["train"])) - 1
     run([sys.executable, "-m", "mmcl", "shard", f"{modality}-text", "--input", data["train"], "--output", shards,
          "--shard-size", max(8, pairs // 16), "--shuffle", "--seed", seed, "--noise-rate", rate, "--label-column", "label",
@@ -198,7 +195,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
         "modality": modality, "dataset": dataset, "recipe": recipe.stem, "rate": rate, "method": method, "seed": seed, "steps": steps,
-        **zero_shot(work, name, run_dir, data), "train_seconds": round(train_seconds, 1),
+        **zero_shot(work, f"{name}{own_tag}", run_dir, data), "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
         "noise_rate_estimate": train_rows[-1].get("noise_rate_estimate"),
@@ -296,23 +293,28 @@ def main() -> None:
         default = args.image_pairs == IMAGE_PAIRS
         suffix = "" if default else f"-{args.image_pairs}"
         data["image"] = build_fashion_mnist(work / "data" / f"fashion-mnist{suffix}", args.image_pairs, IMAGE_TEST_PER_CLASS)
-        data["image"]["prompts"] = PROMPTS["image"]
+        data["image"].update(prompts=PROMPTS["image"], templates=PROMPTS["image"])
         if args.image_test == "full":  # the same training pairs, scored on the whole test split
             full = build_fashion_mnist(work / "data" / "fashion-mnist-test10000", 0, FULL_TEST_PER_CLASS)
             data["image"].update(test=full["test"], test_tag=FULL_TEST_TAG)
         datasets["image"] = "image" if default else f"image{args.image_pairs}"
     if "audio" in args.modality:
-        voices = [*TRAIN_VOICES, *EXTRA_TRAIN_VOICES][: args.audio_voices]
         if not len(TRAIN_VOICES) <= args.audio_voices <= len(TRAIN_VOICES) + len(EXTRA_TRAIN_VOICES):
             parser.error(f"--audio-voices must be {len(TRAIN_VOICES)}..{len(TRAIN_VOICES) + len(EXTRA_TRAIN_VOICES)}")
+        voices = [*TRAIN_VOICES, *EXTRA_TRAIN_VOICES][: args.audio_voices]
         more_voices = len(voices) > len(TRAIN_VOICES)
+        templates = args.audio_prompts
+        if args.audio_prompts == "captions":  # written once, read by every audio run's eval
+            templates = work / "data" / CAPTION_PROMPTS_FILE
+            templates.parent.mkdir(parents=True, exist_ok=True)
+            templates.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
         default = args.audio_repeats == AUDIO_REPEATS and not more_voices
         suffix = "" if default else f"-{args.audio_repeats}" + (f"-v{len(voices)}" if more_voices else "")
         data["audio"] = {"train": build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats,
                                                      voices=voices if more_voices else None)["train"],
                          "test": build_held_out_speech(work / "data" / "spoken-words-test600" / "test",
                                                        AUDIO_TEST_VOICES, AUDIO_TEST_SETTINGS),
-                         "prompts": args.audio_prompts,
+                         "prompts": args.audio_prompts, "templates": templates,
                          "test_tag": CAPTION_PROMPTS_TAG if args.audio_prompts == "captions" else ""}
         datasets["audio"] = ("audio" if default else f"audio{len(WORDS) * len(voices) * args.audio_repeats}"
                              + (f"v{len(voices)}" if more_voices else ""))
