@@ -12,6 +12,7 @@ where it stopped.
     .venv/bin/python bench/noise_bench.py --modality image --rates 0.2 0.5 0.8 --methods oracle
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --seeds 0
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods local_fdr --seeds 0 --steps 3000
+    .venv/bin/python bench/noise_bench.py --modality audio --rates 0.5 0 --methods loss_mixture_unlearn --seeds 0 1 2 3
 
 Fewer passes over more pairs (closer to a stream; cached under their own names, e.g. image30000-...):
 
@@ -82,8 +83,13 @@ WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
 # image: the micro ResNet learns these pairs to 88-89% zero-shot at 1,200 steps (the micro ViT of micro.yaml: ~75%)
 RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.yaml"}
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
-# further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha)
-VARIANTS = {"teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3}}
+# further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha);
+# loss_mixture with negative learning on the pairs it doubts (noise.unlearn_weight)
+VARIANTS = {
+    "teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3},
+    "loss_mixture_unlearn": {"method": "loss_mixture", "unlearn_weight": 1.0},
+    "local_fdr_unlearn": {"method": "local_fdr", "unlearn_weight": 1.0},
+}
 FULL_TEST_TAG = "-test10000"
 CAPTION_PROMPTS_TAG = "-captions"
 # result-file suffixes: the default test sets and prompts, all 10,000 Fashion-MNIST test images, the audio runs

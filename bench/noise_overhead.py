@@ -9,6 +9,8 @@ method's ratio to `none` measured in the same rounds.
     .venv/bin/python bench/noise_overhead.py --shards bench/out/noise/shards/image-r0.5-s0
     .venv/bin/python bench/noise_overhead.py --shards bench/out/noise/shards/audio-r0.5-s0 \\
         --recipe configs/audio_text/micro.yaml
+
+Besides the methods, the noise bench's variants run too (e.g. `--methods none loss_mixture loss_mixture_unlearn`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
 
 
 def build_trainer(recipe: Path, shards: Path, method: str, output: Path):
+    from noise_bench import VARIANTS  # bench/noise_bench.py
+
     from mmcl.config import load_train_config
     from mmcl.train.trainer import Trainer
 
+    noise = {"method": method, **VARIANTS.get(method, {})}
     overrides = [
         f"run.output_dir={output}", f"data.sources=[{{urls: '{shards}'}}]", "data.workers=1",
-        f"noise.method={method}", "noise.warmup_steps=0", "noise.ramp_steps=0", "noise.window=2048",
-        "train.steps=100000", "train.resume=never",
+        *(f"noise.{key}={value}" for key, value in noise.items()), "noise.warmup_steps=0", "noise.ramp_steps=0",
+        "noise.window=2048", "train.steps=100000", "train.resume=never",
     ]
     trainer = Trainer(load_train_config(recipe, overrides))
     trainer.setup()
@@ -56,7 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, required=True, help="a folder of training shards (with noise)")
     parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "image_text" / "micro_resnet.yaml")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    from noise_bench import VARIANTS  # bench/noise_bench.py
+
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, *VARIANTS])
     parser.add_argument("--warmup", type=int, default=40, help="steps per method before timing (fills the window)")
     parser.add_argument("--block", type=int, default=20, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=8)

@@ -192,6 +192,58 @@ def test_sigmoid_weights_scale_only_positive_terms() -> None:
     torch.testing.assert_close(out["per_sample_loss"][k], positive_k.detach())
 
 
+# --- negative learning on doubted pairs (unlearn_weight) -----------------------------------------------
+
+
+def test_unlearn_adds_nothing_at_uniform_weights() -> None:
+    media, text = _pairs()
+    scale, bias = _scale(14.0), _scale(-10.0)
+    ones = torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(
+        contrastive_loss(media, text, scale, ones, unlearn_weight=2.0)["loss"], contrastive_loss(media, text, scale)["loss"]
+    )
+    torch.testing.assert_close(
+        sigmoid_loss(media, text, scale, bias, ones, unlearn_weight=2.0)["loss"], sigmoid_loss(media, text, scale, bias)["loss"]
+    )
+
+
+def test_unlearn_term_is_doubt_times_minus_log_one_minus_p() -> None:
+    media, text = _pairs()
+    scale = _scale(14.0)
+    w = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.2, 1.0, 1.0, 0.9], dtype=torch.float64)
+    logits = scale * media @ text.T
+    p_media, p_text = logits.softmax(dim=1).diagonal(), logits.T.softmax(dim=1).diagonal()
+    expected = ((1 - w) * -(torch.log(1 - p_media) + torch.log(1 - p_text)) / 2).sum() / 8
+    got = contrastive_loss(media, text, scale, w, unlearn_weight=1.5)["loss"] - contrastive_loss(media, text, scale, w)["loss"]
+    torch.testing.assert_close(got, 1.5 * expected, **TIGHT[torch.float64])
+
+
+def test_unlearn_pushes_a_doubted_pair_apart_as_far_as_it_is_matched() -> None:
+    """A doubted pair the model matches (memorized) is pushed apart; one it never matched is left alone."""
+    media, text = _pairs()
+    scale = 14.0
+    w = torch.ones(8, dtype=torch.float64)
+    w[2] = w[5] = 0.0
+    with torch.no_grad():  # pair 5: the model does not match it (its text is made another pair's)
+        text[5] = text[6]
+    (grad_with,) = _grads(contrastive_loss(media, text, scale, w, unlearn_weight=1.0)["loss"], media)
+    (grad_without,) = _grads(contrastive_loss(media, text, scale, w)["loss"], media)
+    extra = grad_with - grad_without
+    # gradient descent moves media 2 against the extra gradient: its similarity to text 2 falls
+    assert (extra[2] @ text[2]).item() > 1e-3
+    assert extra[5].norm() < 0.1 * extra[2].norm()
+
+
+def test_sigmoid_unlearn_adds_the_pair_as_a_negative() -> None:
+    media, text = _pairs()
+    scale, bias = _scale(10.0), _scale(-2.0)
+    w = torch.ones(8, dtype=torch.float64)
+    w[3] = 0.25
+    logits = scale * media @ text.T + bias
+    got = sigmoid_loss(media, text, scale, bias, w, unlearn_weight=2.0)["loss"] - sigmoid_loss(media, text, scale, bias, w)["loss"]
+    torch.testing.assert_close(got, 2.0 * 0.75 * -F.logsigmoid(-logits[3, 3]) / 8, **TIGHT[torch.float64])
+
+
 # --- soft targets -----------------------------------------------------------------------------------
 
 
@@ -297,6 +349,13 @@ DDP_LOSSES: dict[str, LossFn] = {
         m, t, s, DIST_WEIGHTS[rows], logit_bias=b, local_loss=True, soft_targets=DIST_TARGETS[0][rows]
     ),
     "siglip": lambda m, t, s, b, rows: sigmoid_loss(m, t, s, b, DIST_WEIGHTS[rows]),
+    "clip_global_unlearn": lambda m, t, s, b, rows: contrastive_loss(
+        m, t, s, DIST_WEIGHTS[rows], logit_bias=b, unlearn_weight=1.5
+    ),
+    "clip_local_unlearn": lambda m, t, s, b, rows: contrastive_loss(
+        m, t, s, DIST_WEIGHTS[rows], logit_bias=b, local_loss=True, unlearn_weight=1.5
+    ),
+    "siglip_unlearn": lambda m, t, s, b, rows: sigmoid_loss(m, t, s, b, DIST_WEIGHTS[rows], unlearn_weight=1.5),
 }
 
 

@@ -309,6 +309,8 @@ def test_mixture_methods_weight_only_while_the_in_batch_null_shows_matched_pairs
 def test_noise_config_errors() -> None:
     with pytest.raises(ValueError, match="soft_target_alpha needs noise.method: teacher"):
         NoiseConfig(method="loss_mixture", soft_target_alpha=0.3)
+    with pytest.raises(ValueError, match="unlearn_weight needs a noise.method"):
+        NoiseConfig(unlearn_weight=1.0)
     with pytest.raises(UsageError, match="data.batch_size x train.accumulation_steps = 4 is too few"):
         load_train_config(REPO / "configs" / "image_text" / "micro.yaml", ["noise.method=local_fdr", "data.batch_size=4"])
 
@@ -374,8 +376,8 @@ def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Pat
         assert next((tmp_path / "run" / "checkpoints").glob("step-*/extra.safetensors")).exists()
 
 
-@pytest.mark.parametrize("method", ["local_fdr", "loss_mixture"])
-def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "options"), [("local_fdr", []), ("loss_mixture", ["noise.unlearn_weight=1.0"])])
+def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path, method: str, options: list[str]) -> None:
     config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", method, steps=30)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -383,7 +385,7 @@ def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path, 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
               "-m", "mmcl", "train", "--config", str(config), "noise.warmup_steps=5", "noise.ramp_steps=5",
-              "noise.window=256"]
+              "noise.window=256", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -25,6 +25,7 @@ def contrastive_loss(
     gather: bool = True,
     local_loss: bool = False,
     soft_targets: SoftTargets | None = None,
+    unlearn_weight: float = 0.0,
 ) -> LossOutput:
     """Weighted symmetric InfoNCE over this rank's pairs, with every rank's pairs as negatives.
 
@@ -49,6 +50,12 @@ def contrastive_loss(
             text i over all media. A pair ``(media_to_text, text_to_media)`` gives each direction its own
             rows; for a teacher matrix ``S = s * M @ T.T`` the second is the rows of ``S.T`` that belong
             to this rank's texts.
+        unlearn_weight: negative learning on the pairs the weights doubt: adds
+            ``unlearn_weight * sum_i (1 - w_i) * -(log(1 - p_i->t) + log(1 - p_t->i)) / 2 / B_global``, where
+            ``p`` is the softmax probability of the pair's own partner in each direction. It pushes a doubted
+            pair's media and text apart only as far as the model still matches them (``-log(1 - p) ~ p``), so
+            a mismatched pair the model memorized before it was doubted is unlearned, while a doubted pair it
+            never matched costs nothing. Needs ``weights`` in [0, 1]; 0 (the default) adds nothing.
 
     Returns:
         ``loss``, ``per_sample_loss`` (unweighted mean of the two directions, detached) and
@@ -103,11 +110,21 @@ def contrastive_loss(
         + F.cross_entropy(logits_per_text, text_targets, reduction="none")
     ) / 2
     loss = ranks_share * (row_weights * per_sample).sum() / all_weights.sum().clamp_min(WEIGHT_SUM_EPS)
+    if unlearn_weight:
+        doubt = (1.0 - row_weights).clamp(0.0, 1.0)
+        unlearn = -(_log_not_partner(logits_per_media, labels) + _log_not_partner(logits_per_text, labels)) / 2
+        loss = loss + unlearn_weight * ranks_share * (doubt * unlearn).sum() / global_batch
     return {
         "loss": loss,
         "per_sample_loss": per_sample[rows].detach(),
         "logits_per_media": logits_per_media[rows].detach(),
     }
+
+
+def _log_not_partner(logits: Tensor, labels: Tensor) -> Tensor:
+    """log(1 - softmax(logits)[r, labels[r]]) for each row r, without forming 1 - p (no cancellation)."""
+    partner = F.one_hot(labels, logits.shape[1]).bool()
+    return torch.logsumexp(logits.masked_fill(partner, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
 
 
 def _soft_target_pair(

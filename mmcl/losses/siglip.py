@@ -18,6 +18,7 @@ def sigmoid_loss(
     weights: Tensor | None = None,
     *,
     gather: bool = True,
+    unlearn_weight: float = 0.0,
 ) -> LossOutput:
     """Weighted SigLIP loss: this rank's media against the texts of every rank.
 
@@ -33,6 +34,9 @@ def sigmoid_loss(
         weights: ``[B]`` per-pair weights in [0, 1] for the positive terms (no gradient); None = all ones.
         gather: use the texts of every rank of the default process group as negatives (every rank must
             hold the same number of pairs). Ignored when not distributed.
+        unlearn_weight: negative learning on the pairs the weights doubt: pair i's diagonal also gets
+            ``unlearn_weight * (1 - w_i) * -log sigmoid(-z_ii)``, the negative term it would have as a
+            mismatch (see ``contrastive_loss``). Needs ``weights`` in [0, 1]; 0 (the default) adds nothing.
 
     Returns:
         ``loss``, ``per_sample_loss`` (pair i's unweighted positive term ``-log sigmoid(z_ii)``,
@@ -64,4 +68,7 @@ def sigmoid_loss(
     positive = pair_loss[rows, positive_cols]
     negative = pair_loss.masked_fill(is_positive, 0.0).sum(dim=1)
     loss = (weights * positive + negative).sum() / batch
+    if unlearn_weight:
+        doubt = (1.0 - weights).clamp(0.0, 1.0)
+        loss = loss + unlearn_weight * (doubt * -F.logsigmoid(-logits[rows, positive_cols])).sum() / batch
     return {"loss": loss, "per_sample_loss": positive.detach(), "logits_per_media": logits.detach()}

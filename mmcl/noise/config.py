@@ -23,6 +23,10 @@ class NoiseConfig(BaseModel):
     soft_target_alpha: float = Field(
         0.0, ge=0, le=1, description="teacher: mix this much of the teacher's distribution into the targets"
     )
+    unlearn_weight: float = Field(
+        0.0, ge=0, description="negative learning on doubted pairs: push a pair apart by (1 - weight) x this, "
+        "as far as the model still matches it (unlearns mismatched pairs memorized before they were doubted)"
+    )
     score_range: tuple[float, float] | None = Field(
         None, description="alignment_score: scores mapped linearly to weights 0..1 (None: fit the mixture on them)"
     )
@@ -32,6 +36,9 @@ class NoiseConfig(BaseModel):
     def _check(self) -> NoiseConfig:
         if self.soft_target_alpha and self.method != "teacher":
             raise ValueError("noise.soft_target_alpha needs noise.method: teacher (the targets come from it)")
+        if self.unlearn_weight and self.method == "none":
+            raise ValueError("noise.unlearn_weight needs a noise.method (it acts on the pairs the estimate doubts); "
+                             "set noise.method, e.g. loss_mixture, or unlearn_weight: 0")
         if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
             raise ValueError(f"noise.score_range must be [low, high] with low < high, got {list(self.score_range)}")
         return self

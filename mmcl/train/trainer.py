@@ -155,8 +155,11 @@ class Trainer:
     # ----------------------------------------------------------------- the step
     def _loss(self, media_features, text_features, logit_scale, logit_bias, weights=None, soft_targets=None) -> dict:
         cfg = self.cfg.loss
+        unlearn = self.cfg.noise.unlearn_weight if weights is not None else 0.0
         if cfg.kind == "siglip":
-            return sigmoid_loss(media_features, text_features, logit_scale, logit_bias, weights, gather=cfg.gather)
+            return sigmoid_loss(
+                media_features, text_features, logit_scale, logit_bias, weights, gather=cfg.gather, unlearn_weight=unlearn
+            )
         return contrastive_loss(
             media_features,
             text_features,
@@ -165,6 +168,7 @@ class Trainer:
             gather=cfg.gather,
             local_loss=cfg.local_loss,
             soft_targets=soft_targets,
+            unlearn_weight=unlearn,
         )
 
     def _pair_weights(self, batches: list[dict], media, text, logit_scale, logit_bias):
