@@ -96,10 +96,10 @@ def main() -> None:
             "cpu_vs_none": statistics.median(cpu_ratio) if cpu_ratio else None,
             "wall_vs_none": statistics.median(wall_ratio) if wall_ratio else None,
         }
-    print(f"{'method':<14} {'CPU ms/step':>12} {'wall ms/step':>13} {'CPU vs none':>12} {'wall vs none':>13}")
+    print(f"{'method':<22} {'CPU ms/step':>12} {'wall ms/step':>13} {'CPU vs none':>12} {'wall vs none':>13}")
     for method, row in rows.items():
         ratios = [f"{row[k]:.3f}" if row[k] is not None else "" for k in ("cpu_vs_none", "wall_vs_none")]
-        print(f"{method:<14} {row['cpu_ms_per_step']:12.1f} {row['wall_ms_per_step']:13.1f} {ratios[0]:>12} {ratios[1]:>13}")
+        print(f"{method:<22} {row['cpu_ms_per_step']:12.1f} {row['wall_ms_per_step']:13.1f} {ratios[0]:>12} {ratios[1]:>13}")
     result = {"host": host_facts(), "argv": sys.argv, "load_at_end": os.getloadavg(), "rows": rows,
               "rounds": {m: [list(s) for s in v] for m, v in per_round.items()}}
     if args.json:
