@@ -29,13 +29,11 @@ sys.path.insert(0, str(REPO))
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
 
 
-def build_trainer(recipe: Path, shards: Path, method: str, output: Path):
-    from noise_bench import VARIANTS  # bench/noise_bench.py
-
+def build_trainer(recipe: Path, shards: Path, noise: dict, output: Path):
+    """A trainer with the `noise:` settings `noise` (method and options), weighting from the first step."""
     from mmcl.config import load_train_config
     from mmcl.train.trainer import Trainer
 
-    noise = {"method": method, **VARIANTS.get(method, {})}
     overrides = [
         f"run.output_dir={output}", f"data.sources=[{{urls: '{shards}'}}]", "data.workers=1",
         *(f"noise.{key}={value}" for key, value in noise.items()), "noise.warmup_steps=0", "noise.ramp_steps=0",
@@ -77,7 +75,8 @@ def main() -> None:
     from host import host_facts  # bench/host.py
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {m: build_trainer(args.recipe, args.shards.resolve(), m, Path(tmp) / m) for m in args.methods}
+        trainers = {m: build_trainer(args.recipe, args.shards.resolve(), {"method": m, **VARIANTS.get(m, {})}, Path(tmp) / m)
+                    for m in args.methods}
         for trainer in trainers.values():
             run_block(trainer, args.warmup)
         per_round: dict[str, list[tuple[float, float]]] = {m: [] for m in args.methods}
