@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from mmcl.errors import UsageError
-from pipelines.demo_data import build_fashion_mnist, build_spoken_words
+from pipelines.demo_data import AUDIO_CAPTIONS, build_fashion_mnist, build_spoken_words
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CPU = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
@@ -120,8 +120,20 @@ def _shard(modality: str, manifest: Path, out: Path, noise_rate: float, seed: in
     return json.loads((out / "manifest.json").read_text())
 
 
+def _zero_shot_prompts(modality: str, data_dir: Path) -> str:
+    """The prompts zero-shot scores with: for images the built-in `short` set, which shares "a photo of a {}."
+    with the captions; for audio a file of the captions' own phrasings, since the text tower trained from
+    scratch knows only its captions' words (the CLAP-style "This is a sound of {}." would bring in words whose
+    embeddings are still random: docs/BENCHMARKS.md, nineteenth session)."""
+    if modality == "image":
+        return "short"
+    prompts = data_dir / "audio-caption-prompts.txt"
+    prompts.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
+    return str(prompts)
+
+
 def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps: int, method: str,
-                  seed: int, processes: int) -> dict:
+                  seed: int, processes: int, prompts: str) -> dict:
     recipe = REPO / "configs" / ("image_text/micro.yaml" if modality == "image" else "audio_text/micro.yaml")
     config = yaml.safe_load(recipe.read_text())
     config["run"] = {"output_dir": str(run_dir), "seed": seed}
@@ -136,7 +148,7 @@ def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps:
     }
     config["eval"] = {
         "every_steps": max(1, steps // 5),
-        "zero_shot": [{"name": "heldout", "data": str(test), "format": "class-folder"}],
+        "zero_shot": [{"name": "heldout", "data": str(test), "format": "class-folder", "templates": prompts}],
         "max_samples": 300,
     }
     return config
@@ -155,10 +167,10 @@ def _train(config: dict, config_path: Path, processes: int, logs: Path, modality
     _run(command, logs / f"train-{modality}.log", env=env)
 
 
-def _evaluate(modality: str, run_dir: Path, test: Path, retrieval_shards: Path, out: Path, logs: Path) -> dict:
-    templates = "short" if modality == "image" else "audio"
+def _evaluate(modality: str, run_dir: Path, test: Path, prompts: str, retrieval_shards: Path, out: Path,
+              logs: Path) -> dict:
     _run(_mmcl("eval", "zero-shot", "--checkpoint", run_dir, "--data", test, "--format", "class-folder",
-               "--templates", templates, "--output", out / "zero-shot", "--quiet"), logs / f"eval-zs-{modality}.log")
+               "--templates", prompts, "--output", out / "zero-shot", "--quiet"), logs / f"eval-zs-{modality}.log")
     _run(_mmcl("eval", "retrieval", "--checkpoint", run_dir, "--data", retrieval_shards, "--output",
                out / "retrieval", "--quiet"), logs / f"eval-ret-{modality}.log")
     return {
@@ -213,18 +225,19 @@ def _demo_modality(modality: str, args: argparse.Namespace, size: DemoSize, root
          logs / f"shard-{modality}-heldout.log")
 
     run_dir = root / "runs" / modality
+    prompts = _zero_shot_prompts(modality, data_dir)
     if not (run_dir / "checkpoints" / f"step-{steps:08d}" / "COMPLETE").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         _say(f"training a micro {modality}-text model: {steps} steps, {args.processes} process(es), "
              f"noise weighting: {args.noise_method} (log: {logs / f'train-{modality}.log'})")
         config = _train_config(modality, shards, data["test"], run_dir, steps, args.noise_method, args.seed,
-                               args.processes)
+                               args.processes, prompts)
         started = time.perf_counter()
         _train(config, root / f"train-{modality}.yaml", args.processes, logs, modality)
         _say(f"trained in {time.perf_counter() - started:.0f} s")
     _say(f"evaluating on held-out {modality} data")
     report_dir = root / "report" / modality
-    results = _evaluate(modality, run_dir, data["test"], retrieval, report_dir, logs)
+    results = _evaluate(modality, run_dir, data["test"], prompts, retrieval, report_dir, logs)
     _plot_training(run_dir / "metrics.jsonl", report_dir / "training.png", f"{modality}-text")
     if (run_dir / "noise_weights.png").exists():
         shutil.copy(run_dir / "noise_weights.png", report_dir / "noise_weights.png")
@@ -236,6 +249,7 @@ def _demo_modality(modality: str, args: argparse.Namespace, size: DemoSize, root
         "noisy_pairs": manifest["noise"]["noisy_pairs"] if manifest["noise"] else 0,
         "classes": len(results["zero_shot"]["class_names"]),
         "steps": steps,
+        "prompts": "the built-in `short` set" if prompts == "short" else f"the training captions' phrasings ({prompts})",
         "zero_shot": results["zero_shot"]["metrics"],
         "retrieval": results["retrieval"]["metrics"],
         "noise": {k: v for k, v in last_train.items() if k.startswith("noise_")},
@@ -259,7 +273,7 @@ def _write_report(root: Path, summaries: list[dict], args: argparse.Namespace) -
             "",
             f"{s['train_pairs']} training pairs ({s['noisy_pairs']} with swapped captions), {s['steps']} steps; "
             f"evaluated on held-out {'images' if media == 'image' else 'voices'} ({s['classes']} classes, "
-            f"chance {100 / s['classes']:.0f}%).",
+            f"chance {100 / s['classes']:.0f}%), zero-shot prompts: {s['prompts']}.",
             "",
             "| metric | value |",
             "| --- | --- |",
