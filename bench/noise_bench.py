@@ -58,9 +58,9 @@ sys.path.insert(0, str(REPO))
 
 from pipelines.demo_data import (  # noqa: E402
     AUDIO_CAPTIONS,
+    AUDIO_TEST_SETTINGS,
+    AUDIO_TEST_VOICES,
     EXTRA_TRAIN_VOICES,
-    HELD_OUT_SETTINGS,
-    HELD_OUT_VOICES,
     TRAIN_VOICES,
     WORDS,
     build_fashion_mnist,
@@ -70,11 +70,6 @@ from pipelines.demo_data import (  # noqa: E402
 
 IMAGE_PAIRS = 6000  # Fashion-MNIST training pairs
 AUDIO_REPEATS = 8  # clips per word and training voice: 640 clips, as `mmcl demo`
-# the audio test set: the demo's 3 held-out voices and 9 more that no training clip has (5 of them other accents),
-# each at 5 speeds and pitches: 600 clips, where the demo's 60 (its voices at 2 settings) saturate at ~100%
-AUDIO_TEST_VOICES = [*HELD_OUT_VOICES, "en+m2", "en+m6", "en+f5", "en-us+m6", "en-gb-scotland+m4", "en-029+f1",
-                     "en-us-nyc+m2", "en-gb-x-rp+f2", "en-gb-x-gbclan+m7"]
-AUDIO_TEST_SETTINGS = sorted({*HELD_OUT_SETTINGS, (120, 30), (160, 50), (200, 70)})
 IMAGE_TEST_PER_CLASS = 100  # the bench's 1,000 test images; --image-test full: all 10,000 (1,000 per class)
 FULL_TEST_PER_CLASS = 1000
 STEPS = {"image": 1200, "audio": 250}  # image: 12.8 epochs of 6,000 pairs; audio: 25 epochs of 640 clips

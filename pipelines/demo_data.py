@@ -41,6 +41,12 @@ EXTRA_TRAIN_VOICES = [f"en+{name}" for name in [
     "grandpa", "iven", "john", "linda", "max", "michel", "norbert", "paul", "pedro", "quincy", "rob", "steph", "travis",
 ]]
 HELD_OUT_SETTINGS = [(140, 40), (175, 60)]  # (words per minute, pitch) of each held-out clip
+# the audio test set of the demo and the noise bench: the 3 held-out voices and 9 more that no training clip has
+# (5 of them other accents), each at 5 speeds and pitches: 600 clips, where the 60 of the held-out voices at
+# HELD_OUT_SETTINGS (build_spoken_words' test) saturate at ~100%
+AUDIO_TEST_VOICES = [*HELD_OUT_VOICES, "en+m2", "en+m6", "en+f5", "en-us+m6", "en-gb-scotland+m4", "en-029+f1",
+                     "en-us-nyc+m2", "en-gb-x-rp+f2", "en-gb-x-gbclan+m7"]
+AUDIO_TEST_SETTINGS = sorted({*HELD_OUT_SETTINGS, (120, 30), (160, 50), (200, 70)})
 
 
 def read_idx(path: Path) -> np.ndarray:

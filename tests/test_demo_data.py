@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from pipelines.demo_data import (
+    AUDIO_TEST_VOICES,
     EXTRA_TRAIN_VOICES,
     FASHION_DIR,
     HELD_OUT_VOICES,
@@ -42,6 +43,7 @@ def test_spoken_words_are_rebuilt_for_another_repeat_count(tmp_path):
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_spoken_words_by_other_voices(tmp_path):
     assert not set(EXTRA_TRAIN_VOICES) & {*TRAIN_VOICES, *HELD_OUT_VOICES}
+    assert not set(AUDIO_TEST_VOICES) & {*TRAIN_VOICES, *EXTRA_TRAIN_VOICES}  # the test's voices are unheard
     voices = ["en+m1", EXTRA_TRAIN_VOICES[0], EXTRA_TRAIN_VOICES[-1]]
     train = build_spoken_words(tmp_path / "sw", 1, voices=voices)["train"]
     assert rows(train) == 30
