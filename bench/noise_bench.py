@@ -57,7 +57,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.demo_data import (  # noqa: E402
-    AUDIO_CAPTIONS,
     AUDIO_TEST_SETTINGS,
     AUDIO_TEST_VOICES,
     EXTRA_TRAIN_VOICES,
@@ -66,6 +65,7 @@ from pipelines.demo_data import (  # noqa: E402
     build_fashion_mnist,
     build_held_out_speech,
     build_spoken_words,
+    write_caption_prompts,
 )
 
 IMAGE_PAIRS = 6000  # Fashion-MNIST training pairs
@@ -306,9 +306,7 @@ def main() -> None:
         more_voices = len(voices) > len(TRAIN_VOICES)
         templates = args.audio_prompts
         if args.audio_prompts == "captions":  # written once, read by every audio run's eval
-            templates = work / "data" / CAPTION_PROMPTS_FILE
-            templates.parent.mkdir(parents=True, exist_ok=True)
-            templates.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
+            templates = write_caption_prompts(work / "data" / CAPTION_PROMPTS_FILE)
         default = args.audio_repeats == AUDIO_REPEATS and not more_voices
         suffix = "" if default else f"-{args.audio_repeats}" + (f"-v{len(voices)}" if more_voices else "")
         data["audio"] = {"train": build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats,

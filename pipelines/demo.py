@@ -24,12 +24,12 @@ import yaml
 
 from mmcl.errors import UsageError
 from pipelines.demo_data import (
-    AUDIO_CAPTIONS,
     AUDIO_TEST_SETTINGS,
     AUDIO_TEST_VOICES,
     build_fashion_mnist,
     build_held_out_speech,
     build_spoken_words,
+    write_caption_prompts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,9 +134,7 @@ def _zero_shot_prompts(modality: str, data_dir: Path) -> str:
     embeddings are still random: docs/BENCHMARKS.md, nineteenth session)."""
     if modality == "image":
         return "short"
-    prompts = data_dir / "audio-caption-prompts.txt"
-    prompts.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
-    return str(prompts)
+    return str(write_caption_prompts(data_dir / "audio-caption-prompts.txt"))
 
 
 def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps: int, method: str,

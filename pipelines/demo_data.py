@@ -116,6 +116,15 @@ def _speak(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
     )
 
 
+def write_caption_prompts(path: Path) -> Path:
+    """AUDIO_CAPTIONS as a zero-shot templates file (one per line) at `path`: a text tower trained from scratch on
+    these captions knows only their words, so its zero-shot prompts must use their phrasing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
+    return path
+
+
 def write_held_out_speech(folder: Path, voices: list[str], settings: list[tuple[int, int]]) -> None:
     """Every word of WORDS spoken by each voice at each (speed, pitch), as class folders (`folder/WORD/*.wav`):
     a zero-shot test set of speakers the training clips never had."""

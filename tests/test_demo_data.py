@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
+from mmcl.eval.templates import load_templates
 from pipelines.demo_data import (
+    AUDIO_CAPTIONS,
     AUDIO_TEST_VOICES,
     EXTRA_TRAIN_VOICES,
     FASHION_DIR,
@@ -16,6 +18,7 @@ from pipelines.demo_data import (
     build_fashion_mnist,
     build_held_out_speech,
     build_spoken_words,
+    write_caption_prompts,
 )
 
 
@@ -62,3 +65,8 @@ def test_held_out_speech_has_every_word_by_every_voice_and_setting(tmp_path):
     assert (test / ".complete").stat().st_mtime_ns == marker
     build_held_out_speech(tmp_path / "test", ["en+m2"], [(140, 40), (175, 60)])  # another set: rebuilt
     assert sorted(p.name for p in (test / "seven").iterdir()) == ["en_m2-0.wav", "en_m2-1.wav"]
+
+
+def test_caption_prompts_file_is_a_templates_file_of_the_captions(tmp_path):
+    path = write_caption_prompts(tmp_path / "data" / "prompts.txt")
+    assert load_templates(str(path), "audio") == AUDIO_CAPTIONS
