@@ -35,6 +35,12 @@ Twice the steps (10 passes; ~13-15 min a run; the thirteenth session's image row
 
     .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 4800 --rates 0 0.5 \
         --methods local_fdr none oracle --image-test full
+
+Another learning rate for every run (cached as image-micro_resnet-lr0.0005-...): the image recipe's 2e-3 collapses at
+80% noise (the loss stays at log 64), a quarter of it learns there (the twenty-second session in docs/BENCHMARKS.md):
+
+    .venv/bin/python bench/noise_bench.py --modality image --lr 5e-4 --rates 0.8 0.5 0 --methods none local_fdr oracle \
+        --image-test full
 """
 
 from __future__ import annotations
@@ -145,11 +151,13 @@ def zero_shot(work: Path, name: str, run_dir: Path, data: dict) -> dict:
 
 
 def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
-            steps: int, dataset: str) -> dict:
+            steps: int, dataset: str, lr: float | None = None) -> dict:
     """One training run and its zero-shot eval (cached). `dataset` names the training set in the run's and
-    shards' names: the modality, plus the number of pairs when it is not the default set. A cached run
-    measured on another test set is evaluated again from its checkpoint (retrained if that is gone)."""
-    name = f"{dataset}-{recipe.stem}-r{rate:g}-{method}-s{seed}-n{steps}"
+    shards' names: the modality, plus the number of pairs when it is not the default set; `lr` replaces the
+    recipe's learning rate (named in the run's name). A cached run measured on another test set is evaluated
+    again from its checkpoint (retrained if that is gone)."""
+    lr_tag = "" if lr is None else f"-lr{lr:g}"
+    name = f"{dataset}-{recipe.stem}{lr_tag}-r{rate:g}-{method}-s{seed}-n{steps}"
     # one result per run and test set; a run scored on another test set is evaluated again from its checkpoint
     own_tag = data.get("test_tag", "")
     result_file = work / "results" / f"{name}{own_tag}.json"
@@ -180,6 +188,8 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     config["data"].update({"sources": [{"urls": str(shards)}], "workers": 1, "seed": seed})
     config["train"].update({"steps": steps, "log_every": 20, "checkpoint_every": steps, "resume": "never"})
     config["optim"]["warmup_steps"] = steps // 10
+    if lr is not None:
+        config["optim"]["lr"] = lr
     warmup, ramp = WEIGHTING_SCHEDULE[modality]
     config["noise"] = {"method": method, "warmup_steps": warmup, "ramp_steps": ramp, "window": 2048, "log_every": 20}
     config["noise"].update(VARIANTS.get(method, {}))
@@ -195,7 +205,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     train_rows = [r for r in rows if "loss" in r]
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
-        "modality": modality, "dataset": dataset, "recipe": recipe.stem, "rate": rate, "method": method, "seed": seed, "steps": steps,
+        "modality": modality, "dataset": dataset, "recipe": recipe.stem, "lr": config["optim"]["lr"], "rate": rate, "method": method, "seed": seed, "steps": steps,
         **zero_shot(work, f"{name}{own_tag}", run_dir, data), "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
@@ -272,6 +282,8 @@ def main() -> None:
     parser.add_argument("--audio-recipe", type=Path, default=REPO / "configs" / RECIPES["audio"],
                         help="training recipe of the audio runs (its model; steps, data and weighting are the bench's)")
     parser.add_argument("--steps", type=int, help=f"training steps of every run (default: {STEPS})")
+    parser.add_argument("--lr", type=float, help="learning rate of every run (default: the recipe's; the image recipe's "
+                        "2e-3 collapses at 80%% noise, 5e-4 learns there)")
     parser.add_argument("--image-pairs", type=int, default=IMAGE_PAIRS,
                         help="Fashion-MNIST training pairs of the image runs (more pairs: fewer passes over each)")
     parser.add_argument("--audio-repeats", type=int, default=AUDIO_REPEATS,
@@ -327,7 +339,7 @@ def main() -> None:
                     recipe = args.image_recipe if modality == "image" else args.audio_recipe
                     steps = args.steps or STEPS[modality]
                     r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps,
-                                datasets[modality])
+                                datasets[modality], args.lr)
                     print(json.dumps(r), flush=True)
                     results.append(r)
     print(table(results))
