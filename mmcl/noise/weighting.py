@@ -126,6 +126,7 @@ class PairWeighter:
         if fdr is not None:  # local_fdr's, or the mixture methods' null test
             result["noise_evidence_z"] = fdr.params["evidence_z"]
             result["noise_implied_auroc"] = fdr.params["implied_auroc"]
+            result["noise_implied_auroc_low"] = fdr.params["implied_auroc_low"]
         if self.has_truth:
             result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
         return result
