@@ -41,6 +41,12 @@ Another learning rate for every run (cached as image-micro_resnet-lr0.0005-...):
 
     .venv/bin/python bench/noise_bench.py --modality image --lr 5e-4 --rates 0.8 0.5 0 --methods none local_fdr oracle \
         --image-test full
+
+Another noise.window (cached as ...-w4096-...; the bench's 2,048 p-values or losses are 32 steps, the library's
+default is 4,096):
+
+    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --lr 5e-4 --steps 2400 --window 4096 \
+        --rates 0.8 --methods local_fdr none --image-test full
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ FULL_TEST_PER_CLASS = 1000
 STEPS = {"image": 1200, "audio": 250}  # image: 12.8 epochs of 6,000 pairs; audio: 25 epochs of 640 clips
 # uniform weights for the first steps, then blended in (noise.warmup_steps, noise.ramp_steps); the same for every method
 WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
+WINDOW = 2048  # noise.window: the per-pair signals each estimate is fitted on (32 steps of 64 pairs)
 # image: the micro ResNet learns these pairs to 88-89% zero-shot at 1,200 steps (the micro ViT of micro.yaml: ~75%)
 RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.yaml"}
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
@@ -151,13 +158,14 @@ def zero_shot(work: Path, name: str, run_dir: Path, data: dict) -> dict:
 
 
 def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
-            steps: int, dataset: str, lr: float | None = None) -> dict:
+            steps: int, dataset: str, lr: float | None = None, window: int | None = None) -> dict:
     """One training run and its zero-shot eval (cached). `dataset` names the training set in the run's and
     shards' names: the modality, plus the number of pairs when it is not the default set; `lr` replaces the
-    recipe's learning rate (named in the run's name). A cached run measured on another test set is evaluated
+    recipe's learning rate and `window` the bench's noise.window (each named in the run's name). A cached run measured on another test set is evaluated
     again from its checkpoint (retrained if that is gone)."""
     lr_tag = "" if lr is None else f"-lr{lr:g}"
-    name = f"{dataset}-{recipe.stem}{lr_tag}-r{rate:g}-{method}-s{seed}-n{steps}"
+    window_tag = "" if window is None else f"-w{window}"
+    name = f"{dataset}-{recipe.stem}{lr_tag}{window_tag}-r{rate:g}-{method}-s{seed}-n{steps}"
     # one result per run and test set; a run scored on another test set is evaluated again from its checkpoint
     own_tag = data.get("test_tag", "")
     result_file = work / "results" / f"{name}{own_tag}.json"
@@ -191,7 +199,8 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     if lr is not None:
         config["optim"]["lr"] = lr
     warmup, ramp = WEIGHTING_SCHEDULE[modality]
-    config["noise"] = {"method": method, "warmup_steps": warmup, "ramp_steps": ramp, "window": 2048, "log_every": 20}
+    config["noise"] = {"method": method, "warmup_steps": warmup, "ramp_steps": ramp, "window": window or WINDOW,
+                       "log_every": 20}
     config["noise"].update(VARIANTS.get(method, {}))
     if method == ORACLE:
         config["noise"].update(method="alignment_score", score_range=[0.0, 1.0])
@@ -205,7 +214,8 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     train_rows = [r for r in rows if "loss" in r]
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
-        "modality": modality, "dataset": dataset, "recipe": recipe.stem, "lr": config["optim"]["lr"], "rate": rate, "method": method, "seed": seed, "steps": steps,
+        "modality": modality, "dataset": dataset, "recipe": recipe.stem, "lr": config["optim"]["lr"],
+        "window": config["noise"]["window"], "rate": rate, "method": method, "seed": seed, "steps": steps,
         **zero_shot(work, f"{name}{own_tag}", run_dir, data), "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
@@ -284,6 +294,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=f"training steps of every run (default: {STEPS})")
     parser.add_argument("--lr", type=float, help="learning rate of every run (default: the recipe's; the image recipe's "
                         "2e-3 collapses at 80%% noise, 5e-4 learns there)")
+    parser.add_argument("--window", type=int, help=f"noise.window of every run (default: {WINDOW}; the library's "
+                        "default is 4,096)")
     parser.add_argument("--image-pairs", type=int, default=IMAGE_PAIRS,
                         help="Fashion-MNIST training pairs of the image runs (more pairs: fewer passes over each)")
     parser.add_argument("--audio-repeats", type=int, default=AUDIO_REPEATS,
@@ -339,7 +351,7 @@ def main() -> None:
                     recipe = args.image_recipe if modality == "image" else args.audio_recipe
                     steps = args.steps or STEPS[modality]
                     r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps,
-                                datasets[modality], args.lr)
+                                datasets[modality], args.lr, args.window)
                     print(json.dumps(r), flush=True)
                     results.append(r)
     print(table(results))
