@@ -161,8 +161,8 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
             steps: int, dataset: str, lr: float | None = None, window: int | None = None) -> dict:
     """One training run and its zero-shot eval (cached). `dataset` names the training set in the run's and
     shards' names: the modality, plus the number of pairs when it is not the default set; `lr` replaces the
-    recipe's learning rate and `window` the bench's noise.window (each named in the run's name). A cached run measured on another test set is evaluated
-    again from its checkpoint (retrained if that is gone)."""
+    recipe's learning rate and `window` the bench's noise.window (each named in the run's name). A cached run
+    measured on another test set is evaluated again from its checkpoint (retrained if that is gone)."""
     lr_tag = "" if lr is None else f"-lr{lr:g}"
     window_tag = "" if window is None else f"-w{window}"
     name = f"{dataset}-{recipe.stem}{lr_tag}{window_tag}-r{rate:g}-{method}-s{seed}-n{steps}"

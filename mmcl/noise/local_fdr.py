@@ -29,8 +29,9 @@ that took top-1 to chance). At 20-50% noise trained models imply 0.91-0.95, at 8
 excess over the null and swings from fit to fit. On 30,000 images at 80% it read 0.79-0.88, up to 0.94,
 while the weights it let through ranked the pairs at a true AUROC of 0.56-0.65; the gate on the estimate
 alone opened and shut in bursts and lost 4.8 points of top-1 to off; with the bound it opened in 0-2 short
-bursts a run and ended 0.6 points under off (3 seeds). Its bootstrap spread there is ~0.04, at 50% noise ~0.01. Each refit checks again, so
-weighting starts once the model has learned enough and stops if the evidence fades.
+bursts a run and ended 0.6 points under off (3 seeds). Its bootstrap spread there is ~0.04, at 50% noise
+~0.01. Each refit checks again, so weighting starts once the model has learned enough and stops if the
+evidence fades.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ BIN_CENTRES = (np.arange(BINS) + 0.5) / BINS  # lfdr is fitted per bin and read 
 STOREY_LAMBDA = 0.5
 GATE_Z = 3.0  # matched pairs must show as this many standard deviations above the all-mismatched count
 MIN_BEST_CLEAN = 0.5  # and the pairs with the lowest p-values must be more likely matched than not
-MIN_IMPLIED_AUROC = 0.85  # and the fit must rank matched above mismatched pairs this well (implied_auroc, implied_auroc_low)
+MIN_IMPLIED_AUROC = 0.85  # and the fit must rank matched above mismatched pairs this well (estimate and bound)
 BOOTSTRAP_RESAMPLES = 200  # of the window's histogram, for implied_auroc_low (~10 ms per refit)
 BOOTSTRAP_PERCENTILE = 5.0
 
@@ -94,7 +95,7 @@ class LocalFdr:
             return None
         n = len(data)
         below = float((data <= STOREY_LAMBDA).sum())
-        pi0 = min(1.0, (n - below) / n / (1.0 - STOREY_LAMBDA))
+        pi0 = storey_pi0(n - below, n)
         evidence_z = (below - n * STOREY_LAMBDA) / np.sqrt(n * STOREY_LAMBDA * (1.0 - STOREY_LAMBDA))
         counts, _ = np.histogram(np.clip(data, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
         density = decreasing(counts * BINS / n)
@@ -145,6 +146,11 @@ def implied_auroc(density: np.ndarray, pi0: float) -> float:
     return float(1.0 - (matched * BIN_CENTRES).sum() / matched.sum())
 
 
+def storey_pi0(above: float, n: int) -> float:
+    """Storey's noise-rate estimate from the count of the window's n p-values above STOREY_LAMBDA."""
+    return min(1.0, above / n / (1.0 - STOREY_LAMBDA))
+
+
 def implied_auroc_lower_bound(counts: np.ndarray) -> float:
     """The BOOTSTRAP_PERCENTILE-th percentile of implied_auroc over multinomial resamples of the window's
     histogram `counts` (BINS bins on [0, 1]; pi0 and the monotone density refitted on each): how low the
@@ -154,7 +160,7 @@ def implied_auroc_lower_bound(counts: np.ndarray) -> float:
     resamples = np.random.default_rng(0).multinomial(n, counts / n, size=BOOTSTRAP_RESAMPLES)
     values = []
     for resample in resamples:
-        pi0 = min(1.0, float(resample[BINS // 2 :].sum()) / n / (1.0 - STOREY_LAMBDA))  # bins above lambda = 0.5
+        pi0 = storey_pi0(float(resample[int(STOREY_LAMBDA * BINS) :].sum()), n)  # the bins above lambda
         values.append(implied_auroc(decreasing(resample * BINS / n), pi0))
     return float(np.percentile(values, BOOTSTRAP_PERCENTILE))
 
