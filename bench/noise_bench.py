@@ -219,6 +219,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
         **zero_shot(work, f"{name}{own_tag}", run_dir, data), "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
+        "signal_auroc": train_rows[-1].get("noise_signal_auroc"),  # the estimator's signal itself, gate open or shut
         "noise_rate_estimate": train_rows[-1].get("noise_rate_estimate"),
         # the first logged step at which weighting was in use (the mixture found two modes), None if never
         "weighting_from_step": next((r["step"] for r in train_rows if r.get("noise_mean_weight", 1.0) < 1.0), None),

@@ -310,7 +310,7 @@ def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_mo
     assert weighter.estimator.params is None
     assert set(weights.unique().tolist()) == {0.0, 1.0}
     assert weights[torch.tensor(~noisy)].mean() > 0.95 and weights[torch.tensor(noisy)].mean() < 0.3
-    weighter.record(weights, torch.tensor(noisy))
+    weighter.record(weights, one_mode, torch.tensor(noisy))
     assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the null test's, before the mixture's
 
     restored = PairWeighter(cfg)
@@ -344,15 +344,17 @@ def test_mixture_methods_weight_only_while_the_in_batch_null_shows_matched_pairs
         weights = weighter.weights(step, two_modes, two_modes, uniform, uniform)
     assert weighter.estimator.params is not None  # the losses do show two modes
     assert torch.all(weights == 1.0)
-    weighter.record(weights, torch.tensor(noisy))
-    assert weighter.metrics()["noise_rate_estimate"] > 0.9  # the null test's (no matched pairs), not the mixture's
+    weighter.record(weights, two_modes, torch.tensor(noisy))
+    shut = weighter.metrics()
+    assert shut["noise_rate_estimate"] > 0.9  # the null test's (no matched pairs), not the mixture's
+    assert shut["noise_auroc"] == 0.5 and shut["noise_signal_auroc"] > 0.95  # uniform weights; the losses do rank
 
     informative = torch.tensor(synthetic_pvalues(noisy, seed=6), dtype=torch.float32)
     for step in range(4, 6):
         weights = weighter.weights(step, two_modes, two_modes, informative, informative)
     assert auroc(1 - weights.numpy(), noisy) > 0.95
     assert ((weights > 0.01) & (weights < 0.99)).any()  # the mixture's posterior, not the null test's hard start
-    weighter.record(weights, torch.tensor(noisy))
+    weighter.record(weights, two_modes, torch.tensor(noisy))
     assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the mixture's
 
     for step in range(6, 8):
@@ -420,7 +422,7 @@ def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Pat
     run_mmcl("train", "--config", config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    assert last["noise_auroc"] > 0.8, last
+    assert last["noise_auroc"] > 0.8 and last["noise_signal_auroc"] > 0.8, last
     assert last["noise_mean_weight_clean"] > last["noise_mean_weight_noisy"] + 0.3, last
     assert all(r["noise_mean_weight"] == 1.0 for r in rows if r["step"] <= 60)  # warm-up is uniform
     assert (tmp_path / "run" / "noise_weights.png").exists()

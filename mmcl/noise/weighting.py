@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr
-from mmcl.noise.metrics import detection_metrics
+from mmcl.noise.metrics import auroc, detection_metrics
 from mmcl.noise.mixture import OnlineMixture
 
 
@@ -48,6 +48,7 @@ class PairWeighter:
         elif uses_mixture:
             self.estimator = OnlineMixture(cfg.window, cfg.mixture)
         self.recent_weights = np.zeros(0)
+        self.recent_signal = np.zeros(0)  # nan where not recorded (a checkpoint from before it was kept)
         self.recent_noisy = np.zeros(0, dtype=bool)
         self.has_truth = False
 
@@ -102,16 +103,21 @@ class PairWeighter:
         blended = 1.0 - self.ramp(step) * (1.0 - estimate)
         return torch.as_tensor(np.maximum(blended, self.cfg.floor), dtype=signal.dtype, device=signal.device)
 
-    def record(self, weights: Tensor, noisy: Tensor | None) -> None:
-        """Keep the last `window` weights (and ground-truth flags when the shards have them) for metrics."""
+    def record(self, weights: Tensor, signal: Tensor, noisy: Tensor | None) -> None:
+        """Keep the last `window` weights and signals (and ground-truth flags when the shards have them) for
+        metrics."""
         w = weights.detach().double().cpu().numpy()
         self.recent_weights = np.concatenate([self.recent_weights, w])[-self.cfg.window :]
+        self.recent_signal = np.concatenate([self.recent_signal, signal.detach().double().cpu().numpy()])[-self.cfg.window :]
         flags = np.zeros(len(w), dtype=bool) if noisy is None else noisy.detach().cpu().numpy().astype(bool)
         self.has_truth = self.has_truth or noisy is not None
         self.recent_noisy = np.concatenate([self.recent_noisy, flags])[-self.cfg.window :]
 
     def metrics(self) -> dict[str, float]:
-        """Mean weight and, with ground truth, detection AUROC / precision / recall over the recent window."""
+        """Mean weight and, with ground truth, detection AUROC / precision / recall over the recent window,
+        and the AUROC of the signal itself (`noise_signal_auroc`: how well the estimator's input ranks the
+        pairs, gate open or shut; the weights' AUROC is 0.5 while they are uniform and mixes both states in a
+        window where the gate switched)."""
         if not len(self.recent_weights):
             return {}
         result = {"noise_mean_weight": float(self.recent_weights.mean())}
@@ -129,6 +135,8 @@ class PairWeighter:
             result["noise_implied_auroc_low"] = fdr.params["implied_auroc_low"]
         if self.has_truth:
             result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
+            known = np.isfinite(self.recent_signal)
+            result["noise_signal_auroc"] = auroc(self.recent_signal[known], self.recent_noisy[known])
         return result
 
     def state_dict(self) -> dict:
@@ -136,6 +144,7 @@ class PairWeighter:
             "estimator": self.estimator.state_dict() if self.estimator is not None else None,
             "null_test": self.null_test.state_dict() if self.null_test is not None else None,
             "recent_weights": self.recent_weights.tolist(),
+            "recent_signal": self.recent_signal.tolist(),
             "recent_noisy": self.recent_noisy.tolist(),
             "has_truth": self.has_truth,
         }
@@ -147,5 +156,6 @@ class PairWeighter:
         if self.null_test is not None and null_test is not None:
             self.null_test.load_state_dict(null_test)
         self.recent_weights = np.asarray(state["recent_weights"], dtype=np.float64)
+        self.recent_signal = np.asarray(state.get("recent_signal", [np.nan] * len(self.recent_weights)), dtype=np.float64)
         self.recent_noisy = np.asarray(state["recent_noisy"], dtype=bool)
         self.has_truth = bool(state["has_truth"])

@@ -205,7 +205,7 @@ class Trainer:
             pvalues, None if pvalues is None else gather_no_grad(pvalues),
         )
         noisy = [b["noisy"] for b in batches]
-        self.weighter.record(weights, None if any(n is None for n in noisy) else torch.cat(noisy))
+        self.weighter.record(weights, signal, None if any(n is None for n in noisy) else torch.cat(noisy))
         return weights.to(media.device), soft
 
     def _optimizer_step(self, batches: list[dict]) -> tuple[torch.Tensor, int, bool]:
