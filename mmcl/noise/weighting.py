@@ -106,12 +106,15 @@ class PairWeighter:
     def record(self, weights: Tensor, signal: Tensor, noisy: Tensor | None) -> None:
         """Keep the last `window` weights and signals (and ground-truth flags when the shards have them) for
         metrics."""
+        def keep_last(recent: np.ndarray, values: np.ndarray) -> np.ndarray:
+            return np.concatenate([recent, values])[-self.cfg.window :]
+
         w = weights.detach().double().cpu().numpy()
-        self.recent_weights = np.concatenate([self.recent_weights, w])[-self.cfg.window :]
-        self.recent_signal = np.concatenate([self.recent_signal, signal.detach().double().cpu().numpy()])[-self.cfg.window :]
+        self.recent_weights = keep_last(self.recent_weights, w)
+        self.recent_signal = keep_last(self.recent_signal, signal.detach().double().cpu().numpy())
         flags = np.zeros(len(w), dtype=bool) if noisy is None else noisy.detach().cpu().numpy().astype(bool)
         self.has_truth = self.has_truth or noisy is not None
-        self.recent_noisy = np.concatenate([self.recent_noisy, flags])[-self.cfg.window :]
+        self.recent_noisy = keep_last(self.recent_noisy, flags)
 
     def metrics(self) -> dict[str, float]:
         """Mean weight and, with ground truth, detection AUROC / precision / recall over the recent window,
