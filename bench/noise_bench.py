@@ -335,7 +335,7 @@ def main() -> None:
         default = args.audio_repeats == AUDIO_REPEATS and not more_voices
         suffix = "" if default else f"-{args.audio_repeats}" + (f"-v{len(voices)}" if more_voices else "")
         data["audio"] = {"train": build_spoken_words(work / "data" / f"spoken-words{suffix}", args.audio_repeats,
-                                                     voices=voices if more_voices else None)["train"],
+                                                     voices=voices if more_voices else None),
                          "test": build_held_out_speech(work / "data" / "spoken-words-test600" / "test",
                                                        AUDIO_TEST_VOICES, AUDIO_TEST_SETTINGS),
                          "prompts": args.audio_prompts, "templates": templates,

@@ -39,8 +39,8 @@ def test_fashion_mnist_is_rebuilt_for_another_size(tmp_path):
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_spoken_words_are_rebuilt_for_another_repeat_count(tmp_path):
-    assert rows(build_spoken_words(tmp_path / "sw", 1)["train"]) == 80
-    assert rows(build_spoken_words(tmp_path / "sw", 2)["train"]) == 160
+    assert rows(build_spoken_words(tmp_path / "sw", 1)) == 80
+    assert rows(build_spoken_words(tmp_path / "sw", 2)) == 160
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
@@ -48,11 +48,11 @@ def test_spoken_words_by_other_voices(tmp_path):
     assert not set(EXTRA_TRAIN_VOICES) & {*TRAIN_VOICES, *HELD_OUT_VOICES}
     assert not set(AUDIO_TEST_VOICES) & {*TRAIN_VOICES, *EXTRA_TRAIN_VOICES}  # the test's voices are unheard
     voices = ["en+m1", EXTRA_TRAIN_VOICES[0], EXTRA_TRAIN_VOICES[-1]]
-    train = build_spoken_words(tmp_path / "sw", 1, voices=voices)["train"]
+    train = build_spoken_words(tmp_path / "sw", 1, voices=voices)
     assert rows(train) == 30
     speakers = {path.name.split("-")[1] for path in (tmp_path / "sw" / "train").iterdir()}
     assert speakers == {voice.replace("+", "_") for voice in voices}
-    assert rows(build_spoken_words(tmp_path / "sw", 1)["train"]) == 80  # the default voices again: rebuilt
+    assert rows(build_spoken_words(tmp_path / "sw", 1)) == 80  # the default voices again: rebuilt
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
