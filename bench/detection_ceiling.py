@@ -17,6 +17,14 @@ It then shows how local_fdr's weights are calibrated: fitted on all the scored p
 of the pairs in each p-value bin next to the true share of matched pairs there. Where the two agree, the
 weights are as good as this model's ranking allows, and what is left is the ranking itself.
 
+With class labels in the .json (`mmcl shard --label-column`), it also checks why local_fdr's implied AUROC
+(1 - E[p | matched], which assumes a mismatched pair's p-value is uniform) reads low on data of few classes:
+a share q of the in-batch null (q = sum of the squared class shares, ~1/C for C balanced classes) pairs media
+with a caption of its own class, so a matched pair's p-value is at best ~uniform on [0, q], and mismatched
+pairs (another class's caption, by the sharder's construction) rank above that part of the null. If the
+null's same-class combinations look like matched pairs, AUROC = (1 - E[p | matched] - q / 2) / (1 - q);
+it prints that next to the AUROC measured.
+
     .venv/bin/python bench/detection_ceiling.py \\
         --checkpoint bench/out/noise/runs/image30000-micro_resnet-r0-none-s0-n2400 \\
         --shards bench/out/noise/shards/image30000-r0.5-s0 --max-shards 4
@@ -43,13 +51,14 @@ sys.path.insert(0, str(REPO))
 from mmcl.data.pipeline import keyed_samples  # noqa: E402
 from mmcl.eval.loading import load_eval_model  # noqa: E402
 from mmcl.losses import contrastive_loss  # noqa: E402
-from mmcl.noise.local_fdr import LocalFdr, null_pvalues  # noqa: E402
+from mmcl.noise.local_fdr import BIN_CENTRES, LocalFdr, null_pvalues  # noqa: E402
 from mmcl.noise.metrics import auroc  # noqa: E402
 
 
-def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[str], np.ndarray]:
-    """Image bytes, captions and ground-truth noisy flags of the samples in `shards`' tar files."""
-    images, captions, noisy = [], [], []
+def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[str], np.ndarray, np.ndarray | None]:
+    """Image bytes, captions, ground-truth noisy flags and class labels (None unless every .json has a
+    "label_index") of the samples in `shards`' tar files."""
+    images, captions, noisy, labels = [], [], [], []
     urls = [str(shard) for shard in sorted(shards.glob("*.tar"))[:max_shards]]
     for sample in keyed_samples(urls, wds.reraise_exception):
         meta = json.loads(sample["json"])
@@ -58,7 +67,8 @@ def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[
         images.append(next(sample[ext] for ext in ("jpg", "png", "webp") if ext in sample))
         captions.append(sample["txt"].decode("utf-8"))
         noisy.append(bool(meta["noisy"]))
-    return images, captions, np.asarray(noisy)
+        labels.append(meta.get("label_index"))
+    return images, captions, np.asarray(noisy), None if None in labels else np.asarray(labels)
 
 
 @torch.no_grad()
@@ -107,13 +117,16 @@ CALIBRATION_EDGES = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0
 
 def calibration(pvalues: np.ndarray, noisy: np.ndarray) -> list[str]:
     """Lines of a table: per p-value bin, the pairs in it, their true share of matched pairs and their mean
-    local_fdr weight (1 - lfdr, fitted on all of `pvalues` at once), then the mean weight of each group."""
+    local_fdr weight (1 - lfdr, fitted on all of `pvalues` at once; shown whether or not the fit's gate would
+    let it weight), then the mean weight of each group."""
     fdr = LocalFdr(len(pvalues))
     fdr.add(pvalues)
     params = fdr.fit()
-    weights = fdr.clean_probability(pvalues)
-    lines = [f"  local_fdr on all {len(pvalues)} p-values: noise rate estimate {params['pi0']:.3f}; mean weight "
-             f"of matched pairs {weights[~noisy].mean():.3f}, of mismatched ones {weights[noisy].mean():.3f}",
+    weights = 1.0 - np.interp(pvalues, BIN_CENTRES, params["lfdr"])
+    lines = [f"  local_fdr on all {len(pvalues)} p-values: noise rate estimate {params['pi0']:.3f}, implied AUROC "
+             f"{params['implied_auroc']:.3f} (bound {params['implied_auroc_low']:.3f}), gate "
+             f"{'open' if params['gate_open'] else 'shut'}; mean weight of matched pairs {weights[~noisy].mean():.3f}, "
+             f"of mismatched ones {weights[noisy].mean():.3f}",
              "  p-value bin      pairs  matched share  mean weight"]  # fmt: skip
     for low, high in itertools.pairwise(CALIBRATION_EDGES):
         inside = (pvalues >= low) & ((pvalues < high) if high < 1.0 else (pvalues <= high))
@@ -121,6 +134,17 @@ def calibration(pvalues: np.ndarray, noisy: np.ndarray) -> list[str]:
             lines.append(f"  [{low:.3f}, {high:.3f}) {inside.sum():6d}  {1 - noisy[inside].mean():13.3f}  "
                          f"{weights[inside].mean():11.3f}")  # fmt: skip
     return lines
+
+
+def null_class_matches(pvalues: np.ndarray, noisy: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Lines: q (the share of media-caption combinations of one class among distinct pairs), the matched
+    pairs' 1 - E[p], and the AUROC that both predict, (1 - E[p | matched] - q / 2) / (1 - q)."""
+    counts = np.bincount(labels)
+    q = float((counts * (counts - 1)).sum() / (len(labels) * (len(labels) - 1)))
+    ranking = 1.0 - float(pvalues[~noisy].mean())
+    return [f"  null's same-class share q {q:.3f}; matched pairs' 1 - E[p] {ranking:.4f} (what the implied AUROC "
+            f"estimates); predicted AUROC (1 - E[p] - q/2) / (1 - q) = {(ranking - q / 2) / (1 - q):.4f}, "
+            f"measured {auroc(pvalues, noisy):.4f}"]
 
 
 def main() -> None:
@@ -133,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model = load_eval_model(checkpoint=args.checkpoint)
-    images, captions, noisy = read_pairs(args.shards, args.max_shards)
+    images, captions, noisy, labels = read_pairs(args.shards, args.max_shards)
     signals, order = score(model, images, captions, args.batch_size, args.seed)
     truth = noisy[order]
     print(f"{len(truth)} pairs ({truth.mean():.1%} noisy, {len(set(captions))} distinct captions), "
@@ -141,6 +165,8 @@ def main() -> None:
     for name, values in signals.items():
         print(f"  {name:28s} AUROC {auroc(values, truth):.4f}")
     print("\n".join(calibration(signals["p-value"], truth)))
+    if labels is not None:
+        print("\n".join(null_class_matches(signals["p-value"], truth, labels[order])))
 
 
 if __name__ == "__main__":
