@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from mmcl.data.pipeline import keyed_samples  # noqa: E402
 from mmcl.eval.loading import load_eval_model  # noqa: E402
 from mmcl.losses import contrastive_loss  # noqa: E402
-from mmcl.noise.local_fdr import BIN_CENTRES, LocalFdr, null_pvalues  # noqa: E402
+from mmcl.noise.local_fdr import LocalFdr, null_pvalues  # noqa: E402
 from mmcl.noise.metrics import auroc  # noqa: E402
 
 
@@ -122,7 +122,7 @@ def calibration(pvalues: np.ndarray, noisy: np.ndarray) -> list[str]:
     fdr = LocalFdr(len(pvalues))
     fdr.add(pvalues)
     params = fdr.fit()
-    weights = 1.0 - np.interp(pvalues, BIN_CENTRES, params["lfdr"])
+    weights = fdr.fitted_clean_probability(pvalues)
     lines = [f"  local_fdr on all {len(pvalues)} p-values: noise rate estimate {params['pi0']:.3f}, implied AUROC "
              f"{params['implied_auroc']:.3f} (bound {params['implied_auroc_low']:.3f}), gate "
              f"{'open' if params['gate_open'] else 'shut'}; mean weight of matched pairs {weights[~noisy].mean():.3f}, "

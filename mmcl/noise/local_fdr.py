@@ -112,12 +112,17 @@ class LocalFdr:
         return self.params
 
     def clean_probability(self, pvalues: np.ndarray) -> np.ndarray:
-        """1 - lfdr(p), interpolated between bin centres (all ones before the first fit and while the window
-        shows no evidence of matched pairs)."""
+        """The weights: `fitted_clean_probability`, but all ones before the first fit and while the gate is
+        shut."""
         pvalues = np.asarray(pvalues, dtype=np.float64)
         if not self.gate_open:
             return np.ones_like(pvalues)
-        return 1.0 - np.interp(pvalues, BIN_CENTRES, self.params["lfdr"])
+        return self.fitted_clean_probability(pvalues)
+
+    def fitted_clean_probability(self, pvalues: np.ndarray) -> np.ndarray:
+        """1 - lfdr(p) of the last fit, interpolated between bin centres, whether or not the gate lets it weight
+        (for diagnostics; needs a fit)."""
+        return 1.0 - np.interp(np.asarray(pvalues, dtype=np.float64), BIN_CENTRES, self.params["lfdr"])
 
     @property
     def gate_open(self) -> bool:
