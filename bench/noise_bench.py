@@ -42,6 +42,10 @@ Another learning rate for every run (cached as image-micro_resnet-lr0.0005-...):
     .venv/bin/python bench/noise_bench.py --modality image --lr 5e-4 --rates 0.8 0.5 0 --methods none local_fdr oracle \
         --image-test full
 
+Another noise.floor (cached as ...-f0.1-...; no pair weighs less than it; the library's default is 0):
+
+    .venv/bin/python bench/noise_bench.py --modality image --floor 0.1 --rates 0.5 --methods local_fdr --image-test full
+
 Another noise.window (cached as ...-w4096-...; the bench's 2,048 p-values or losses are 32 steps, the library's
 default is 4,096):
 
@@ -158,14 +162,17 @@ def zero_shot(work: Path, name: str, run_dir: Path, data: dict) -> dict:
 
 
 def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, method: str, seed: int,
-            steps: int, dataset: str, lr: float | None = None, window: int | None = None) -> dict:
+            steps: int, dataset: str, lr: float | None = None, window: int | None = None,
+            floor: float | None = None) -> dict:
     """One training run and its zero-shot eval (cached). `dataset` names the training set in the run's and
     shards' names: the modality, plus the number of pairs when it is not the default set; `lr` replaces the
-    recipe's learning rate and `window` the bench's noise.window (each named in the run's name). A cached run
-    measured on another test set is evaluated again from its checkpoint (retrained if that is gone)."""
+    recipe's learning rate, `window` the bench's noise.window and `floor` noise.floor (0) (each named in the run's
+    name). A cached run measured on another test set is evaluated again from its checkpoint (retrained if that
+    is gone)."""
     lr_tag = "" if lr is None else f"-lr{lr:g}"
     window_tag = "" if window is None else f"-w{window}"
-    name = f"{dataset}-{recipe.stem}{lr_tag}{window_tag}-r{rate:g}-{method}-s{seed}-n{steps}"
+    floor_tag = "" if floor is None else f"-f{floor:g}"
+    name = f"{dataset}-{recipe.stem}{lr_tag}{window_tag}{floor_tag}-r{rate:g}-{method}-s{seed}-n{steps}"
     # one result per run and test set; a run scored on another test set is evaluated again from its checkpoint
     own_tag = data.get("test_tag", "")
     result_file = work / "results" / f"{name}{own_tag}.json"
@@ -200,7 +207,7 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
         config["optim"]["lr"] = lr
     warmup, ramp = WEIGHTING_SCHEDULE[modality]
     config["noise"] = {"method": method, "warmup_steps": warmup, "ramp_steps": ramp, "window": window or WINDOW,
-                       "log_every": 20}
+                       "floor": floor or 0.0, "log_every": 20}
     config["noise"].update(VARIANTS.get(method, {}))
     if method == ORACLE:
         config["noise"].update(method="alignment_score", score_range=[0.0, 1.0])
@@ -215,7 +222,8 @@ def one_run(work: Path, modality: str, recipe: Path, data: dict, rate: float, me
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
         "modality": modality, "dataset": dataset, "recipe": recipe.stem, "lr": config["optim"]["lr"],
-        "window": config["noise"]["window"], "rate": rate, "method": method, "seed": seed, "steps": steps,
+        "window": config["noise"]["window"], "floor": config["noise"]["floor"], "rate": rate, "method": method,
+        "seed": seed, "steps": steps,
         **zero_shot(work, f"{name}{own_tag}", run_dir, data), "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
@@ -297,6 +305,7 @@ def main() -> None:
                         "2e-3 collapses at 80%% noise, 5e-4 learns there)")
     parser.add_argument("--window", type=int, help=f"noise.window of every run (default: {WINDOW}; the library's "
                         "default is 4,096)")
+    parser.add_argument("--floor", type=float, help="noise.floor of every run: no pair weighs less (default: 0)")
     parser.add_argument("--image-pairs", type=int, default=IMAGE_PAIRS,
                         help="Fashion-MNIST training pairs of the image runs (more pairs: fewer passes over each)")
     parser.add_argument("--audio-repeats", type=int, default=AUDIO_REPEATS,
@@ -352,7 +361,7 @@ def main() -> None:
                     recipe = args.image_recipe if modality == "image" else args.audio_recipe
                     steps = args.steps or STEPS[modality]
                     r = one_run(work, modality, recipe.resolve(), data[modality], rate, method, seed, steps,
-                                datasets[modality], args.lr, args.window)
+                                datasets[modality], args.lr, args.window, args.floor)
                     print(json.dumps(r), flush=True)
                     results.append(r)
     print(table(results))
