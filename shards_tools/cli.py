@@ -42,6 +42,8 @@ FLAG_NAMES = {
     "fetch.timeout": "--timeout",
     "fetch.retries": "--retries",
     "fetch.threads": "--fetch-threads",
+    "fetch.deadline": "--url-deadline",
+    "fetch.max_bytes": "--max-bytes",
 }
 
 
@@ -87,6 +89,7 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("output", type=Path)
     verify.add_argument("--no-decode", action="store_true", help="check counts and hashes only")
+    add_max_bytes(verify, "report any tar member larger than this instead of reading it")
     verify.set_defaults(run=_run_verify, prog_name="mmcl shard verify")
 
     stats = sub.add_parser(
@@ -99,7 +102,28 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("output", type=Path)
     stats.add_argument("--plot", type=Path, help="write histograms to this PNG")
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    add_max_bytes(stats, "count any tar member larger than this as unreadable instead of reading it")
     stats.set_defaults(run=_run_stats, prog_name="mmcl shard stats")
+
+
+def add_max_bytes(group: argparse._ActionsContainer, help_text: str) -> None:
+    """The --max-bytes flag (one cap on what a single file, URL body or tar member may make mmcl read)."""
+    from shards_tools.config import DEFAULT_MAX_BYTES
+
+    group.add_argument("--max-bytes", type=_positive_int("--max-bytes"), default=DEFAULT_MAX_BYTES, help=help_text)
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number of bytes, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+
+    return parse
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -133,6 +157,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per URL fetch")
     g.add_argument("--retries", type=int, default=2, help="retries per URL")
     g.add_argument("--fetch-threads", type=int, default=16, help="concurrent URL downloads per worker process")
+    g.add_argument("--url-deadline", type=float, default=60.0,
+                   help="seconds per URL in all, retries included (a server that trickles bytes cannot hang a worker)")
+    add_max_bytes(g, "skip any input file, URL body or tar member larger than this (reason too_large)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -192,7 +219,13 @@ def config_from_args(args: argparse.Namespace):
         "shuffle": args.shuffle,
         "noise_rate": args.noise_rate,
         "max_error_rate": args.max_error_rate,
-        "fetch": {"timeout": args.timeout, "retries": args.retries, "threads": args.fetch_threads},
+        "fetch": {
+            "timeout": args.timeout,
+            "retries": args.retries,
+            "threads": args.fetch_threads,
+            "deadline": args.url_deadline,
+            "max_bytes": args.max_bytes,
+        },
     }
     if args.workers is not None:
         fields["workers"] = args.workers
@@ -252,7 +285,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     from shards_tools.verify import verify_shards
 
-    report = verify_shards(args.output, decode=not args.no_decode)
+    report = verify_shards(args.output, decode=not args.no_decode, max_member_bytes=args.max_bytes)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -262,7 +295,7 @@ def _run_stats(args: argparse.Namespace) -> int:
 
     from shards_tools.stats import collect_stats, format_stats, plot_stats
 
-    stats = collect_stats(args.output)
+    stats = collect_stats(args.output, max_member_bytes=args.max_bytes)
     public = {k: v for k, v in stats.items() if not k.startswith("_")}
     print(json.dumps(public, indent=1) if args.json else format_stats(stats))
     if args.plot:

@@ -76,11 +76,16 @@ class AudioOptions(BaseModel):
     audio_format: Literal["flac", "wav"] = "flac"
 
 
+DEFAULT_MAX_BYTES = 64 << 20
+
+
 class FetchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    timeout: float = Field(default=10.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)  # seconds per connection attempt and per read
     retries: int = Field(default=2, ge=0)
+    deadline: float = Field(default=60.0, gt=0)  # seconds per URL in all, retries included
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)  # largest file, URL body or tar member read
     threads: int = Field(default=16, ge=1)  # concurrent URL downloads per worker process (img2dataset's thread_count)
 
 

@@ -129,16 +129,30 @@ def _run_pool(tasks: Iterable[Task], job: ShardJob, workers: int) -> Iterator[di
                 future.cancel()
 
 
-def _run_ray(tasks: Iterable[Task], job: ShardJob, workers: int) -> Iterator[dict | EncodedPiece]:
+def init_ray(workers: int) -> None:
+    """Connect to the cluster RAY_ADDRESS names, or start a local Ray instance for this process only whose
+    services listen on the loopback interface, not on a routable address where anyone on the network could
+    submit tasks to them. Ray itself picks the routable address on Linux (it rewrites 127.0.0.1 given as
+    node address); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported, is its switch for a
+    local-only instance."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
         raise UsageError("--distributor ray needs Ray: pip install 'mmcl[ray]' (or use --distributor multiprocessing)") from None
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+
+
+def _run_ray(tasks: Iterable[Task], job: ShardJob, workers: int) -> Iterator[dict | EncodedPiece]:
+    init_ray(workers)
+    import ray
+
     remote_task = ray.remote(num_cpus=1, max_retries=2)(run_task)
     job_ref = ray.put(job)
     pending = []

@@ -19,6 +19,7 @@ import soundfile as sf
 from PIL import ExifTags, Image, ImageOps
 
 from shards_tools.config import AudioOptions, ImageOptions
+from shards_tools.decode import DecodeError, audio_blocks, open_audio, open_image, resampling_rate
 from shards_tools.items import ItemError
 
 
@@ -56,11 +57,6 @@ def check_captions(captions: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- images
 
-# What Pillow raises on bytes it cannot decode (the exceptions its own fuzz tests accept as clean failures).
-_PILLOW_DECODE_ERRORS = (OSError, SyntaxError, MemoryError, ValueError, NotImplementedError, OverflowError)
-Image.init()
-# Every format Pillow reads except EPS, which it decodes by running Ghostscript on the (untrusted) file.
-_READ_FORMATS = tuple(name for name in Image.OPEN if name != "EPS")
 # EXIF orientations that rotate by 90 degrees, swapping width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
 # The resampling filter of every resize; reducing_gap lets Pillow box-reduce first on large downscales.
@@ -73,20 +69,24 @@ _SAVE_ARGS = {"jpg": ("JPEG", True), "png": ("PNG", False), "webp": ("WEBP", Tru
 
 
 @contextmanager
-def _image_errors() -> Iterator[None]:
+def _decode_errors() -> Iterator[None]:
+    """Anything decoding one item's bytes raises is that item's fault: a skip with its reason, never a dead
+    run (Pillow's plugins alone raise a dozen exception types on hostile files)."""
     try:
         yield
+    except ItemError:
+        raise
+    except DecodeError as err:
+        raise ItemError("decompression_bomb" if err.bomb else "decode_error", str(err)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ItemError("decompression_bomb", str(err)) from None
-    except _PILLOW_DECODE_ERRORS as err:
-        raise ItemError("decode_error", f"{type(err).__name__}: {err}") from None
+    except Exception as err:
+        raise ItemError("decode_error", f"{type(err).__name__}: {_short(err)}") from None
 
 
-def _check_pixels(size: tuple[int, int]) -> None:
-    """Pillow raises only above twice Image.MAX_IMAGE_PIXELS and merely warns above it; both are bombs here."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and size[0] * size[1] > limit:
-        raise ItemError("decompression_bomb", f"{size[0]}x{size[1]} pixels exceeds the limit of {limit}")
+def _short(err: Exception, limit: int = 300) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _geometry(width: int, height: int, options: ImageOptions) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -116,7 +116,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def encode_image(data: bytes, options: ImageOptions) -> EncodedMedia:
     """Decode, orient, convert to RGB, resize and re-encode one image.
 
-    Any format Pillow reads but EPS; the first frame of animations. EXIF orientation is applied, so
+    The formats of decode.IMAGE_FORMATS; the first frame of animations. EXIF orientation is applied, so
     original_width/original_height are the upright size. Resize modes follow img2dataset, which upscales
     by default (resize_only_if_bigger=False), and so do these: "keep-ratio-largest" scales the largest side
     to image_size, "shortest-side" scales the shortest side to image_size, "center-crop" does that and keeps
@@ -127,15 +127,14 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedMedia:
     upright, of the final size, jpg requested) is fully decoded to check it and then passed through
     unchanged, keeping its own quality and metadata instead of losing a generation to re-encoding.
 
-    Raises ItemError: empty_file, decode_error (truncated, corrupt or not an image), decompression_bomb
-    (more than Image.MAX_IMAGE_PIXELS pixels, Pillow's module-level limit), too_small (shortest upright
-    side below options.min_size).
+    Raises ItemError: empty_file, decode_error (truncated, corrupt, not an image or not an allowed format),
+    decompression_bomb (more than Image.MAX_IMAGE_PIXELS pixels, Pillow's module-level limit), too_small
+    (shortest upright side below options.min_size).
     """
     if not data:
         raise ItemError("empty_file", "0 bytes")
-    with _image_errors():
-        img = Image.open(io.BytesIO(data), formats=_READ_FORMATS)
-        _check_pixels(img.size)
+    with _decode_errors():
+        img = open_image(data)
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         swaps = orientation in _SWAPS_AXES
         width, height = img.size[::-1] if swaps else img.size
@@ -156,13 +155,13 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedMedia:
             img.draft("RGB", scaled[::-1] if swaps else scaled)
         ImageOps.exif_transpose(img, in_place=True)
         rgb = _to_rgb(img)
-    if final != rgb.size:
-        # After draft the image can be slightly larger than `scaled`: crop the same fraction of it.
-        keep_x, keep_y = rgb.width * final[0] / scaled[0], rgb.height * final[1] / scaled[1]
-        left, top = (rgb.width - keep_x) // 2, (rgb.height - keep_y) // 2
-        rgb = rgb.resize(
-            final, RESAMPLE, box=(left, top, left + keep_x, top + keep_y), reducing_gap=REDUCING_GAP
-        )
+        if final != rgb.size:
+            # After draft the image can be slightly larger than `scaled`: crop the same fraction of it.
+            keep_x, keep_y = rgb.width * final[0] / scaled[0], rgb.height * final[1] / scaled[1]
+            left, top = (rgb.width - keep_x) // 2, (rgb.height - keep_y) // 2
+            rgb = rgb.resize(
+                final, RESAMPLE, box=(left, top, left + keep_x, top + keep_y), reducing_gap=REDUCING_GAP
+            )
     rgb.info = {}
     pillow_format, takes_quality = _SAVE_ARGS[options.image_format]
     out = io.BytesIO()
@@ -176,7 +175,6 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedMedia:
 
 # Source subtypes with more than 16 bits of precision; they are written as 24-bit PCM (FLAC's maximum here).
 _HIGH_RES_SUBTYPES = {"PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ALAC_24", "ALAC_32"}
-_READ_BLOCK = 1 << 16
 # Without a Xing/Info header an MP3's frame count is mpg123's estimate from the file size, and an intact CBR
 # file decodes a little short of it (encoder delay/padding, trailing tags): accept this much shortfall.
 _MP3_SLACK_FRACTION = 0.01
@@ -225,21 +223,21 @@ def _frames_to_keep(source_rate: int, options: AudioOptions) -> int | None:
 
 
 def _decode_audio(data: bytes, options: AudioOptions) -> _Decoded:
-    """Decode every frame (so corruption anywhere is found) but keep in memory only those the output needs."""
+    """Decode every frame (so corruption anywhere is found) but keep in memory only those the output needs;
+    at most decode.MAX_DECODED_SAMPLES samples are decoded (a longer clip is skipped as too_large)."""
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with open_audio(data) as f:
             keep_frames = _frames_to_keep(f.samplerate, options)
             blocks, kept, frames = [], 0, 0
-            # Reading in blocks bounds memory even when a corrupt header claims billions of frames.
-            while len(block := f.read(_READ_BLOCK, dtype="float32", always_2d=True)):
+            for block in audio_blocks(f):
                 frames += len(block)
                 if keep_frames is None or kept < keep_frames:
                     blocks.append(block)
                     kept += len(block)
             declared, file_format, sample_rate, subtype = f.frames, f.format, f.samplerate, f.subtype
-    except sf.LibsndfileError as err:
-        # error_string leaves out str(err)'s "Error opening <_io.BytesIO object at 0x...>" prefix.
-        raise ItemError("decode_error", err.error_string) from None
+    except DecodeError as err:
+        reason = "too_large" if err.bomb else "decode_error"
+        raise ItemError(reason, f"{err}{'; cut long clips with --max-seconds' if err.bomb else ''}") from None
     if frames == 0:
         raise ItemError("decode_error", "no audio frames")
     slack = max(declared * _MP3_SLACK_FRACTION, _MP3_SLACK_FRAMES) if file_format == "MP3" else 0
@@ -256,12 +254,15 @@ def _decode_audio(data: bytes, options: AudioOptions) -> _Decoded:
 
 
 def _resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """torchaudio's windowed-sinc resampling at bounded cost (decode.resampling_rate)."""
     # Imported here so that image-only workers do not pay torch's import time (over a second).
     import torch
     import torchaudio.functional
 
-    waveform = torch.from_numpy(np.ascontiguousarray(samples.T))
-    return torchaudio.functional.resample(waveform, source_rate, target_rate).numpy().T
+    with _decode_errors():
+        rate = resampling_rate(source_rate, target_rate)
+        waveform = torch.from_numpy(np.ascontiguousarray(samples.T))
+        return torchaudio.functional.resample(waveform, rate, target_rate).numpy().T
 
 
 def encode_audio(data: bytes, options: AudioOptions) -> EncodedMedia:

@@ -9,6 +9,7 @@ from typing import Any
 SKIP_REASONS = (
     "missing_file",  # the path does not exist
     "empty_file",  # zero bytes
+    "too_large",  # a file, URL body or tar member over --max-bytes
     "decode_error",  # truncated or corrupt image/audio, or not a media file at all
     "decompression_bomb",  # image larger than Pillow's safety limit
     "too_small",  # smaller than --min-size

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mmcl import __version__
 from mmcl.errors import UsageError
+from shards_tools.shard_format import is_shard_name, parse_json_object
 from shards_tools.writer import write_atomic
 
 PARTS_DIR = "_parts"
@@ -37,14 +38,104 @@ def _dump(obj: object) -> bytes:
 
 
 def load_manifest(output: Path) -> dict:
-    """Read OUT/manifest.json or raise UsageError saying what to run first."""
+    """Read OUT/manifest.json or raise UsageError saying what to run first, or what is wrong with it: a
+    manifest may come with shards from elsewhere, and its shard names are opened as files, so each must be a
+    plain file name in OUT (not absolute, no folders, no ``..``)."""
     path = Path(output) / MANIFEST
     if not path.exists():
         raise UsageError(f"{path} not found: is {output} a folder written by `mmcl shard`? (a --part run needs `mmcl shard merge {output}` first)")
     try:
-        return json.loads(path.read_text("utf-8"))
-    except ValueError as err:
-        raise UsageError(f"{path} is not valid JSON ({err}); re-run the sharding command to rewrite it") from None
+        manifest = parse_json_object(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not a readable manifest ({err}); re-run the sharding command to rewrite it") from None
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}; re-run the sharding command to rewrite it")
+    return manifest
+
+
+def shard_list_problem(manifest: dict, fields: tuple[str, ...] = ("count",)) -> str | None:
+    """What makes a manifest's shard list unusable for reading counts, or None: every entry needs a plain
+    file name and a non-negative integer for each of `fields`; a modality, if given, is image or audio."""
+    if manifest.get("modality", "image") not in ("image", "audio"):
+        return f"modality {str(manifest.get('modality'))[:100]!r} is not image or audio"
+    if not isinstance(manifest.get("shards"), list):
+        return "no shards list"
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or not is_shard_name(shard.get("name")):
+            name = shard.get("name") if isinstance(shard, dict) else shard
+            return f"shard name {str(name)[:200]!r} is not a plain file name in the shard folder"
+        for field in fields:
+            if not _is_count(shard.get(field)):
+                return f"{shard['name']}: {field} {str(shard.get(field))[:100]!r} is not a non-negative integer"
+    return None
+
+
+def read_index(path: Path) -> dict:
+    """A manifest.json beside shards, read for their counts, modality and class names (other tools'
+    manifests are welcome: a shard list is checked only if present); UsageError naming the file if it is
+    not a JSON object or its shard list is malformed."""
+    try:
+        manifest = parse_json_object(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not a readable manifest ({err}); fix or delete it") from None
+    problem = shard_list_problem(manifest) if "shards" in manifest else None
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}; fix or delete it")
+    return manifest
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a parsed manifest.json unusable for verify and stats, or None: the fields they rely on."""
+    problem = shard_list_problem(manifest, ("count", "bytes"))
+    if problem is not None:
+        return problem
+    if "modality" not in manifest or not isinstance(manifest.get("prefix"), str):
+        return "no modality or prefix"
+    if not all(isinstance(shard.get("sha256"), str) for shard in manifest["shards"]):
+        return "a shard without its sha256"
+    totals = manifest.get("totals")
+    if not isinstance(totals, dict) or not all(_is_count(totals.get(k)) for k in ("shards", "samples", "bytes", "skipped")):
+        return "totals are not non-negative integers"
+    if not isinstance(manifest.get("errors_by_reason", {}), dict):
+        return "errors_by_reason is not an object"
+    return None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_sizes(path: Path) -> dict[str, int]:
+    """open_clip's sizes.json (shard name -> sample count); UsageError naming the file if it is malformed."""
+    try:
+        sizes = parse_json_object(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not a readable sizes.json ({err}); fix or delete it") from None
+    problem = sizes_problem(sizes)
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}; fix or delete it")
+    return sizes
+
+
+def sizes_problem(sizes: dict) -> str | None:
+    """What makes a parsed sizes.json unusable, or None: every entry must map a shard name to a count."""
+    bad = next((name for name, count in sizes.items() if not is_shard_name(name) or not _is_count(count)), None)
+    return None if bad is None else f"entry {bad!r}: {str(sizes[bad])[:100]!r} is not a shard name with a sample count"
+
+
+def _read_part(path: Path) -> dict:
+    """One part record, checked for the fields merging relies on."""
+    try:
+        part = parse_json_object(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not a readable part record ({err}); re-run that part (--part K/N)") from None
+    fields = {"part": int, "parts": int, "planned_shards": int, "options": dict, "shards": list}
+    wrong = [name for name, kind in fields.items() if not isinstance(part.get(name), kind)]
+    if wrong or not all(isinstance(s, dict) and is_shard_name(s.get("name")) for s in part["shards"]):
+        raise UsageError(f"{path} is not a part record written by `mmcl shard` ({', '.join(wrong) or 'shards'}); "
+                         "re-run that part (--part K/N)")
+    return part
 
 
 def merge_parts(output: Path) -> dict:
@@ -53,7 +144,7 @@ def merge_parts(output: Path) -> dict:
     files = sorted((output / PARTS_DIR).glob("part-*-of-*.json"))
     if not files:
         raise UsageError(f"no part records in {output / PARTS_DIR}: run `mmcl shard ... --output {output}` first")
-    parts = [json.loads(f.read_text("utf-8")) for f in files]
+    parts = [_read_part(f) for f in files]
     counts = {p["parts"] for p in parts}
     if len(counts) != 1:
         raise UsageError(f"{output / PARTS_DIR} mixes runs split into {sorted(counts)} parts; remove the stale ones")

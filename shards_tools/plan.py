@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from shards_tools.items import ItemError, SourceItem
+from shards_tools.shard_format import url_scheme
 
 KEY_DIGITS = 9
 
@@ -66,12 +67,14 @@ def content_id(item: SourceItem) -> int:
 
 def _source_bytes(item: SourceItem) -> int:
     """Input size used to close shards early under --max-shard-bytes (known before encoding, so the plan
-    stays deterministic and parallel); URLs and tar members count as zero."""
-    if "://" in item.source or "#" in item.source:
+    stays deterministic and parallel); URLs and tar members (``TARPATH#MEMBER``) count as zero. A local file
+    whose name holds a ``#`` is a file like any other (as in fetch, the member split applies only when no
+    such file exists)."""
+    if url_scheme(item.source) is not None:
         return 0
     try:
         return os.stat(item.source).st_size
-    except OSError:
+    except OSError:  # a tar member, or a file that is missing (skipped when it is fetched)
         return 0
 
 

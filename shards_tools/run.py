@@ -20,6 +20,7 @@ from shards_tools.config import ShardConfig
 from shards_tools.distribute import run_shard_tasks
 from shards_tools.manifest import PARTS_DIR, merge_parts, part_path, write_part
 from shards_tools.plan import ShardPlanner
+from shards_tools.shard_format import parse_json_object
 from shards_tools.writer import PROGRESS_DIR, ShardJob, finished_record, shard_name, write_atomic
 
 OPTIONS_FILE = "options.json"
@@ -36,7 +37,13 @@ def _check_options(config: ShardConfig) -> None:
     path = progress / OPTIONS_FILE
     wanted = config.output_options()
     if path.exists():
-        stored = json.loads(path.read_text("utf-8"))
+        try:
+            stored = parse_json_object(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise UsageError(
+                f"{path} is damaged ({err}): it records the options {config.output} was written with; delete "
+                f"{progress} to start that folder afresh (finished shards are then written again), or choose a new --output"
+            ) from None
         if stored != wanted:
             changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise UsageError(

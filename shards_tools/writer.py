@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 from shards_tools.config import ShardConfig
 from shards_tools.encode import EncodedMedia, check_captions, encode_audio, encode_image
@@ -75,10 +76,23 @@ def record_path(output: Path, name: str) -> Path:
     return output / PROGRESS_DIR / f"{name}.json"
 
 
+def open_new(path: Path) -> BinaryIO:
+    """Create `path` for writing, never through a link: in a shared output folder another user could have
+    put a symlink where a temporary file is about to be written. A leftover file of that name (a killed run
+    with the same pid) is removed first; removing a link removes the link, not its target."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes under a temporary name in the same folder, fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with open_new(tmp) as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -163,6 +177,10 @@ def encoded_samples(items: list[PlannedItem], job: ShardJob, errors: list[dict])
         except ItemError as err:
             errors.append({"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail})
             continue
+        except Exception as err:  # whatever one item's bytes make a decoder or the JSON writer raise
+            detail = f"{type(err).__name__}: {str(err)[:300]}"
+            errors.append({"key": entry.key, "source": entry.item.source, "reason": "decode_error", "detail": detail})
+            continue
         yield sample_bytes(sample)
 
 
@@ -175,7 +193,7 @@ class ShardFile:
         self.index = index
         self.name = shard_name(job.config.prefix, index)
         self.tmp = self.output / f".{self.name}.tmp-{os.getpid()}"
-        self.stream = open(self.tmp, "wb")
+        self.stream = open_new(self.tmp)
         self.digest = hashlib.sha256()
         self.size = 0
         self.count = 0
@@ -261,7 +279,7 @@ def encode_piece(piece: ShardPiece, job: ShardJob) -> EncodedPiece:
     path = prefix.with_name(f"{prefix.name}{piece.piece:05d}-{os.getpid()}")
     errors: list[dict] = []
     count = 0
-    with open(path, "wb") as stream:
+    with open_new(path) as stream:
         for data in encoded_samples(piece.items, job, errors):
             stream.write(data)
             count += 1

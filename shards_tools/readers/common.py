@@ -12,6 +12,7 @@ from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
 from shards_tools.fetch import HTTP_SCHEMES, url_scheme
 from shards_tools.items import ItemError
+from shards_tools.shard_format import MAX_META_BYTES
 
 MEDIA_EXTENSIONS = {
     "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
@@ -47,6 +48,18 @@ def template_captions(label: str, templates: Sequence[str]) -> list[str]:
 
 def no_caption(detail: str) -> ItemError:
     return ItemError("empty_caption", detail)
+
+
+def read_small_file(path: Path) -> bytes:
+    """A caption or metadata file beside the media, at most MAX_META_BYTES; ItemError otherwise."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_META_BYTES + 1)
+    except OSError as err:
+        raise ItemError("missing_file", f"{path}: cannot read: {err.strerror or err}") from None
+    if len(data) > MAX_META_BYTES:
+        raise ItemError("too_large", f"{path}: over {MAX_META_BYTES:,} bytes for a caption or metadata file")
+    return data
 
 
 def is_within(path: str, root: str) -> bool:

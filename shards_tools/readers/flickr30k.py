@@ -108,5 +108,5 @@ def _json_list(cell: str | None) -> Any:
     """The ``raw`` cell: a JSON list of captions; a cell that is not JSON is taken as one caption."""
     try:
         return json.loads(cell or "[]")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return cell

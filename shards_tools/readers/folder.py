@@ -5,7 +5,6 @@ This is also img2dataset's "files" output layout (``00000/000000001.jpg``, ``.tx
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,11 @@ from shards_tools.readers.common import (
     input_path,
     is_media,
     no_caption,
+    read_small_file,
     require_dir,
     walk_folders,
 )
+from shards_tools.shard_format import parse_json_object
 
 JSON_CAPTION_KEYS = ("caption", "text", "captions")
 
@@ -45,20 +46,24 @@ def media_item(media: Path, siblings: set[str]) -> SourceItem:
     """The item of one media file; `siblings` are the names in its folder, so no extra stat is needed.
 
     A ``.txt`` gives one caption per non-empty line; otherwise a ``.json`` gives its caption/text/captions
-    value. The ``.json`` object's other keys become meta either way.
+    value. The ``.json`` object's other keys become meta either way. A caption file over 1 MiB or unreadable
+    is the item's problem.
     """
     stem = os.path.splitext(media.name)[0]
     txt, js = f"{stem}.txt", f"{stem}.json"
     meta: dict[str, Any] = {}
     captions: list[str] = []
     problem: ItemError | None = None
-    if js in siblings:
-        meta, captions, problem = _json_caption(media.parent / js)
-    if txt in siblings:
-        captions = caption_lines((media.parent / txt).read_bytes())
-        problem = None if captions else no_caption(f"{media.parent / txt} is empty")
-    elif js not in siblings:
-        problem = no_caption(f"no caption file {txt} or {js} beside {media}")
+    try:
+        if js in siblings:
+            meta, captions, problem = _json_caption(media.parent / js)
+        if txt in siblings:
+            captions = caption_lines(read_small_file(media.parent / txt))
+            problem = None if captions else no_caption(f"{media.parent / txt} is empty")
+        elif js not in siblings:
+            problem = no_caption(f"no caption file {txt} or {js} beside {media}")
+    except ItemError as err:
+        problem = err
     return SourceItem(source=str(media), captions=captions, meta=meta, problem=problem)
 
 
@@ -71,11 +76,9 @@ def caption_lines(data: bytes) -> list[str]:
 def _json_caption(path: Path) -> tuple[dict[str, Any], list[str], ItemError | None]:
     """(meta, captions, problem) from a sidecar JSON object; the caption key is not repeated in meta."""
     try:
-        value = json.loads(decode_text(path.read_bytes()))
-    except json.JSONDecodeError as err:
-        return {}, [], no_caption(f"{path} is not valid JSON ({err})")
-    if not isinstance(value, dict):
-        return {}, [], no_caption(f"{path} is not a JSON object")
+        value = parse_json_object(decode_text(read_small_file(path)))
+    except ValueError as err:
+        return {}, [], no_caption(f"{path}: {err}")
     key = next((k for k in JSON_CAPTION_KEYS if k in value), None)
     if key is None:
         return value, [], no_caption(f"{path} has no {'/'.join(JSON_CAPTION_KEYS)} key")

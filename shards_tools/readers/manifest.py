@@ -7,7 +7,6 @@ checked when the reader is created, so a wrong column name fails before any work
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from shards_tools.readers.common import (
     resolve_source,
     template_captions,
 )
+from shards_tools.shard_format import parse_json_object
 
 # Column names recognised when --url-column / --caption-column are not given (case-insensitive),
 # most specific first.
@@ -200,10 +200,10 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
+                value = parse_json_object(line)
+            except ValueError:  # not JSON, not an object, or nested deep enough to overflow a parser
                 value = None
-            yield number, value if isinstance(value, dict) else None
+            yield number, value
 
 
 def read_jsonl(spec: InputSpec) -> Iterator[SourceItem]:

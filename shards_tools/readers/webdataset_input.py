@@ -8,11 +8,9 @@ member becomes the source ``TARPATH#MEMBER``, read later by fetch.fetch_bytes; t
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tarfile
-import zlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +22,13 @@ from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
 from shards_tools.items import ItemError, SourceItem
 from shards_tools.readers.common import MEDIA_EXTENSIONS, captions_from_value, decode_text, no_caption
+from shards_tools.shard_format import parse_json_object
+from shards_tools.tar_stream import Member, ShardReadError, iter_members, open_shard
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TEXT_SUFFIXES = ("txt", "json", "cls")
 # webdataset's own rule (base_plus_ext): key = folders + base name up to its first dot, suffix = the rest.
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 def is_tar_name(name: str) -> bool:
@@ -75,6 +74,7 @@ class _Sample:
     key: str
     media: str | None = None
     texts: dict[str, bytes] = field(default_factory=dict)
+    problem: str | None = None  # a member that must not be read
 
 
 def read_webdataset(spec: InputSpec) -> Iterator[SourceItem]:
@@ -84,50 +84,55 @@ def read_webdataset(spec: InputSpec) -> Iterator[SourceItem]:
 
 
 def _tar_items(path: Path, modality: str) -> Iterator[SourceItem]:
-    """The samples of one tar; a truncated or corrupt tar yields what it holds, then a decode_error item."""
+    """The samples of one tar; a truncated or corrupt tar yields what it holds, then a decode_error item.
+
+    Only the small .txt/.json/.cls members are read here (each under tar_stream's cap for them); a member that
+    must not be read (sparse, an oversized caption file) marks its sample with the reason. Media members are
+    read later, by fetch, under --max-bytes.
+    """
     media_suffixes = {ext.lstrip(".") for ext in MEDIA_EXTENSIONS[modality]}
+    sample: _Sample | None = None
     try:
-        tar = tarfile.open(path, "r:*")
-    except _TAR_ERRORS as err:
-        yield SourceItem(
-            str(path), [], problem=ItemError("decode_error", f"{path}: not a readable tar file ({err})")
-        )
-        return
-    with tar:
-        sample: _Sample | None = None
-        try:
-            for info in tar:
-                parsed = split_member_name(info.name)
-                if not info.isreg() or parsed is None:
+        with open_shard(str(path)) as (fileobj, stream):
+            members = iter_members(
+                fileobj,
+                max_member_bytes=sys.maxsize,
+                stream=stream,
+                wanted=lambda name: _suffix(name) in TEXT_SUFFIXES,
+            )
+            for member in members:
+                parsed = split_member_name(member.name)
+                if parsed is None:
                     continue
                 key, suffix = parsed
                 if sample is None or key != sample.key:
                     if sample is not None:
                         yield _sample_item(path, sample, modality)
                     sample = _Sample(key)
-                _add_member(tar, info, suffix.lower(), sample, media_suffixes)
-        except _TAR_ERRORS as err:
-            if sample is not None:
-                yield _sample_item(path, sample, modality)
-                sample = None
-            yield SourceItem(
-                str(path), [], problem=ItemError("decode_error", f"{path}: truncated or corrupt tar ({err})")
-            )
+                _add_member(member, suffix.lower(), sample, media_suffixes)
+    except (ShardReadError, OSError) as err:
         if sample is not None:
             yield _sample_item(path, sample, modality)
+        yield SourceItem(str(path), [], problem=ItemError("decode_error", f"{path}: {err}"))
+        return
+    if sample is not None:
+        yield _sample_item(path, sample, modality)
 
 
-def _add_member(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, suffix: str, sample: _Sample, media: set[str]
-) -> None:
-    """Record a member: the first media member by name; caption/meta/label members by content, read now
-    while the tar is positioned on them (no seeking back, which compressed tars make expensive)."""
-    if suffix in TEXT_SUFFIXES:
-        extracted = tar.extractfile(info)
-        if extracted is not None:
-            sample.texts.setdefault(suffix, extracted.read())
+def _suffix(name: str) -> str:
+    parsed = split_member_name(name)
+    return parsed[1].lower() if parsed else ""
+
+
+def _add_member(member: Member, suffix: str, sample: _Sample, media: set[str]) -> None:
+    """Record a member: the first media member by name; caption/meta/label members by content."""
+    if member.problem is not None:
+        sample.problem = sample.problem or member.problem
+    elif suffix in TEXT_SUFFIXES:
+        if member.data is not None:
+            sample.texts.setdefault(suffix, member.data)
     elif sample.media is None and suffix.rsplit(".", 1)[-1] in media:
-        sample.media = info.name
+        sample.media = member.name
 
 
 def _sample_item(path: Path, sample: _Sample, modality: str) -> SourceItem:
@@ -137,7 +142,9 @@ def _sample_item(path: Path, sample: _Sample, modality: str) -> SourceItem:
         captions = captions_from_value(meta.get("caption", meta.get("text")))
     label = decode_text(sample.texts["cls"]).strip() if "cls" in sample.texts else ""
     problem = None
-    if sample.media is None:
+    if sample.problem is not None:
+        problem = ItemError("decode_error", f"{path}: sample {sample.key}: {sample.problem}")
+    elif sample.media is None:
         extensions = "/".join(MEDIA_EXTENSIONS[modality])
         problem = ItemError(
             "missing_file", f"{path}: sample {sample.key} has no {modality} member ({extensions})"
@@ -149,11 +156,11 @@ def _sample_item(path: Path, sample: _Sample, modality: str) -> SourceItem:
 
 
 def _json_object(data: bytes | None) -> dict[str, Any]:
-    """A sample's .json as a dict; missing or malformed JSON gives no meta rather than dropping the sample."""
+    """A sample's .json as a dict; missing, malformed or over-nested JSON gives no meta rather than dropping
+    the sample."""
     if data is None:
         return {}
     try:
-        value = json.loads(decode_text(data))
-    except json.JSONDecodeError:
+        return parse_json_object(decode_text(data))
+    except ValueError:
         return {}
-    return value if isinstance(value, dict) else {}
