@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from mmcl import __version__
-from mmcl.errors import EXIT_USAGE, UsageError
+from mmcl.errors import EXIT_FAILED, EXIT_USAGE, RunFailed, UsageError
 
 
 class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -51,11 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except UsageError as err:
+    except (UsageError, RunFailed) as err:
         prog = getattr(args, "prog_name", "mmcl")
         for line in str(err).splitlines() or [""]:
             print(f"{prog}: error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE if isinstance(err, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,9 @@ from mmcl.eval.config import EvalConfig
 from mmcl.models.config import ModelConfig
 from mmcl.noise.config import NoiseConfig
 
+# A YAML alias repeats a node by reference, so a few hundred bytes of nested aliases ("billion laughs") expand
+# to millions of values once validated or dumped; real configs hold a few hundred.
+MAX_CONFIG_VALUES = 100_000
 IN_BATCH_NULL_MIN_PAIRS = 8  # local_fdr, loss_mixture: B (B - 1) off-diagonal pairs make the null: 56 at 8, 4,032 at 64
 
 
@@ -140,6 +143,52 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """YAML through PyYAML's safe loader, refused (UsageError) when its aliases expand to more than
+    MAX_CONFIG_VALUES values or it nests deeper than the parser's stack: the document is composed, its
+    expanded size counted over the node graph (each shared node counted once per use, computed once), and
+    only then constructed."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node)
+        if size > MAX_CONFIG_VALUES:
+            raise UsageError(f"{where}: the YAML expands to {size:,} values through its aliases (&anchor / *alias), "
+                             f"more than the {MAX_CONFIG_VALUES:,} a config may hold; write the values out")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise UsageError(f"{where}: the YAML is nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes `root` stands for once every alias is expanded; iterative, each node visited once."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done or not children:
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            continue
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def apply_override(values: dict[str, Any], assignment: str) -> None:
     """Set `a.b.c=VALUE` in a nested dict; VALUE is parsed as YAML (numbers, booleans, lists)."""
     key, sep, raw = assignment.partition("=")
@@ -153,7 +202,7 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
             raise UsageError(f"override {assignment!r}: {part} is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = load_yaml(raw, f"override {assignment!r}") if raw else ""
     except yaml.YAMLError as err:
         raise UsageError(f"override {assignment!r}: the value is not valid YAML ({err.problem}); quote it") from None
 
@@ -168,7 +217,7 @@ def load_train_config(path: Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.exists():
             raise UsageError(f"config file {path} not found (the shipped recipes are in configs/)")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = load_yaml(path.read_text(), str(path)) or {}
         except yaml.YAMLError as err:
             raise UsageError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):

@@ -8,6 +8,14 @@ class UsageError(Exception):
 EXIT_USAGE = 2
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on: it diverged, or its data does not fit what is trained. The CLI prints the
+    message (which says what to check) without a traceback and exits with code 1."""
+
+
+EXIT_FAILED = 1
+
+
 def describe_load_error(err: Exception) -> str:
     """One line saying why a file could not be read. torch's refusal of a pickle under weights_only=True
     becomes what was refused: its own text suggests weights_only=False, which would run the file's code."""

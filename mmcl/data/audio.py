@@ -2,13 +2,13 @@
 
 soundfile (bundled libsndfile: FLAC, WAV, OGG, MP3) rather than torchaudio.load, which in torchaudio
 2.9 needs TorchCodec and ffmpeg. The window is chosen and read at the file's own rate before
-resampling, so a long recording is neither fully decoded nor fully resampled. The log-mel front end
+resampling, so a long recording is neither fully decoded nor fully resampled; the rate is checked and
+resampling kept cheap as in the sharder (shards_tools.decode). The log-mel front end
 lives in the model, so what leaves here is a float32 waveform [T] with T = sample_rate * clip_seconds.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Callable
@@ -19,8 +19,8 @@ import torch
 import torchaudio.functional
 
 from mmcl.data.common import BadSample, call_seeded
-
-AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg")
+from shards_tools.decode import DecodeError, audio_blocks, open_audio, resampling_rate
+from shards_tools.shard_format import AUDIO_EXTENSIONS
 
 
 def fit_length(wave: torch.Tensor, length: int) -> torch.Tensor:
@@ -33,11 +33,12 @@ def fit_length(wave: torch.Tensor, length: int) -> torch.Tensor:
 def read_window(data: bytes, key: str, seconds: float, rng: random.Random | None) -> tuple[np.ndarray, int]:
     """Decode a `seconds` window of a clip as mono float32 at its own rate (the whole clip if shorter).
 
-    The window is random when `rng` is given, else centred. Raises BadSample for undecodable,
-    empty or truncated audio.
+    The window is random when `rng` is given, else centred. Channels are mixed down block by block, so
+    memory stays that of the mono window whatever the header claims. Raises BadSample for undecodable,
+    empty or truncated audio, and for a sample rate out of range (shards_tools.decode).
     """
     try:
-        with soundfile.SoundFile(io.BytesIO(data)) as handle:
+        with open_audio(data) as handle:
             rate, frames = handle.samplerate, handle.frames
             want = math.ceil(seconds * rate)
             excess = frames - want
@@ -45,14 +46,17 @@ def read_window(data: bytes, key: str, seconds: float, rng: random.Random | None
             if start:
                 handle.seek(start)
             count = min(want, frames) if frames > 0 else want
-            wave = handle.read(count, dtype="float32", always_2d=True)
+            blocks = [block.mean(axis=1) for block in audio_blocks(handle, count)]
+    except DecodeError as err:
+        raise BadSample(key, str(err)) from None
     except (soundfile.SoundFileError, ValueError, OSError) as err:
         raise BadSample(key, f"undecodable audio ({err})") from err
+    wave = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     if len(wave) == 0:
         raise BadSample(key, "audio has no frames")
     if frames > 0 and len(wave) < count:
         raise BadSample(key, f"truncated audio: {len(wave)} of {count} frames readable")
-    return np.ascontiguousarray(wave.mean(axis=1)), rate
+    return np.ascontiguousarray(wave, dtype=np.float32), rate
 
 
 def load_clip(
@@ -62,7 +66,11 @@ def load_clip(
     wave, rate = read_window(data, key, clip_seconds, rng)
     tensor = torch.from_numpy(wave)
     if rate != sample_rate:
-        tensor = torchaudio.functional.resample(tensor, rate, sample_rate)
+        try:
+            source_rate = resampling_rate(rate, sample_rate)
+        except DecodeError as err:
+            raise BadSample(key, str(err)) from None
+        tensor = torchaudio.functional.resample(tensor, source_rate, sample_rate)
     return fit_length(tensor, round(sample_rate * clip_seconds))
 
 

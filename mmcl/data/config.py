@@ -6,23 +6,13 @@ says how to fix it. No torch import, so configs can be checked before anything e
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-LOCAL_SCHEMES = ("", "file")
-HTTP_SCHEMES = ("http", "https")
+from mmcl.errors import UsageError
+from shards_tools.shard_format import check_shard_url
+from shards_tools.tar_stream import DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_MEMBER_BYTES
 
-
-def url_scheme(url: str) -> str:
-    """'local', 'http', 'pipe' or the unsupported scheme itself (e.g. 's3')."""
-    if url.startswith("pipe:"):
-        return "pipe"
-    scheme = urlparse(url).scheme.lower()
-    # A one-letter scheme is a Windows drive ("C:\\shards"), i.e. a local path.
-    if scheme in LOCAL_SCHEMES or len(scheme) == 1:
-        return "local"
-    return "http" if scheme in HTTP_SCHEMES else scheme
+PIPE_HINT = "set data.allow_pipe: true"
 
 
 class _Strict(BaseModel):
@@ -91,23 +81,25 @@ class DataConfig(_Strict):
         gt=0,
         description="image: the model's input size; lets JPEG decoding downscale early (a hint only)",
     )
+    max_member_bytes: int = Field(
+        DEFAULT_MAX_MEMBER_BYTES,
+        gt=0,
+        description="largest tar member read (media; .txt/.json/.cls are capped at 1 MiB); a sample with a "
+        "larger or sparse member is skipped and counted",
+    )
+    http_timeout: float = Field(
+        DEFAULT_HTTP_TIMEOUT,
+        gt=0,
+        description="seconds an http(s) shard may take to answer, or to deliver 64 KiB; a stalled shard is "
+        "abandoned with a warning and the stream goes on",
+    )
 
     @model_validator(mode="after")
     def _check_schemes(self) -> DataConfig:
         for i, source in enumerate(self.sources):
             for url in source.url_list():
-                scheme = url_scheme(url)
-                where = f"data.sources[{i}].urls"
-                if scheme == "pipe" and not self.allow_pipe:
-                    raise ValueError(
-                        f"{where}: {url!r} is a pipe: URL, which runs a shell command; "
-                        "set data.allow_pipe: true if you trust this config"
-                    )
-                if scheme not in ("local", "http", "pipe"):
-                    raise ValueError(
-                        f"{where}: {url!r} uses the unsupported scheme {scheme!r}; use a local path, "
-                        "http(s)://, or a pipe: URL whose command writes the shard to stdout (e.g. "
-                        "'pipe:aws s3 cp s3://bucket/shard-000000.tar -' or 'pipe:curl -s ftp://host/shard.tar') "
-                        "with data.allow_pipe: true"
-                    )
+                try:
+                    check_shard_url(url, allow_pipe=self.allow_pipe, where=f"data.sources[{i}].urls", allow_hint=PIPE_HINT)
+                except UsageError as err:
+                    raise ValueError(str(err).removeprefix(f"data.sources[{i}].urls: ")) from None
         return self

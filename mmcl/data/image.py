@@ -1,31 +1,33 @@
 """Image samples: decode the stored bytes with Pillow (RGB) and apply the model's transform.
 
 The transform (open_clip's train or eval preprocess) comes from the model, so the pipeline never
-disagrees with it about size, crop or normalisation.
+disagrees with it about size, crop or normalisation. Bytes are opened as the sharder opens them
+(shards_tools.decode.open_image: allowed formats only, a pixel cap before decoding).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import torch
 from PIL import Image
 
 from mmcl.data.common import BadSample, call_seeded
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from shards_tools.decode import DecodeError, open_image
+from shards_tools.shard_format import IMAGE_EXTENSIONS
 
 
 def decode_image(data: bytes, key: str, size_hint: int | None = None) -> Image.Image:
     """Bytes -> RGB image, or BadSample. With `size_hint`, JPEGs are decoded at the smallest DCT
     scale (1/2, 1/4, 1/8) that keeps both sides >= the hint: several times faster for large photos."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             if size_hint is not None:
                 image.draft("RGB", (size_hint, size_hint))
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except DecodeError as err:
+        raise BadSample(key, f"{'decompression bomb' if err.bomb else 'undecodable image'} ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise BadSample(key, f"undecodable image ({err})") from err
 
 

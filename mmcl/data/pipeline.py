@@ -38,14 +38,14 @@ keep it short. A shard that fails to read only sometimes (a flaky server) makes 
 from __future__ import annotations
 
 import itertools
+import math
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.audio import audio_media
@@ -54,7 +54,9 @@ from mmcl.data.config import DataConfig
 from mmcl.data.image import image_media
 from mmcl.data.sources import Source, resolve_sources
 from mmcl.data.text import choose_caption, read_meta, tokenize
-from mmcl.errors import UsageError
+from mmcl.errors import RunFailed, UsageError
+from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_label
+from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions, iter_samples
 
 Modality = Literal["image", "audio"]
 Handler = Callable[[Exception], bool]
@@ -87,6 +89,8 @@ class ReaderPlan:
     shard_shuffle: bool
     resampled: bool
     shuffle_buffer: int
+    read_options: ReadOptions
+    extensions: tuple[str, ...]  # the members a sample of this modality needs
 
 
 def check_shard_counts(sources: list[Source], readers: int, resampled: bool) -> None:
@@ -118,22 +122,26 @@ def reader_shards(plan: ReaderPlan, source_index: int, epoch: int, pass_index: i
     return urls[plan.reader :: plan.readers]
 
 
-def keyed_samples(urls: list[str], handler: Handler, expected: Mapping[str, int] | None = None) -> Iterator[dict]:
+def keyed_samples(
+    urls: list[str],
+    handler: Handler,
+    expected: Mapping[str, int] | None = None,
+    options: ReadOptions = DEFAULT_READ_OPTIONS,
+    extensions: Collection[str] | None = None,
+) -> Iterator[dict]:
     """Raw samples ({"__key__", "jpg": bytes, "json": bytes, ...}) of the given shards, in tar order.
 
-    A shard that yields fewer samples than its index file lists (`expected`) goes to `handler` as an
-    error: Python's tar reader ends a file cut inside a header without a word, so this is the one sign.
+    Read by shards_tools.tar_stream under `options` (member cap, pipe: permission, http stall limit): a
+    sample with a member that must not be read carries "__problem__" and is skipped by `prepare`; a shard
+    that cannot be read goes to `handler`. A shard that yields fewer samples than its index file lists
+    (`expected`) goes to `handler` as well: a tar cut inside a header may end without an error.
+    `extensions`: the members to keep (others are not read into memory); None keeps all.
     """
     for url in urls:
-        # stream: one {"url"} -> webdataset opens, untars and groups files by key
-        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
         seen = 0
-        for sample in samples:
-            # webdataset >= 0.2.96 marks a shard's end with an empty, keyless record (1.0.2 drops it
-            # while grouping, other versions may not): keep keyed samples only
-            if sample.get("__key__"):
-                seen += 1
-                yield sample
+        for sample in iter_samples(url, handler=handler, options=options, extensions=extensions):
+            seen += 1
+            yield sample
         listed = (expected or {}).get(url)
         if listed is not None and seen < listed:
             handler(
@@ -203,7 +211,9 @@ def source_pass(
 ) -> Iterator[dict]:
     """Raw samples of one pass over one source's shards for this reader."""
     shards = reader_shards(plan, source_index, epoch, pass_index)
-    return keyed_samples(shards, handler, plan.sources[source_index].shard_counts)
+    return keyed_samples(
+        shards, handler, plan.sources[source_index].shard_counts, plan.read_options, plan.extensions
+    )
 
 
 def epoch_samples(plan: ReaderPlan, epoch: int, handler: Handler) -> Iterator[dict]:
@@ -233,7 +243,7 @@ def epochs(plan: ReaderPlan, start: int, handler: Handler) -> Iterator[dict]:
             sample["__epoch__"] = epoch
             yield sample
         if empty:
-            raise RuntimeError(
+            raise RunFailed(
                 f"reader {plan.reader} (rank {plan.rank}, worker {plan.worker}) got no samples in epoch "
                 f"{epoch}: its shards are empty or unreadable (see the warnings above)"
             )
@@ -266,6 +276,8 @@ class SamplePreparer:
 
     def __call__(self, sample: dict) -> dict:
         key, epoch = sample["__key__"], sample["__epoch__"]
+        if "__problem__" in sample:
+            raise BadSample(key, sample["__problem__"])
         meta = read_meta(sample)
         caption = choose_caption(sample, meta, random.Random(derive_seed(self.seed, epoch, key, "text")))
         media_seed = derive_seed(self.seed, epoch, key, "media")
@@ -286,36 +298,45 @@ class SamplePreparer:
             "text": tokenize(self.tokenizer, caption),
             "noisy": meta["noisy"] if isinstance(meta.get("noisy"), bool) else None,
             "alignment_score": _number(meta.get("alignment_score")),
-            "label_index": _label_index(sample, meta),
+            "label_index": sample_label(meta, sample.get("cls")),
         }
 
 
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _label_index(sample: dict, meta: dict) -> int | None:
-    value = meta.get("label_index")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = sample.get("cls", b"").decode("ascii", errors="replace").strip()
-    return int(text) if text.lstrip("-").isdigit() else None
+    """A finite number from JSON: a number, or a string holding one (CSV manifest columns are strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or len(str(value)) > 64:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def prepare(
     samples: Iterator[dict], preparer: SamplePreparer, state: ReaderState, handler: Handler
 ) -> Iterator[dict]:
-    """Decode, transform and tokenize; a BadSample goes to `handler` (True: skip and count it)."""
+    """Decode, transform and tokenize; a bad sample goes to `handler` as a BadSample (True: skip and count it).
+
+    This is the loader's one exception boundary: whatever a sample's bytes make a decoder raise (Pillow's
+    plugins raise a dozen types on hostile files, the resampler RuntimeError, a parser MemoryError) is that
+    sample's fault, skipped and counted with its reason, never a dead run that dies again on resume.
+    """
     for sample in samples:
         try:
-            item = preparer(sample)
+            try:
+                item = preparer(sample)
+            except BadSample:
+                raise
+            except Exception as exc:
+                raise BadSample(sample["__key__"], f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         except BadSample as err:
             if not handler(err):
                 raise
             state.skipped += 1
             state.bad_run += 1
             if state.bad_run >= MAX_BAD_RUN:
-                raise RuntimeError(
+                raise RunFailed(
                     f"{MAX_BAD_RUN} samples in a row could not be used (last: {err}); "
                     "do data.sources hold the modality being trained?"
                 ) from err
@@ -479,6 +500,8 @@ class TrainStream(IterableDataset):
             shard_shuffle=self.cfg.shard_shuffle,
             resampled=self.cfg.resampled,
             shuffle_buffer=self.cfg.shuffle_buffer,
+            read_options=read_options(self.cfg),
+            extensions=(*MEDIA_EXTENSIONS[self.preparer.modality], *META_EXTENSIONS),
         )
         state = ReaderState(worker=worker, epoch=start["epoch"], skipped=start["skipped"])
         # stream: raw samples (tar bytes per key) of epochs start, start+1, ..., mixed and shuffled
@@ -489,6 +512,11 @@ class TrainStream(IterableDataset):
         items = prepare(fresh, self.preparer, state, self.handler)
         # stream: batches with the reader's metadata
         return batched(items, self.cfg.batch_size, state)
+
+
+def read_options(cfg: DataConfig) -> ReadOptions:
+    """How the data section lets shards be read: member cap, pipe: permission, http stall limit."""
+    return ReadOptions(max_member_bytes=cfg.max_member_bytes, allow_pipe=cfg.allow_pipe, http_timeout=cfg.http_timeout)
 
 
 def build_train_stream(

@@ -4,11 +4,12 @@ Folders become their `*.tar` files (sorted), brace patterns are expanded, local 
 and the sample counts come from the `manifest.json` / `sizes.json` that `mmcl shard` (and open_clip's
 tooling) write beside the shards; a source's `num_samples` overrides them. For http(s) shards the
 same files are fetched from the shards' folder URL, and a missing one only leaves the size unknown.
+An index file that is there but malformed stops the run with a message naming it: its counts decide
+what a truncated shard is.
 """
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -20,12 +21,20 @@ from urllib.request import url2pathname
 from braceexpand import braceexpand
 
 from mmcl.data.common import logger
-from mmcl.data.config import DataConfig, SourceConfig, url_scheme
+from mmcl.data.config import DataConfig, SourceConfig
 from mmcl.errors import UsageError
+from shards_tools.http_client import USER_AGENT, BodyTooLarge, Deadline, read_body, watched_opener
+from shards_tools.manifest import MANIFEST, SIZES, shard_list_problem, sizes_problem
+from shards_tools.shard_format import (
+    HTTP_SCHEMES,
+    MAX_META_BYTES,
+    is_local,
+    parse_json_object,
+    url_scheme,
+)
 
-MANIFEST = "manifest.json"
-SIZES = "sizes.json"
 INDEX_TIMEOUT_S = 10
+MAX_INDEX_BYTES = 64 * MAX_META_BYTES  # a manifest lists every shard: ~100 bytes each
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ def expand_urls(entries: list[str], where: str) -> list[str]:
     """Folders -> their *.tar (sorted), brace patterns -> their URLs; local shards must exist."""
     urls: list[str] = []
     for entry in entries:
-        if url_scheme(entry) == "local" and local_path(entry).is_dir():
+        if is_local(entry) and local_path(entry).is_dir():
             folder = local_path(entry)
             names = sorted(str(p) for p in folder.glob("*.tar") if not p.name.startswith("."))
             found = [literal_path(name) for name in names]
@@ -68,7 +77,7 @@ def expand_urls(entries: list[str], where: str) -> list[str]:
         expanded = list(braceexpand(entry))
         if len(urlparse(entry).scheme) <= 1:  # a plain path: none of its expansions may be read as a URL
             expanded = [literal_path(u) for u in expanded]
-        if url_scheme(entry) == "local":
+        if is_local(entry):
             missing = [u for u in expanded if not local_path(u).is_file()]
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -80,32 +89,51 @@ def expand_urls(entries: list[str], where: str) -> list[str]:
 
 
 def _read_index(location: str) -> dict | None:
-    """A JSON index file beside the shards (local path or http URL); None if absent or unreadable."""
+    """A JSON index file beside the shards (local path or http URL); None if absent or unreachable, UsageError
+    if it is there but not a JSON object."""
     try:
-        if url_scheme(location) == "http":
-            with urllib.request.urlopen(location, timeout=INDEX_TIMEOUT_S) as response:
-                return json.loads(response.read())
-        path = local_path(location)
-        return json.loads(path.read_text("utf-8")) if path.is_file() else None
+        if url_scheme(location) in HTTP_SCHEMES:
+            with Deadline(INDEX_TIMEOUT_S) as deadline:
+                request = urllib.request.Request(location, headers={"User-Agent": USER_AGENT})
+                with watched_opener(deadline).open(request, timeout=INDEX_TIMEOUT_S) as response:
+                    data = read_body(response, MAX_INDEX_BYTES)
+                if deadline.expired:
+                    raise TimeoutError(f"no complete answer within {INDEX_TIMEOUT_S} s")
+        else:
+            path = local_path(location)
+            if not path.is_file():
+                return None
+            if path.stat().st_size > MAX_INDEX_BYTES:
+                raise BodyTooLarge(path.stat().st_size, MAX_INDEX_BYTES, announced=True)
+            data = path.read_bytes()
     except urllib.error.HTTPError as err:
         if err.code != 404:
             logger.warning("could not read %s (%s): shard sizes unknown there", location, err)
         return None
-    except (OSError, ValueError) as err:
+    except (OSError, BodyTooLarge) as err:
         logger.warning("could not read %s (%s): shard sizes unknown there", location, err)
         return None
+    try:
+        return parse_json_object(data)
+    except ValueError as err:
+        raise UsageError(f"{location}: {err}; fix or delete it (it gives the shards' sample counts)") from None
 
 
 def _folder_index(folder: str) -> tuple[dict[str, int], str | None]:
     """Shard name -> sample count, and the modality, from a folder's manifest.json or sizes.json."""
     manifest = _read_index(f"{folder}/{MANIFEST}")
-    if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
-        counts = {s["name"]: int(s["count"]) for s in manifest["shards"] if "name" in s and "count" in s}
-        return counts, manifest.get("modality")
+    if manifest is not None and "shards" in manifest:
+        problem = shard_list_problem(manifest)
+        if problem is not None:
+            raise UsageError(f"{folder}/{MANIFEST}: {problem}; fix or delete it (it gives the shards' sample counts)")
+        return {s["name"]: s["count"] for s in manifest["shards"]}, manifest.get("modality")
     sizes = _read_index(f"{folder}/{SIZES}")
-    if isinstance(sizes, dict):
-        return {name: int(count) for name, count in sizes.items()}, None
-    return {}, None
+    if sizes is None:
+        return {}, None
+    problem = sizes_problem(sizes)
+    if problem is not None:
+        raise UsageError(f"{folder}/{SIZES}: {problem}; fix or delete it (it gives the shards' sample counts)")
+    return dict(sizes), None
 
 
 def shard_counts(urls: list[str], modality: str, where: str) -> dict[str, int]:
@@ -115,7 +143,7 @@ def shard_counts(urls: list[str], modality: str, where: str) -> dict[str, int]:
     """
     by_folder: dict[str, list[str]] = {}
     for url in urls:
-        if url_scheme(url) == "pipe":
+        if url_scheme(url) == "pipe":  # no folder to look in
             continue
         folder, _, name = url.rpartition("/")
         by_folder.setdefault(folder, []).append(name)

@@ -7,27 +7,25 @@ shards; a plain string is one caption), the .txt file (mmcl's first caption, img
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 
 import torch
 
 from mmcl.data.common import BadSample
+from shards_tools.shard_format import parse_json_object
 
 
 def read_meta(sample: dict) -> dict:
-    """The sample's JSON record ({} without one); BadSample if it is not a JSON object."""
+    """The sample's JSON record ({} without one); BadSample if it is not a JSON object, or nested deeper than
+    any real record (shard_format.parse_json_object)."""
     raw = sample.get("json")
     if raw is None:
         return {}
     try:
-        meta = json.loads(raw)
+        return parse_json_object(raw)
     except ValueError as err:
-        raise BadSample(sample["__key__"], f"invalid JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise BadSample(sample["__key__"], f"JSON is a {type(meta).__name__}, not an object")
-    return meta
+        raise BadSample(sample["__key__"], str(err)) from None
 
 
 def _clean(captions: object) -> list[str]:

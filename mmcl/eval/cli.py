@@ -97,6 +97,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
+    from shards_tools.cli import add_max_bytes
+
     g = p.add_argument_group("run")
     g.add_argument("--output", required=True, type=Path, help="folder for results.json, report.md and plots")
     g.add_argument("--batch-size", type=int, default=64, help="items (and prompts) per forward pass")
@@ -104,6 +106,16 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--max-samples", type=int, help="evaluate an even subset of this many items")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("untrusted data")
+    g.add_argument("--allow-pipe", action="store_true",
+                   help="accept a pipe:COMMAND --data path, which runs COMMAND in a shell: only for data you trust")
+    add_max_bytes(g, "skip any media file or tar member larger than this (counted as skipped)")
+
+
+def _read_options(args: argparse.Namespace):
+    from shards_tools.tar_stream import ReadOptions
+
+    return ReadOptions(max_member_bytes=args.max_bytes, allow_pipe=args.allow_pipe)
 
 
 def _check_run_flags(args: argparse.Namespace) -> str:
@@ -148,7 +160,7 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
     device = _check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained)
     data = open_classification(args.data, source.modality, format=args.format, classes_file=args.classes,
-                               folds=args.folds, name=args.name)
+                               folds=args.folds, name=args.name, read_options=_read_options(args))
     templates = load_templates(args.templates, source.modality)
     model = load_eval_model(args.checkpoint, args.open_clip, args.pretrained, device=device)
     results = evaluate_zero_shot(model, data, templates, batch_size=args.batch_size, workers=args.workers,
@@ -169,7 +181,7 @@ def _run_retrieval(args: argparse.Namespace) -> int:
 
     device = _check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained)
-    data = open_retrieval(args.data, source.modality, name=args.name)
+    data = open_retrieval(args.data, source.modality, name=args.name, read_options=_read_options(args))
     model = load_eval_model(args.checkpoint, args.open_clip, args.pretrained, device=device)
     results = evaluate_retrieval(model, data, batch_size=args.batch_size, workers=args.workers,
                                  max_samples=args.max_samples, progress=not args.quiet)

@@ -15,13 +15,14 @@ Retrieval data: shards with one or several captions per item (.json "text" list,
 
 Memory stays bounded: a dataset holds its listing (paths and labels; for CIFAR the pickled uint8 arrays,
 30 MB), never decoded media. Items are decoded one at a time in the DataLoader's workers, so at most
-workers x prefetch batches exist decoded at once. An undecodable item is logged, skipped and counted.
+workers x prefetch batches exist decoded at once. Data is read as training reads it (ReadOptions: a cap on
+files and tar members, pipe: paths only when allowed), and whatever an item makes a decoder raise is that
+item's fault: it is logged, skipped and counted (`decode_item`, the evaluator's one exception boundary).
 """
 
 from __future__ import annotations
 
 import codecs
-import json
 import math
 import os
 import pickle
@@ -35,18 +36,27 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmcl.data.audio import AUDIO_EXTENSIONS, load_clip
+from mmcl.data.audio import load_clip
 from mmcl.data.common import BadSample, log_and_continue, logger
-from mmcl.data.image import IMAGE_EXTENSIONS, decode_image
+from mmcl.data.image import decode_image
 from mmcl.data.pipeline import keyed_samples
-from mmcl.data.sources import MANIFEST, expand_urls, local_path
+from mmcl.data.sources import expand_urls, local_path
 from mmcl.data.text import captions_of, read_meta
 from mmcl.errors import UsageError
 from mmcl.eval.formats import CLASSIFICATION_FORMATS, FOLD_FORMATS, FORMAT_MODALITY
 from mmcl.models import DualEncoder
 from shards_tools import readers
 from shards_tools.config import InputSpec
+from shards_tools.manifest import MANIFEST, read_index
 from shards_tools.readers.webdataset_input import is_brace_pattern
+from shards_tools.shard_format import (
+    MEDIA_EXTENSIONS,
+    META_EXTENSIONS,
+    check_shard_url,
+    is_local,
+    sample_label,
+)
+from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions
 
 CIFAR = {
     # format: (folder, test file, meta file, label key in the test file, class-name key in the meta file)
@@ -91,6 +101,7 @@ class FileListing:
 
     paths: tuple[str, ...]
     labels: tuple[int, ...]
+    max_bytes: int = DEFAULT_READ_OPTIONS.max_member_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,9 +109,12 @@ class FileListing:
     def raw(self, index: int) -> tuple[str, bytes, int]:
         path = self.paths[index]
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as handle:
+                data = handle.read(self.max_bytes + 1)
         except OSError as err:
             raise BadSample(path, f"unreadable file ({err})") from err
+        if len(data) > self.max_bytes:
+            raise BadSample(path, f"larger than the cap of {self.max_bytes:,} bytes (--max-bytes)")
         return path, data, self.labels[index]
 
 
@@ -150,12 +164,24 @@ class ListedItems(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        try:
-            key, raw, target = self.listing.raw(self.indices[i])
-            return {"media": self.decoder(raw, key), "target": target}
-        except BadSample as err:
-            logger.warning("skipped: %s", err)
-            return None
+        index = self.indices[i]
+        return decode_item(f"item {index}", lambda: self._item(index))
+
+    def _item(self, index: int) -> dict[str, Any]:
+        key, raw, target = self.listing.raw(index)
+        return {"media": self.decoder(raw, key), "target": target}
+
+
+def decode_item(key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """`make()`, or None (logged) when the item cannot be used: the evaluator's one exception boundary, so
+    whatever an item's bytes make a decoder raise is a skipped, counted item, never a dead evaluation."""
+    try:
+        return make()
+    except BadSample as err:
+        logger.warning("skipped: %s", err)
+    except Exception as err:
+        logger.warning("skipped: %s: %s: %s", key, type(err).__name__, str(err)[:300])
+    return None
 
 
 class ShardItems(IterableDataset):
@@ -164,45 +190,50 @@ class ShardItems(IterableDataset):
     shards; with `fraction` < 1 each keeps that fraction of its samples, evenly spaced in its stream."""
 
     def __init__(
-        self, urls: Sequence[str], decoder: MediaDecoder, target: Literal["label", "captions"], fraction: float = 1.0
+        self,
+        urls: Sequence[str],
+        decoder: MediaDecoder,
+        target: Literal["label", "captions"],
+        fraction: float = 1.0,
+        num_classes: int | None = None,
+        read_options: ReadOptions = DEFAULT_READ_OPTIONS,
     ) -> None:
         self.urls = list(urls)
         self.decoder = decoder
         self.target = target
         self.fraction = fraction
-        self.extensions = IMAGE_EXTENSIONS if decoder.modality == "image" else AUDIO_EXTENSIONS
+        self.num_classes = num_classes
+        self.read_options = read_options
+        self.extensions = MEDIA_EXTENSIONS[decoder.modality]
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = get_worker_info()
         urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
-        for position, sample in enumerate(keyed_samples(urls, log_and_continue)):
+        extensions = (*self.extensions, *META_EXTENSIONS)
+        samples = keyed_samples(urls, log_and_continue, options=self.read_options, extensions=extensions)
+        for position, sample in enumerate(samples):
             if math.floor((position + 1) * self.fraction) > math.floor(position * self.fraction):
-                yield self._prepare(sample)
+                yield decode_item(sample["__key__"], lambda sample=sample: self._prepare(sample))
 
-    def _prepare(self, sample: dict) -> dict[str, Any] | None:
+    def _prepare(self, sample: dict) -> dict[str, Any]:
         key = sample["__key__"]
-        try:
-            ext = next((e for e in self.extensions if e in sample), None)
-            if ext is None:
-                raise BadSample(key, f"no {self.decoder.modality} file (.{', .'.join(self.extensions)})")
-            meta = read_meta(sample)
-            target = sample_label(sample, meta) if self.target == "label" else captions_of(sample, meta)
-            if target is None or target == []:
-                raise BadSample(key, "no class index (.cls or json label_index)" if self.target == "label"
-                                else "no caption")
-            return {"media": self.decoder(sample[ext], key), "target": target}
-        except BadSample as err:
-            logger.warning("skipped: %s", err)
-            return None
-
-
-def sample_label(sample: dict, meta: dict) -> int | None:
-    """A shard sample's class index: its JSON "label_index", else its .cls file; None if neither."""
-    value = meta.get("label_index")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = sample.get("cls", b"").decode("ascii", errors="replace").strip()
-    return int(text) if text.isdigit() else None
+        if "__problem__" in sample:
+            raise BadSample(key, sample["__problem__"])
+        ext = next((e for e in self.extensions if e in sample), None)
+        if ext is None:
+            raise BadSample(key, f"no {self.decoder.modality} file (.{', .'.join(self.extensions)})")
+        meta = read_meta(sample)
+        if self.target == "label":
+            target = sample_label(meta, sample.get("cls"))
+            if target is None:
+                raise BadSample(key, "no class index (.cls or json label_index)")
+            if self.num_classes is not None and target >= self.num_classes:
+                raise BadSample(key, f"class index {target} is outside the {self.num_classes} class names")
+        else:
+            target = captions_of(sample, meta)
+            if not target:
+                raise BadSample(key, "no caption")
+        return {"media": self.decoder(sample[ext], key), "target": target}
 
 
 def collate_items(items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -225,6 +256,7 @@ class EvalData:
     modality: str
     listing: Listing
     class_names: tuple[str, ...] | None  # classification only; index = class index
+    read_options: ReadOptions = DEFAULT_READ_OPTIONS  # how shards and files are read (caps, pipe: permission)
 
     @property
     def task(self) -> str:
@@ -244,7 +276,8 @@ class EvalData:
             count = self.listing.count
             fraction = max_samples / count if count and max_samples and count > max_samples else 1.0
             target = "label" if self.class_names is not None else "captions"
-            return ShardItems(self.listing.urls, decoder, target, fraction)
+            num_classes = len(self.class_names) if self.class_names is not None else None
+            return ShardItems(self.listing.urls, decoder, target, fraction, num_classes, self.read_options)
         return ListedItems(self.listing, decoder, spread_indices(len(self.listing), max_samples))
 
     def loader(self, decoder: MediaDecoder, batch_size: int, workers: int, max_samples: int | None = None) -> DataLoader:
@@ -260,18 +293,27 @@ class EvalData:
         )
 
 
-def _data_path(path: str | Path) -> str:
+CLI_PIPE_HINT = "pass --allow-pipe"
+
+
+def _data_path(path: str | Path, options: ReadOptions, where: str, allow_hint: str) -> str:
+    """The data path as text, after the one scheme check every shard path passes (a pipe: path runs a
+    shell command: refused unless `options.allow_pipe`); a local path must exist."""
     text = os.path.expanduser(str(path))
-    if not is_brace_pattern(text) and not os.path.exists(text):
-        raise UsageError(f"--data {text} does not exist")
+    check_shard_url(text, allow_pipe=options.allow_pipe, where=where, allow_hint=allow_hint)
+    if is_local(text) and not is_brace_pattern(text) and not os.path.exists(text):
+        raise UsageError(f"{where} {text} does not exist")
     return text
 
 
 def detect_format(path: str | Path) -> str:
-    """The classification layout of `path` (see the module docstring), or UsageError naming --format."""
-    text = _data_path(path)
-    if is_brace_pattern(text) or text.endswith(".tar"):
+    """The classification layout of `path` (see the module docstring), or UsageError naming --format.
+    A URL (http(s), or an allowed pipe:) can only be shards."""
+    text = os.path.expanduser(str(path))
+    if not is_local(text) or is_brace_pattern(text) or text.endswith(".tar"):
         return "shards"
+    if not os.path.exists(text):
+        raise UsageError(f"--data {text} does not exist")
     folder = Path(text)
     if folder.is_file():
         name = folder.name.lower()
@@ -314,16 +356,21 @@ def open_classification(
     classes_file: Path | None = None,
     folds: Sequence[int] | None = None,
     name: str | None = None,
+    read_options: ReadOptions = DEFAULT_READ_OPTIONS,
+    where: str = "--data",
+    allow_hint: str = CLI_PIPE_HINT,
 ) -> EvalData:
     """Open a classification set for a `modality` model: check the layout, list items, find class names.
 
     `classes_file` replaces the layout's class names (e.g. ImageNet wnid folders -> readable names);
     it must list as many classes as the layout has. `folds` selects ESC-50 / UrbanSound8K folds.
+    `read_options` says how its shards and files are read; `where` and `allow_hint` name the data path and
+    how to allow pipe: paths in messages.
     """
-    fmt = detect_format(path) if format == "auto" else format
+    text = _data_path(path, read_options, where, allow_hint)
+    fmt = detect_format(text) if format == "auto" else format
     if fmt not in CLASSIFICATION_FORMATS:
         raise UsageError(f"--format {fmt!r} is not a classification layout; use one of {', '.join(CLASSIFICATION_FORMATS)}")
-    text = _data_path(path)
     if FORMAT_MODALITY.get(fmt, modality) != modality:
         raise UsageError(f"{fmt} holds {FORMAT_MODALITY[fmt]} data, but the model is an {modality}-text model")
     if folds and fmt not in FOLD_FORMATS:
@@ -337,21 +384,29 @@ def open_classification(
     elif fmt in CIFAR:
         listing, found = _open_cifar(Path(text), fmt)
     else:
-        listing, found = _open_with_reader(Path(text), modality, fmt, folds)
+        listing, found = _open_with_reader(Path(text), modality, fmt, folds, read_options.max_member_bytes)
     if given is not None and found is not None and len(given) != len(found):
         raise UsageError(f"--classes {classes_file} lists {len(given)} classes, but {text} has {len(found)}")
     class_names = tuple(given) if given is not None else tuple(display_name(c) for c in found)
     default_name = fmt if fmt in CIFAR or fmt in FOLD_FORMATS else _folder_name(text)
     if folds:
         default_name += "-fold" + "+".join(map(str, sorted(folds)))
-    return EvalData(name or default_name, fmt, modality, listing, class_names)
+    return EvalData(name or default_name, fmt, modality, listing, class_names, read_options)
 
 
-def open_retrieval(path: str | Path, modality: str, name: str | None = None) -> EvalData:
-    """Open captioned shards for retrieval by a `modality` model."""
-    text = _data_path(path)
+def open_retrieval(
+    path: str | Path,
+    modality: str,
+    name: str | None = None,
+    read_options: ReadOptions = DEFAULT_READ_OPTIONS,
+    where: str = "--data",
+    allow_hint: str = CLI_PIPE_HINT,
+) -> EvalData:
+    """Open captioned shards for retrieval by a `modality` model (the other arguments as for
+    `open_classification`)."""
+    text = _data_path(path, read_options, where, allow_hint)
     listing, _ = _open_shards(text, modality)
-    return EvalData(name or _folder_name(text), "shards", modality, listing, None)
+    return EvalData(name or _folder_name(text), "shards", modality, listing, None, read_options)
 
 
 def _folder_name(text: str) -> str:
@@ -361,18 +416,23 @@ def _folder_name(text: str) -> str:
 
 
 def _open_shards(text: str, modality: str) -> tuple[ShardListing, list[str] | None]:
-    """The shard URLs and the manifest's class names (None without them)."""
+    """The shard URLs and the manifest's class names (None without them); a local manifest.json beside
+    the shards is checked (UsageError if malformed) before its counts and names are used."""
     urls = expand_urls([text], "--data")
-    manifest_path = local_path(urls[0]).parent / MANIFEST
-    manifest = json.loads(manifest_path.read_text("utf-8")) if manifest_path.is_file() else {}
-    shard_modality = manifest.get("modality")
-    if shard_modality not in (None, modality):
-        raise UsageError(f"{manifest_path} says these shards hold {shard_modality}-text pairs, "
+    folder = local_path(urls[0]).parent if is_local(urls[0]) else None
+    if folder is None or not (folder / MANIFEST).is_file():
+        return ShardListing(tuple(urls), None), None
+    manifest = read_index(folder / MANIFEST)
+    if manifest.get("modality", modality) != modality:
+        raise UsageError(f"{folder / MANIFEST} says these shards hold {manifest['modality']}-text pairs, "
                          f"but the model is an {modality}-text model")
-    counts = {s.get("name"): s.get("count") for s in manifest.get("shards", [])}
+    counts = {s["name"]: s["count"] for s in manifest.get("shards", [])}
     names = [url.rpartition("/")[2] for url in urls]
-    count = sum(counts[n] for n in names) if all(isinstance(counts.get(n), int) for n in names) else None
-    return ShardListing(tuple(urls), count), manifest.get("class_names")
+    count = sum(counts[n] for n in names) if all(n in counts for n in names) else None
+    class_names = manifest.get("class_names")
+    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
+        raise UsageError(f"{folder / MANIFEST}: class_names is not a list of names; fix it or pass --classes FILE")
+    return ShardListing(tuple(urls), count), class_names
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -423,7 +483,9 @@ def _open_cifar(path: Path, fmt: str) -> tuple[ArrayListing, list[str]]:
     return ArrayListing(images, tuple(int(label) for label in labels)), names
 
 
-def _open_with_reader(path: Path, modality: str, fmt: str, folds: Sequence[int] | None) -> tuple[FileListing, list[str]]:
+def _open_with_reader(
+    path: Path, modality: str, fmt: str, folds: Sequence[int] | None, max_bytes: int
+) -> tuple[FileListing, list[str]]:
     """Class folders, ESC-50 and UrbanSound8K through shards_tools' readers (same classes, same order)."""
     spec = InputSpec(modality=modality, path=path, format=fmt, folds=list(folds) if folds else None)
     class_names = readers.class_names(spec)
@@ -437,4 +499,4 @@ def _open_with_reader(path: Path, modality: str, fmt: str, folds: Sequence[int] 
     if not paths:
         what = f"fold(s) {', '.join(map(str, folds))} of " if folds else ""
         raise UsageError(f"no {modality} files in {what}{path} ({fmt})")
-    return FileListing(tuple(paths), tuple(labels)), class_names
+    return FileListing(tuple(paths), tuple(labels), max_bytes), class_names

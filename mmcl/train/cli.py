@@ -45,9 +45,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
         check_resume_path(config.train.resume)
     if config.eval.every_steps:
+        from mmcl.data.pipeline import read_options
         from mmcl.eval.periodic import check_eval_data
 
-        check_eval_data(config.eval, config.model.modality)
+        check_eval_data(config.eval, config.model.modality, read_options(config.data))
     if args.check:
         print(f"config OK: {args.config}")
         return 0

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from mmcl.config import TrainConfig
 from mmcl.data import build_loader
-from mmcl.errors import UsageError, describe_load_error
+from mmcl.data.pipeline import read_options
+from mmcl.errors import RunFailed, UsageError, describe_load_error
 from mmcl.losses import contrastive_loss, sigmoid_loss
 from mmcl.losses.distributed import gather_no_grad, rank_and_world_size
 from mmcl.models import build_model
@@ -45,6 +46,7 @@ from mmcl.train.checkpoint import (
 from mmcl.train.optim import lr_at, param_groups, set_lr
 from mmcl.train.state import TrainState
 from mmcl.train.threads import set_cpu_threads
+from shards_tools.writer import open_new
 
 
 class Trainer:
@@ -195,7 +197,7 @@ class Trainer:
         else:
             scores = [b["alignment_score"] for b in batches]
             if any(s is None for s in scores):
-                raise RuntimeError(
+                raise RunFailed(
                     "noise.method alignment_score needs an 'alignment_score' in every sample's .json; "
                     "add it when sharding (a manifest column) or choose another noise.method"
                 )
@@ -333,7 +335,7 @@ class Trainer:
                 bad_in_a_row += 1
                 acc.print(f"step {step}: non-finite loss ({loss.item()}), update skipped")
                 if bad_in_a_row > cfg.train.max_bad_steps:
-                    raise RuntimeError(
+                    raise RunFailed(
                         f"{bad_in_a_row} non-finite losses in a row: lower optim.lr or check the data"
                     )
 
@@ -379,7 +381,8 @@ class Trainer:
             "step": self.state.step,
             "loss": mean_loss,
             "lr": lr,
-            "temperature": float(1.0 / logit_scale.exp().clamp(max=100).item()),
+            # 1 / exp(scale) without dividing: a diverged scale underflows exp() to 0 (inf is logged, not raised)
+            "temperature": float((-logit_scale.detach().float().clamp(max=math.log(100))).exp().item()),
             "negatives": negatives,
             "samples_per_s": window["samples"] / elapsed if elapsed > 0 else 0.0,
             "data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
@@ -404,7 +407,7 @@ class Trainer:
         if acc.is_main_process:
             from mmcl.eval.periodic import evaluate_during_training
 
-            results = evaluate_during_training(acc.unwrap_model(self.model), self.cfg.eval)
+            results = evaluate_during_training(acc.unwrap_model(self.model), self.cfg.eval, read_options(self.cfg.data))
             record = {"step": self.state.step, **{f"eval/{k}": v for k, v in results.items()}}
             with open(self.output / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -484,7 +487,8 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line + "\n")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), "utf-8")
+    with open_new(tmp) as handle:  # never through a link planted in a shared run folder
+        handle.write("".join(kept).encode("utf-8"))
     os.replace(tmp, path)
 
 
