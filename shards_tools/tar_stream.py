@@ -271,7 +271,10 @@ class _StallGuard(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        count = self.response.readinto(buffer)
+        # read1: one socket read at most, so a trickle returns byte by byte instead of filling the buffer
+        data = self.response.read1(len(buffer))
+        count = len(data)
+        buffer[:count] = data
         self.window_bytes += count
         now = time.monotonic()
         if now - self.window_start >= self.timeout:

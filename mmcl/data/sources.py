@@ -88,17 +88,17 @@ def expand_urls(entries: list[str], where: str) -> list[str]:
     return urls
 
 
-def _read_index(location: str) -> dict | None:
-    """A JSON index file beside the shards (local path or http URL); None if absent or unreachable, UsageError
-    if it is there but not a JSON object."""
+def _read_index(location: str, timeout: float) -> dict | None:
+    """A JSON index file beside the shards (local path, or http URL read within `timeout` seconds in all);
+    None if absent or unreachable, UsageError if it is there but not a JSON object."""
     try:
         if url_scheme(location) in HTTP_SCHEMES:
-            with Deadline(INDEX_TIMEOUT_S) as deadline:
+            with Deadline(timeout) as deadline:
                 request = urllib.request.Request(location, headers={"User-Agent": USER_AGENT})
-                with watched_opener(deadline).open(request, timeout=INDEX_TIMEOUT_S) as response:
+                with watched_opener(deadline).open(request, timeout=timeout) as response:
                     data = read_body(response, MAX_INDEX_BYTES)
                 if deadline.expired:
-                    raise TimeoutError(f"no complete answer within {INDEX_TIMEOUT_S} s")
+                    raise TimeoutError(f"no complete answer within {timeout:g} s")
         else:
             path = local_path(location)
             if not path.is_file():
@@ -119,15 +119,15 @@ def _read_index(location: str) -> dict | None:
         raise UsageError(f"{location}: {err}; fix or delete it (it gives the shards' sample counts)") from None
 
 
-def _folder_index(folder: str) -> tuple[dict[str, int], str | None]:
+def _folder_index(folder: str, timeout: float) -> tuple[dict[str, int], str | None]:
     """Shard name -> sample count, and the modality, from a folder's manifest.json or sizes.json."""
-    manifest = _read_index(f"{folder}/{MANIFEST}")
+    manifest = _read_index(f"{folder}/{MANIFEST}", timeout)
     if manifest is not None and "shards" in manifest:
         problem = shard_list_problem(manifest)
         if problem is not None:
             raise UsageError(f"{folder}/{MANIFEST}: {problem}; fix or delete it (it gives the shards' sample counts)")
         return {s["name"]: s["count"] for s in manifest["shards"]}, manifest.get("modality")
-    sizes = _read_index(f"{folder}/{SIZES}")
+    sizes = _read_index(f"{folder}/{SIZES}", timeout)
     if sizes is None:
         return {}, None
     problem = sizes_problem(sizes)
@@ -136,7 +136,7 @@ def _folder_index(folder: str) -> tuple[dict[str, int], str | None]:
     return dict(sizes), None
 
 
-def shard_counts(urls: list[str], modality: str, where: str) -> dict[str, int]:
+def shard_counts(urls: list[str], modality: str, where: str, timeout: float = INDEX_TIMEOUT_S) -> dict[str, int]:
     """Samples per shard URL from the index files beside the shards (shards no index lists are left out).
 
     Raises UsageError if a manifest says the shards hold another modality than the one trained.
@@ -149,7 +149,7 @@ def shard_counts(urls: list[str], modality: str, where: str) -> dict[str, int]:
         by_folder.setdefault(folder, []).append(name)
     counts: dict[str, int] = {}
     for folder, names in by_folder.items():
-        listed, shard_modality = _folder_index(folder or ".")
+        listed, shard_modality = _folder_index(folder or ".", timeout)
         if shard_modality is not None and shard_modality != modality:
             raise UsageError(
                 f"{where}: {folder or '.'}/{MANIFEST} says these shards hold {shard_modality}-text pairs, "
@@ -159,10 +159,10 @@ def shard_counts(urls: list[str], modality: str, where: str) -> dict[str, int]:
     return counts
 
 
-def resolve_source(source: SourceConfig, modality: str, where: str) -> Source:
+def resolve_source(source: SourceConfig, modality: str, where: str, timeout: float = INDEX_TIMEOUT_S) -> Source:
     entries = source.url_list()
     urls = expand_urls(entries, where)
-    counts = shard_counts(urls, modality, where)
+    counts = shard_counts(urls, modality, where, timeout)
     size = source.num_samples
     if size is None and all(url in counts for url in urls):
         size = sum(counts[url] for url in urls)
@@ -171,4 +171,5 @@ def resolve_source(source: SourceConfig, modality: str, where: str) -> Source:
 
 def resolve_sources(cfg: DataConfig, modality: str) -> list[Source]:
     """All configured sources, expanded and checked (raises UsageError naming the bad entry)."""
-    return [resolve_source(s, modality, f"data.sources[{i}]") for i, s in enumerate(cfg.sources)]
+    timeout = min(INDEX_TIMEOUT_S, cfg.http_timeout)  # index files beside http shards
+    return [resolve_source(s, modality, f"data.sources[{i}]", timeout) for i, s in enumerate(cfg.sources)]
