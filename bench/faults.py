@@ -63,7 +63,7 @@ for _path in (REPO, REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from conftest import COLOURS, make_image, make_tone  # noqa: E402  (the test suite's real-file helpers)
+from conftest import COLOURS, kill9, make_image, make_tone  # noqa: E402  (the test suite's helpers)
 
 SHARD_OUTPUTS = ("manifest.json", "sizes.json", "_errors.jsonl")
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
@@ -140,8 +140,10 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def build_image_corpus(root: Path) -> Corpus:
-    """A CSV manifest mixing unusual-but-valid images with every kind of bad row the sharder must survive."""
+def build_image_corpus(root: Path, unanswered_url: str = "http://127.0.0.1:9/x.jpg") -> Corpus:
+    """A CSV manifest mixing unusual-but-valid images with every kind of bad row the sharder must survive.
+    `unanswered_url`: an http URL whose port nobody answers on (tests pass a port they hold, bound but not
+    listening, so that no other process can be answering there)."""
     root = Path(os.path.abspath(root))
     img = root / "img"
     manifest = root / "pairs.csv"
@@ -218,7 +220,7 @@ def build_image_corpus(root: Path) -> Corpus:
         ("ftp://example.invalid/x.jpg", "an ftp:// URL", "unsupported_url"),
         (f"pipe:touch {root / PWNED}", "a pipe: URL that would run a command", "unsupported_url"),
         ("s3://bucket/x.jpg", "an s3:// URL", "unsupported_url"),
-        ("http://127.0.0.1:9/x.jpg", "an http URL nobody answers", "fetch_error"),
+        (unanswered_url, "an http URL nobody answers", "fetch_error"),
         ("", "an empty path cell", "missing_file"),
     ]
     lines = [("filepath", "caption")]
@@ -481,52 +483,6 @@ def start_mmcl(
     )  # fmt: skip
 
 
-def _proc_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, Z...), None when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return None
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill9(proc: subprocess.Popen, whole_group: bool, grace: float = 2.0) -> list[int]:
-    """SIGKILL the process (or its whole process group); returns the descendants still running `grace` s
-    later (orphans), which are then killed too (they are ours)."""
-    children = descendants(proc.pid)
-    if whole_group:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        proc.kill()
-    proc.wait()
-    deadline = time.time() + grace
-    while time.time() < deadline and any(_proc_state(c) not in (None, "Z") for c in children):
-        time.sleep(0.05)
-    orphans = [c for c in children if _proc_state(c) not in (None, "Z")]
-    for pid in orphans:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return orphans
-
-
 def wait_for(
     predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float, poll: float = 0.005
 ) -> bool:
@@ -657,7 +613,7 @@ def bench_sharding_kills(work: Path, trials: int, rng: random.Random, images: in
                     shutil.rmtree(out, ignore_errors=True)
                     continue
                 done = len(list((out / "_progress").glob("*.tar.json")))
-                orphans = kill9(proc, whole_group)
+                orphans = kill9(proc, whole_group, grace=2.0)
                 landed.append({
                     "delay_after_start_s": round(delay, 3),
                     "shards_recorded_at_kill": done,

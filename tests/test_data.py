@@ -20,6 +20,7 @@ import pytest
 import soundfile
 import torch
 import webdataset as wds
+from conftest import HANG_GUARD_S, clear_proxies
 from open_clip.transform import image_transform
 from PIL import Image
 from pydantic import ValidationError
@@ -266,8 +267,10 @@ def test_img2dataset_and_laion_clap_layouts(tmp_path):
 
 
 @pytest.fixture
-def http_root(tmp_path):
-    """Serve tmp_path/www over http on the loopback interface; yields the base URL."""
+def http_root(tmp_path, monkeypatch):
+    """Serve tmp_path/www over http on the loopback interface; yields the base URL. The requests (urllib's for
+    sizes.json, the shard reader's) go straight to it whatever proxy the environment names."""
+    clear_proxies(monkeypatch)
     root = tmp_path / "www"
     root.mkdir()
     handler = functools.partial(QuietHandler, directory=str(root))
@@ -287,7 +290,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_http_shards_are_streamed(http_root):
     root, base = http_root
     keys = write_shards(root / "shards", "h", shards=2, per_shard=4)
-    cfg = config(f"{base}/shards/shard-{{000000..000001}}.tar")
+    # a server on 127.0.0.1 answers however busy the machine is: the timeout is only a hang guard
+    cfg = config(f"{base}/shards/shard-{{000000..000001}}.tar", http_timeout=HANG_GUARD_S)
     built = stream(cfg)
     assert built.sources[0].num_samples == 8  # from sizes beside the shards, over http
     assert sorted(one_epoch(built)) == keys

@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, Handshake, refusing_port
 
 from mmcl.cli import main
 from mmcl.config import load_train_config
@@ -81,11 +80,15 @@ def assert_same_run(run: Path, reference: Path) -> None:
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the corpus holds bombs on purpose
 @pytest.mark.parametrize("builder", ["build_image_corpus", "build_coco_corpus", "build_audio_corpus"])
 def test_bad_inputs_are_skipped_with_their_reason_and_no_good_item_is_lost(
-    builder: str, tmp_path: Path
+    builder: str, tmp_path: Path, no_proxies
 ) -> None:
-    corpus = getattr(faults, builder)(tmp_path / "in")
-    out = tmp_path / "out"
-    run_sharding(build_config(corpus.shard_fields(out)), progress=False)
+    with refusing_port() as port:  # the image corpus' URL that nobody answers
+        options = (
+            {"unanswered_url": f"http://127.0.0.1:{port}/x.jpg"} if builder == "build_image_corpus" else {}
+        )
+        corpus = getattr(faults, builder)(tmp_path / "in", **options)
+        out = tmp_path / "out"
+        run_sharding(build_config(corpus.shard_fields(out)), progress=False)
     check = faults.check_corpus_output(out, corpus)
     assert check["problems"] == [] and check["lost"] == 0
     assert check["faults"] >= 6 and check["written"] == sum(corpus.good.values())
@@ -121,7 +124,8 @@ def test_every_state_a_kill_leaves_resumes_to_the_uninterrupted_output(tmp_path:
     (out / "shard-000003.tar").unlink()  # killed while writing shard 3: only its temporary is there
     (progress / "shard-000003.tar.json").unlink()
     (out / ".shard-000003.tar.tmp-4242").write_bytes(data[:1000])
-    (out / ".shard-000003.tar.tmp-piece00001-4243").write_bytes(data[:700])  # a worker's piece of a split shard
+    # a worker's piece of a split shard
+    (out / ".shard-000003.tar.tmp-piece00001-4243").write_bytes(data[:700])
     (progress / ".shard-000004.tar.json.tmp-4242").write_text('{"name": "shard-0')
     (progress / "shard-000005.tar.json").write_text('{"name": "shard-000005.tar", "items":')  # torn record
     (out / "_parts").mkdir()
@@ -148,27 +152,27 @@ def test_a_part_leaves_the_temporaries_of_other_parts_alone(tmp_path: Path) -> N
 
 
 STUCK_POOL = """
-import pathlib, sys, time
+import os, sys, threading
 import shards_tools.distribute as distribute
 from shards_tools.plan import ShardPlan
 
-def stuck(plan, job):  # a shard that takes forever, so the kill lands while the workers are busy
-    pathlib.Path(sys.argv[1], str(__import__("os").getpid())).touch()
-    time.sleep(120)
+def stuck(plan, job):  # a shard that never ends: the kill lands while both workers are busy
+    os.write(int(sys.argv[1]), b"%d\\n" % os.getpid())  # tell the test
+    threading.Event().wait()  # for ever: a worker that outlived its parent would never end by itself
 
 distribute.write_shard = stuck
 list(distribute.run_shard_tasks([ShardPlan(i) for i in range(4)], 4, None, 2, "multiprocessing"))
 """
 
 
-def test_pool_workers_die_with_a_killed_sharding_process(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", STUCK_POOL, str(tmp_path)], cwd=REPO)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(tmp_path.iterdir())) < 2:
-        time.sleep(0.01)
-    workers = [int(p.name) for p in tmp_path.iterdir()]
+def test_pool_workers_die_with_a_killed_sharding_process() -> None:
+    with Handshake() as handshake:
+        proc = subprocess.Popen([sys.executable, "-c", STUCK_POOL, str(handshake.fd)], cwd=REPO,
+                                pass_fds=[handshake.fd])  # fmt: skip
+        handshake.started()
+        workers = [int(pid) for pid in handshake.wait(2)]  # both workers are inside a shard
     assert len(workers) == 2
-    orphans = faults.kill9(proc, whole_group=False, grace=5.0)  # the main process only, as `kill -9 PID`
+    orphans = faults.kill9(proc, whole_group=False)  # the main process only, as `kill -9 PID`
     assert orphans == []
 
 
@@ -224,17 +228,38 @@ def test_damaged_shards_in_the_stream_are_skipped_warned_and_counted(
     assert faults.check_bad_sample_metric(tmp_path / "run", facts, None, STEPS) == []
 
 
+# `mmcl train ARGS` that stops after logging step 3 (after its checkpoint at step 2, before the one at step 4),
+# tells the test and waits there for its kill -9: the kill lands at that point however slowly the machine runs.
+TRAIN_UNTIL_STEP_3 = """
+import os, sys, threading
+from mmcl.cli import main
+from mmcl.train.trainer import Trainer
+
+log = Trainer._log
+
+def log_then_wait_at_step_3(self, *args, **kwargs):
+    log(self, *args, **kwargs)
+    if self.state.step == 3:  # its metrics.jsonl line is written
+        os.write(int(sys.argv[1]), b"step 3 logged\\n")
+        threading.Event().wait()
+
+Trainer._log = log_then_wait_at_step_3
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_kill_9_mid_training_then_resume_gives_identical_weights(shards, reference, tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = config_for(tmp_path, shards, run)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as in here
-    proc = subprocess.Popen([sys.executable, "-m", "mmcl", "train", "--config", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and faults._logged_step(run) < 3:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+    with Handshake() as handshake:
+        proc = subprocess.Popen([sys.executable, "-c", TRAIN_UNTIL_STEP_3, str(handshake.fd), "train", "--config",
+                                 str(config)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=[handshake.fd])  # fmt: skip
+        handshake.started()
+        handshake.wait()
+    faults.kill9(proc, whole_group=True)  # the run and its loader workers
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     assert 3 <= faults._logged_step(run) < STEPS  # it logged a step after its last checkpoint (step 2)
     train(config)  # resume, in this process
     assert_same_run(run, reference)

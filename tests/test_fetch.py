@@ -7,10 +7,10 @@ import io
 import json
 import multiprocessing
 import os
+import select
 import socket
 import tarfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,12 +18,21 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import HANG_GUARD_S, clear_proxies, refusing_port
 
 from shards_tools.config import FetchOptions
 from shards_tools.fetch import fetch_bytes, split_tar_member, url_scheme
 from shards_tools.items import ItemError
 
-SLOW_SECONDS = 1.0
+
+def loopback(**options) -> FetchOptions:
+    """Options for a server on 127.0.0.1, whose timeout and deadline are only hang guards: such a server answers
+    well within them however busy the machine is (the timeout test sets its own, for a server that holds its
+    answer until the client has given up)."""
+    return FetchOptions(**{"timeout": HANG_GUARD_S, "deadline": HANG_GUARD_S, **options})
+
+
+LOOPBACK = loopback()
 
 
 def fetch_error(source: str, options: FetchOptions | None = None) -> ItemError:
@@ -97,8 +106,10 @@ def test_gzipped_tar_members(tmp_path):
 def test_rewritten_tar_is_read_again(tmp_path):
     shard = write_tar(tmp_path / "s.tar", {"a.jpg": b"old"})
     assert fetch_bytes(f"{shard}#a.jpg", FetchOptions()) == b"old"
-    write_tar(shard, {"a.jpg": b"new content", "b.jpg": b"b"})
-    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))
+    first = shard.stat()
+    write_tar(shard, {"a.jpg": b"new content", "b.jpg": b"b"})  # the same size (one tar record)
+    # a later mtime, whatever the clock did
+    os.utime(shard, ns=(first.st_atime_ns, first.st_mtime_ns + 10**9))
     assert fetch_bytes(f"{shard}#a.jpg", FetchOptions()) == b"new content"
 
 
@@ -136,9 +147,12 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 class Handler(QuietHandler):
-    """/ok, /empty, /status/<code>, /flaky/<id> (500 on the first request, then 200), /slow."""
+    """/ok, /empty, /status/<code>, /flaky/<id> (500 on the first request, then 200), /slow (answers only once
+    the test sets `slow_released`, after its client has given up)."""
 
     hits: Counter = Counter()
+    slow_released = threading.Event()
+    slow_answered = 0
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = urlsplit(self.path).path
@@ -152,17 +166,39 @@ class Handler(QuietHandler):
         elif path.startswith("/flaky/"):
             self.reply(500 if Handler.hits[path] == 1 else 200, b"second time lucky")
         elif path == "/slow":
-            time.sleep(SLOW_SECONDS)
-            self.reply(200, b"too late")
+            Handler.slow_released.wait(HANG_GUARD_S)
+            Handler.slow_answered += 1
+            with contextlib.suppress(OSError):  # the client has gone
+                self.reply(200, b"too late")
         else:
             self.reply(404, b"not found")
 
 
+class LoopbackServer(ThreadingHTTPServer):
+    """Bound to 127.0.0.1 port 0 (the kernel picks a free port: nothing can take it between choosing and
+    binding); remembers its connections, so that closing it also ends connections a client keeps alive."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.connections: list[socket.socket] = []
+
+    def process_request(self, request, client_address) -> None:
+        self.connections.append(request)
+        super().process_request(request, client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        for connection in self.connections:  # a kept-alive connection to a closed server must not linger
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
 @contextlib.contextmanager
 def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A ThreadingHTTPServer on 127.0.0.1 answering with `handler` in a background thread; yields its base URL."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
+    """A server on 127.0.0.1 answering with `handler` in a background thread; yields its base URL."""
+    httpd = LoopbackServer(handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -179,57 +215,65 @@ def server():
 
 @pytest.fixture(autouse=True)
 def no_proxy(monkeypatch):
-    """Requests to 127.0.0.1 must not go through a proxy the machine may have configured."""
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    """Requests to 127.0.0.1 must not go through a proxy (nor skip one, for the proxy test) because of what the
+    machine's environment says: every *_proxy variable is removed; the proxy test sets its own."""
+    clear_proxies(monkeypatch)
 
 
 def test_http_ok_and_empty(server):
-    assert fetch_bytes(f"{server}/ok", FetchOptions()) == b"image bytes"
-    assert fetch_error(f"{server}/empty").reason == "empty_file"
+    assert fetch_bytes(f"{server}/ok", LOOPBACK) == b"image bytes"
+    assert fetch_error(f"{server}/empty", LOOPBACK).reason == "empty_file"
 
 
 def test_http_4xx_is_final(server):
-    err = fetch_error(f"{server}/status/404", FetchOptions(retries=3))
+    err = fetch_error(f"{server}/status/404", loopback(retries=3))
     assert err.reason == "fetch_error" and err.detail == f"{server}/status/404: HTTP 404"
     assert Handler.hits["/status/404"] == 1
 
 
 def test_http_5xx_is_retried(server):
-    assert fetch_bytes(f"{server}/flaky/a", FetchOptions(retries=1)) == b"second time lucky"
+    assert fetch_bytes(f"{server}/flaky/a", loopback(retries=1)) == b"second time lucky"
     assert Handler.hits["/flaky/a"] == 2
-    err = fetch_error(f"{server}/flaky/b", FetchOptions(retries=0))
+    err = fetch_error(f"{server}/flaky/b", loopback(retries=0))
     assert err.detail == f"{server}/flaky/b: HTTP 500"
-    err = fetch_error(f"{server}/status/503", FetchOptions(retries=2))
+    err = fetch_error(f"{server}/status/503", loopback(retries=2))
     assert err.detail == f"{server}/status/503: HTTP 503 (after 3 attempts)"
     assert Handler.hits["/status/503"] == 3
 
 
 def test_http_timeout(server):
-    started = time.monotonic()
-    err = fetch_error(f"{server}/slow", FetchOptions(timeout=0.2, retries=0))
+    """The server holds /slow until the client has given up: the client can only have returned by timing out,
+    before any answer, however long the machine took to get there."""
+    Handler.slow_released.clear()
+    Handler.slow_answered = 0
+    try:
+        err = fetch_error(f"{server}/slow", loopback(timeout=0.2, retries=0))
+        answered_before_the_client_returned = Handler.slow_answered
+    finally:
+        Handler.slow_released.set()
     assert err.reason == "fetch_error" and "timed out after 0.2s" in err.detail
-    assert time.monotonic() - started < SLOW_SECONDS
+    assert Handler.hits["/slow"] == 1 and answered_before_the_client_returned == 0
 
 
 def test_http_proxy_from_the_environment_is_used(server, monkeypatch):
     """http_proxy is honoured (as urllib and img2dataset do): the request goes to the proxy with the full URL,
     also when it is set after requests without it (the lookup is cached per environment) and no longer once
-    it is removed."""
-    assert fetch_error("http://images.invalid/ok", FetchOptions(retries=0)).reason == "fetch_error"
-    monkeypatch.setenv("http_proxy", server)
-    before = Handler.hits["/ok"]
-    assert fetch_bytes("http://images.invalid/ok", FetchOptions(retries=0)) == b"image bytes"
-    assert Handler.hits["/ok"] == before + 1
-    monkeypatch.delenv("http_proxy")
-    assert fetch_error("http://images.invalid/ok", FetchOptions(retries=0)).reason == "fetch_error"
+    it is removed. The URL names a port that refuses connections (an address, no name to resolve): only the
+    proxy can answer for it."""
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}/ok"
+        assert fetch_error(url, loopback(retries=0)).reason == "fetch_error"
+        monkeypatch.setenv("http_proxy", server)
+        before = Handler.hits["/ok"]
+        assert fetch_bytes(url, loopback(retries=0)) == b"image bytes"
+        assert Handler.hits["/ok"] == before + 1
+        monkeypatch.delenv("http_proxy")
+        assert fetch_error(url, loopback(retries=0)).reason == "fetch_error"
 
 
 def test_http_connection_refused():
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    err = fetch_error(f"http://127.0.0.1:{port}/x.jpg", FetchOptions(timeout=1, retries=1))
+    with refusing_port() as port:
+        err = fetch_error(f"http://127.0.0.1:{port}/x.jpg", loopback(retries=1))
     assert err.reason == "fetch_error"
     assert "refused" in err.detail.lower() and "(after 2 attempts)" in err.detail
 
@@ -264,46 +308,72 @@ class KeepAliveHandler(QuietHandler):
 def test_http_connections_are_kept_alive_and_redirects_followed():
     with serving(KeepAliveHandler) as base:
         KeepAliveHandler.connections = 0
-        bodies = [fetch_bytes(f"{base}/img/{n}", FetchOptions()).decode() for n in range(7)]
+        bodies = [fetch_bytes(f"{base}/img/{n}", LOOPBACK).decode() for n in range(7)]
         # one connection carries requests until the server says "Connection: close" (after 3)
         assert bodies == [f"/img/{n} on connection {1 + n // 3}" for n in range(7)]
-        assert fetch_bytes(f"{base}/moved/9", FetchOptions()).decode().startswith("/img/9 on connection")
-        err = fetch_error(f"{base}/loop", FetchOptions(retries=0))
+        assert fetch_bytes(f"{base}/moved/9", LOOPBACK).decode().startswith("/img/9 on connection")
+        err = fetch_error(f"{base}/loop", loopback(retries=0))
         assert err.reason == "fetch_error" and "more than 10 redirects" in err.detail
 
 
 class IdleClosingHandler(KeepAliveHandler):
-    """Keeps connections alive but closes one that stays idle for 0.2 s (as servers do)."""
+    """Keeps connections alive but closes an idle one once its idle timeout has passed, as servers do. The
+    test says when that is (`idle_timeout_passed`), instead of a clock that a busy machine would stretch
+    between two requests; `closed` is set once such a connection is closed."""
 
-    timeout = 0.2
+    idle_timeout_passed = threading.Event()
+    closed = threading.Event()
+
+    def handle_one_request(self) -> None:
+        while not select.select([self.connection], [], [], 0.01)[0]:  # idle: no request yet
+            if IdleClosingHandler.idle_timeout_passed.is_set():
+                self.close_connection = True
+                return
+        super().handle_one_request()
+
+    def finish(self) -> None:
+        super().finish()
+        if self.close_connection and IdleClosingHandler.idle_timeout_passed.is_set():
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)  # as socketserver closes a connection
+            self.connection.close()
+            IdleClosingHandler.closed.set()
 
 
 def test_http_kept_connection_closed_by_the_server_is_reopened():
     """A request on a kept connection that the server has meanwhile closed is re-sent on a new one, not failed."""
+    IdleClosingHandler.idle_timeout_passed.clear()
+    IdleClosingHandler.closed.clear()
     with serving(IdleClosingHandler) as base:
         KeepAliveHandler.connections = 0
-        assert fetch_bytes(f"{base}/img/1", FetchOptions(retries=0)) == b"/img/1 on connection 1"
-        assert fetch_bytes(f"{base}/img/2", FetchOptions(retries=0)) == b"/img/2 on connection 1"
-        time.sleep(0.6)
-        assert fetch_bytes(f"{base}/img/3", FetchOptions(retries=0)) == b"/img/3 on connection 2"
+        assert fetch_bytes(f"{base}/img/1", loopback(retries=0)) == b"/img/1 on connection 1"
+        assert fetch_bytes(f"{base}/img/2", loopback(retries=0)) == b"/img/2 on connection 1"
+        IdleClosingHandler.idle_timeout_passed.set()  # the client now leaves its kept connection idle too long
+        assert IdleClosingHandler.closed.wait(HANG_GUARD_S), "the server did not close the idle connection"
+        IdleClosingHandler.idle_timeout_passed.clear()
+        assert fetch_bytes(f"{base}/img/3", loopback(retries=0)) == b"/img/3 on connection 2"
 
 
 class SlowImageHandler(QuietHandler):
-    """/img/<n>.jpg: a real JPEG after a short delay (a stand-in for a remote host); counts requests in flight."""
+    """/img/<n>.jpg: a real JPEG (a stand-in for a remote host); counts requests in flight. With `hold` set, a
+    request is answered only once another one has been in flight beside it at some point (a slow host, whose
+    first answer takes as long as a client with several threads needs to send a second request); a client
+    that sends one request at a time is never held."""
 
-    lock = threading.Lock()
+    lock = threading.Condition()
     in_flight = 0
     most_in_flight = 0
+    hold = False
 
     def do_GET(self) -> None:  # noqa: N802
         cls = SlowImageHandler
         with cls.lock:
             cls.in_flight += 1
             cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
-        time.sleep(0.05)
-        with (
-            cls.lock
-        ):  # done before answering: the client may send its next request as soon as it has the body
+            cls.lock.notify_all()
+            if cls.hold:
+                cls.lock.wait_for(lambda: cls.most_in_flight >= 2, HANG_GUARD_S)
+            # done before answering: the client may send its next request as soon as it has the body
             cls.in_flight -= 1
         name = urlsplit(self.path).path.rsplit("/", 1)[-1]
         if not name.endswith(".jpg"):
@@ -328,10 +398,12 @@ def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
         (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
         outputs = {}
         for threads in (1, 8):
-            SlowImageHandler.most_in_flight = 0
+            SlowImageHandler.most_in_flight, SlowImageHandler.hold = 0, threads > 1
             out = tmp_path / f"out-{threads}"
             config = build_config({"input": {"modality": "image", "path": tmp_path / "urls.csv"}, "output": out,
-                                   "shard_size": 16, "workers": 1, "fetch": {"threads": threads}})  # fmt: skip
+                                   "shard_size": 16, "workers": 1,
+                                   "fetch": {"threads": threads, "timeout": HANG_GUARD_S,
+                                             "deadline": HANG_GUARD_S}})  # fmt: skip
             run_sharding(config, progress=False)
             outputs[threads] = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
             assert (

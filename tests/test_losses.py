@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import HANG_GUARD_S
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
@@ -200,10 +202,12 @@ def test_unlearn_adds_nothing_at_uniform_weights() -> None:
     scale, bias = _scale(14.0), _scale(-10.0)
     ones = torch.ones(8, dtype=torch.float64)
     torch.testing.assert_close(
-        contrastive_loss(media, text, scale, ones, unlearn_weight=2.0)["loss"], contrastive_loss(media, text, scale)["loss"]
+        contrastive_loss(media, text, scale, ones, unlearn_weight=2.0)["loss"],
+        contrastive_loss(media, text, scale)["loss"],
     )
     torch.testing.assert_close(
-        sigmoid_loss(media, text, scale, bias, ones, unlearn_weight=2.0)["loss"], sigmoid_loss(media, text, scale, bias)["loss"]
+        sigmoid_loss(media, text, scale, bias, ones, unlearn_weight=2.0)["loss"],
+        sigmoid_loss(media, text, scale, bias)["loss"],
     )
 
 
@@ -214,7 +218,10 @@ def test_unlearn_term_is_doubt_times_minus_log_one_minus_p() -> None:
     logits = scale * media @ text.T
     p_media, p_text = logits.softmax(dim=1).diagonal(), logits.T.softmax(dim=1).diagonal()
     expected = ((1 - w) * -(torch.log(1 - p_media) + torch.log(1 - p_text)) / 2).sum() / 8
-    got = contrastive_loss(media, text, scale, w, unlearn_weight=1.5)["loss"] - contrastive_loss(media, text, scale, w)["loss"]
+    got = (
+        contrastive_loss(media, text, scale, w, unlearn_weight=1.5)["loss"]
+        - contrastive_loss(media, text, scale, w)["loss"]
+    )
     torch.testing.assert_close(got, 1.5 * expected, **TIGHT[torch.float64])
 
 
@@ -240,7 +247,10 @@ def test_sigmoid_unlearn_adds_the_pair_as_a_negative() -> None:
     w = torch.ones(8, dtype=torch.float64)
     w[3] = 0.25
     logits = scale * media @ text.T + bias
-    got = sigmoid_loss(media, text, scale, bias, w, unlearn_weight=2.0)["loss"] - sigmoid_loss(media, text, scale, bias, w)["loss"]
+    got = (
+        sigmoid_loss(media, text, scale, bias, w, unlearn_weight=2.0)["loss"]
+        - sigmoid_loss(media, text, scale, bias, w)["loss"]
+    )
     torch.testing.assert_close(got, 2.0 * 0.75 * -F.logsigmoid(-logits[3, 3]) / 8, **TIGHT[torch.float64])
 
 
@@ -355,7 +365,9 @@ DDP_LOSSES: dict[str, LossFn] = {
     "clip_local_unlearn": lambda m, t, s, b, rows: contrastive_loss(
         m, t, s, DIST_WEIGHTS[rows], logit_bias=b, local_loss=True, unlearn_weight=1.5
     ),
-    "siglip_unlearn": lambda m, t, s, b, rows: sigmoid_loss(m, t, s, b, DIST_WEIGHTS[rows], unlearn_weight=1.5),
+    "siglip_unlearn": lambda m, t, s, b, rows: sigmoid_loss(
+        m, t, s, b, DIST_WEIGHTS[rows], unlearn_weight=1.5
+    ),
 }
 
 
@@ -405,8 +417,14 @@ def _parity_on_rank(rank: int) -> dict[str, tuple[Tensor, ...]]:
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     """One rank: open_clip parity on raw features, then a DDP step per loss; results go to a file."""
     torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback interface: no lookup of the machine's host name
+    # the timeout only guards against a hang: the other rank may take minutes to start on a loaded machine
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=HANG_GUARD_S),
     )
     try:
         results: dict[str, object] = {"parity": _parity_on_rank(rank)}

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_shapes_manifest, run_mmcl
+from conftest import REPO, accelerate_launch, make_shapes_manifest, run_mmcl
 from sklearn.metrics import roc_auc_score
 
 from mmcl.config import load_train_config
@@ -82,7 +79,9 @@ def _features(n: int, noisy_fraction: float, seed: int = 0) -> tuple[torch.Tenso
     noisy = torch.rand(n, generator=gen) < noisy_fraction
     text_classes = torch.where(noisy, (classes + torch.randint(1, 32, (n,), generator=gen)) % 32, classes)
     media = torch.nn.functional.normalize(centres[classes] + 0.1 * torch.randn(n, 32, generator=gen), dim=1)
-    text = torch.nn.functional.normalize(centres[text_classes] + 0.1 * torch.randn(n, 32, generator=gen), dim=1)
+    text = torch.nn.functional.normalize(
+        centres[text_classes] + 0.1 * torch.randn(n, 32, generator=gen), dim=1
+    )
     return media, text, noisy.numpy()
 
 
@@ -93,9 +92,13 @@ def test_null_pvalues_rank_each_loss_among_the_mismatched_pairs() -> None:
     logits = scale * media @ text.T
     # brute force: the loss (media i, text j) would have as a pair, both softmaxes over the batch
     pair_loss = (-logits.log_softmax(dim=1) - logits.log_softmax(dim=0)) / 2
-    assert torch.allclose(pair_loss.diagonal(), contrastive_loss(media, text, scale)["per_sample_loss"], atol=1e-5)
+    assert torch.allclose(
+        pair_loss.diagonal(), contrastive_loss(media, text, scale)["per_sample_loss"], atol=1e-5
+    )
     off = pair_loss[~torch.eye(64, dtype=torch.bool)]
-    expected = torch.tensor([(off <= pair_loss[i, i]).float().mean().item() for i in range(64)], dtype=torch.float64)
+    expected = torch.tensor(
+        [(off <= pair_loss[i, i]).float().mean().item() for i in range(64)], dtype=torch.float64
+    )
     assert torch.allclose(pvalues, expected, atol=1e-6)
     assert pvalues[torch.tensor(~noisy)].mean() < 0.15 < 0.35 < pvalues[torch.tensor(noisy)].mean()
     with pytest.raises(ValueError, match="at least 2 pairs"):
@@ -120,7 +123,8 @@ def test_local_fdr_estimates_the_noise_rate_and_finds_the_noisy_pairs(noise_rate
     assert abs(fdr.noise_rate - noise_rate) < 0.05
     clean_probability = fdr.clean_probability(pvalues.numpy())
     if noise_rate == 0:
-        assert clean_probability.mean() > 0.97  # clean data: (almost) nothing is down-weighted, no gate needed
+        # clean data: (almost) nothing is down-weighted, no gate needed
+        assert clean_probability.mean() > 0.97
     else:
         assert auroc(1 - clean_probability, noisy) > 0.95
         assert clean_probability[~noisy].mean() > 0.8 and clean_probability[noisy].mean() < 0.35
@@ -131,13 +135,19 @@ def test_local_fdr_weights_only_while_the_window_shows_matched_pairs() -> None:
     with, so weights stay uniform until the window shows significantly more low p-values than chance."""
 
     def window_pvalues(media: torch.Tensor, text: torch.Tensor) -> np.ndarray:
-        return torch.cat([null_pvalues(media[i : i + 64], text[i : i + 64], 10.0) for i in range(0, 2048, 64)]).numpy()
+        return torch.cat(
+            [null_pvalues(media[i : i + 64], text[i : i + 64], 10.0) for i in range(0, 2048, 64)]
+        ).numpy()
 
     gen = torch.Generator().manual_seed(5)
     untrained = [torch.nn.functional.normalize(torch.randn(2048, 32, generator=gen), dim=1) for _ in range(2)]
     learned_media, learned_text, noisy = _features(2048, 0.8, seed=6)
     fdr = LocalFdr(window=2048)
-    for features, gate_open in [(untrained, False), ((learned_media, learned_text), True), (untrained, False)]:
+    for features, gate_open in [
+        (untrained, False),
+        ((learned_media, learned_text), True),
+        (untrained, False),
+    ]:
         pvalues = window_pvalues(*features)
         fdr.add(pvalues)
         params = fdr.fit()
@@ -163,7 +173,8 @@ def test_local_fdr_waits_until_it_can_pick_matched_pairs_out() -> None:
     fdr.add(barely_learned)
     params = fdr.fit()
     assert params["evidence_z"] > 3 and 1 - params["lfdr"][0] < 0.5
-    assert 0.5 < params["implied_auroc"] < MIN_IMPLIED_AUROC  # truly 1 - 0.7 / 1.7 = 0.59; the fit is optimistic
+    # truly 1 - 0.7 / 1.7 = 0.59; the fit is optimistic
+    assert 0.5 < params["implied_auroc"] < MIN_IMPLIED_AUROC
     assert not params["gate_open"] and np.all(fdr.clean_probability(barely_learned) == 1.0)
     learned = np.where(noisy, rng.random(n), rng.beta(0.5, 20.0, n))
     fdr.add(learned)
@@ -187,7 +198,8 @@ def test_local_fdr_waits_while_only_a_few_matched_pairs_stand_out() -> None:
         params = fdr.fit()
         assert params["evidence_z"] > 3 and 1 - params["lfdr"][0] > 0.5
         assert (params["implied_auroc"] >= MIN_IMPLIED_AUROC) is gate_open
-        assert abs(params["implied_auroc"] - roc_auc_score(noisy, pvalues)) < 0.02  # matched p-values uniform on their spread: the fit reads the true AUROC
+        # matched p-values uniform on their spread: the fit reads the true AUROC
+        assert abs(params["implied_auroc"] - roc_auc_score(noisy, pvalues)) < 0.02
         assert params["gate_open"] is gate_open
         assert bool(np.all(fdr.clean_probability(pvalues) == 1.0)) is not gate_open
 
@@ -206,7 +218,13 @@ def test_local_fdr_ranking_test_latches_once_passed() -> None:
         return np.where(noisy, rng.random(n), rng.random(n) * np.where(standing_out, 0.02, spread))
 
     fdr = LocalFdr(window=n)
-    steps = [(window(0.5), False), (window(0.1), True), (window(0.5), True), (rng.random(n), False), (window(0.5), True)]
+    steps = [
+        (window(0.5), False),
+        (window(0.1), True),
+        (window(0.5), True),
+        (rng.random(n), False),
+        (window(0.5), True),
+    ]
     for pvalues, gate_open in steps:
         fdr.add(pvalues)
         params = fdr.fit()
@@ -240,8 +258,12 @@ def test_local_fdr_waits_while_its_ranking_rests_on_few_pairs() -> None:
         return fdr.fit()
 
     high_noise = [fit(seed, 0.8, 0.07, 0.8) for seed in range(windows)]
-    estimate_passes = [p["evidence_z"] >= GATE_Z and 1 - p["lfdr"][0] >= MIN_BEST_CLEAN
-                       and p["implied_auroc"] >= MIN_IMPLIED_AUROC for p in high_noise]
+    estimate_passes = [
+        p["evidence_z"] >= GATE_Z
+        and 1 - p["lfdr"][0] >= MIN_BEST_CLEAN
+        and p["implied_auroc"] >= MIN_IMPLIED_AUROC
+        for p in high_noise
+    ]
     assert sum(estimate_passes) >= 10  # what the gate on the estimate did: open in a third of the windows
     assert sum(p["gate_open"] for p in high_noise) <= 2
     assert all(p["implied_auroc_low"] <= p["implied_auroc"] for p in high_noise)
@@ -260,7 +282,10 @@ def test_local_fdr_is_uniform_until_fitted_and_round_trips() -> None:
     probe = np.linspace(0, 1, 11)
     assert np.array_equal(copy.clean_probability(probe), fdr.clean_probability(probe))
     before_the_gate = fdr.state_dict()  # a checkpoint written before the gate existed: refitted on load
-    before_the_gate["params"] = {"pi0": before_the_gate["params"]["pi0"], "lfdr": before_the_gate["params"]["lfdr"]}
+    before_the_gate["params"] = {
+        "pi0": before_the_gate["params"]["pi0"],
+        "lfdr": before_the_gate["params"]["lfdr"],
+    }
     copy.load_state_dict(before_the_gate)
     assert copy.params == fdr.params
 
@@ -281,7 +306,9 @@ def synthetic_pvalues(noisy: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def test_weighter_warmup_ramp_and_floor() -> None:
-    weighter = PairWeighter(NoiseConfig(method="loss_mixture", warmup_steps=10, ramp_steps=4, floor=0.2, refit_every=1))
+    weighter = PairWeighter(
+        NoiseConfig(method="loss_mixture", warmup_steps=10, ramp_steps=4, floor=0.2, refit_every=1)
+    )
     losses, noisy = synthetic_losses(512, 0.3)
     signal = torch.tensor(losses, dtype=torch.float32)
     pvalues = torch.tensor(synthetic_pvalues(noisy, seed=1), dtype=torch.float32)
@@ -304,7 +331,8 @@ def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_mo
     rng = np.random.default_rng(3)
     noisy = rng.random(256) < 0.4
     pvalues = torch.tensor(synthetic_pvalues(noisy, seed=30), dtype=torch.float32)
-    one_mode = torch.tensor(rng.gamma(4.0, 0.25, 256), dtype=torch.float32)  # the losses do not tell them apart yet
+    # the losses do not tell them apart yet
+    one_mode = torch.tensor(rng.gamma(4.0, 0.25, 256), dtype=torch.float32)
     for step in range(4):
         weights = weighter.weights(step, one_mode, one_mode, pvalues, pvalues)
     assert weighter.estimator.params is None
@@ -347,13 +375,15 @@ def test_mixture_methods_weight_only_while_the_in_batch_null_shows_matched_pairs
     weighter.record(weights, two_modes, torch.tensor(noisy))
     shut = weighter.metrics()
     assert shut["noise_rate_estimate"] > 0.9  # the null test's (no matched pairs), not the mixture's
-    assert shut["noise_auroc"] == 0.5 and shut["noise_signal_auroc"] > 0.95  # uniform weights; the losses do rank
+    # uniform weights; the losses do rank
+    assert shut["noise_auroc"] == 0.5 and shut["noise_signal_auroc"] > 0.95
 
     informative = torch.tensor(synthetic_pvalues(noisy, seed=6), dtype=torch.float32)
     for step in range(4, 6):
         weights = weighter.weights(step, two_modes, two_modes, informative, informative)
     assert auroc(1 - weights.numpy(), noisy) > 0.95
-    assert ((weights > 0.01) & (weights < 0.99)).any()  # the mixture's posterior, not the null test's hard start
+    # the mixture's posterior, not the null test's hard start
+    assert ((weights > 0.01) & (weights < 0.99)).any()
     weighter.record(weights, two_modes, torch.tensor(noisy))
     assert abs(weighter.metrics()["noise_rate_estimate"] - 0.4) < 0.1  # the mixture's
 
@@ -370,7 +400,9 @@ def test_noise_config_errors() -> None:
     with pytest.raises(ValueError, match="unlearn_weight needs a noise.method"):
         NoiseConfig(unlearn_weight=1.0)
     with pytest.raises(UsageError, match="data.batch_size x train.accumulation_steps = 4 is too few"):
-        load_train_config(REPO / "configs" / "image_text" / "micro.yaml", ["noise.method=local_fdr", "data.batch_size=4"])
+        load_train_config(
+            REPO / "configs" / "image_text" / "micro.yaml", ["noise.method=local_fdr", "data.batch_size=4"]
+        )
 
 
 def test_teacher_normalizes_with_batch_statistics_as_the_student_trains() -> None:
@@ -382,7 +414,9 @@ def test_teacher_normalizes_with_batch_statistics_as_the_student_trains() -> Non
     tokens = student.tokenizer([f"a photo of a {c} thing." for c in "abcdefgh"])
     with torch.no_grad():
         out = student(media, tokens)
-    expected = contrastive_loss(out["media_features"], out["text_features"], out["logit_scale"])["per_sample_loss"]
+    expected = contrastive_loss(out["media_features"], out["text_features"], out["logit_scale"])[
+        "per_sample_loss"
+    ]
     teacher = MomentumTeacher(student, momentum=0.99)
     judged = teacher.judge(media, tokens, soft_targets=False)["per_sample_loss"]
     torch.testing.assert_close(judged, expected)
@@ -397,8 +431,17 @@ def noisy_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("noisy")
     manifest = make_shapes_manifest(root / "in", 1024)
     out = root / "shards"
-    config = build_config({"input": {"modality": "image", "path": manifest}, "output": out, "shard_size": 64,
-                           "workers": 2, "noise_rate": 0.4, "seed": 1, "shuffle": True})
+    config = build_config(
+        {
+            "input": {"modality": "image", "path": manifest},
+            "output": out,
+            "shard_size": 64,
+            "workers": 2,
+            "noise_rate": 0.4,
+            "seed": 1,
+            "shuffle": True,
+        }
+    )
     run_sharding(config, progress=False)
     return out
 
@@ -417,7 +460,9 @@ def noisy_run_config(path: Path, shards: Path, output: Path, method: str, steps:
 
 
 @pytest.mark.parametrize("method", ["local_fdr", "loss_mixture", "teacher"])
-def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Path, tmp_path: Path, method: str) -> None:
+def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(
+    noisy_shards: Path, tmp_path: Path, method: str
+) -> None:
     config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", method)
     run_mmcl("train", "--config", config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -434,18 +479,28 @@ def test_weights_separate_clean_from_noisy_pairs_on_a_real_run(noisy_shards: Pat
         assert next((tmp_path / "run" / "checkpoints").glob("step-*/extra.safetensors")).exists()
 
 
-@pytest.mark.parametrize(("method", "options"), [("local_fdr", []), ("loss_mixture", ["noise.unlearn_weight=1.0"])])
-def test_weighting_runs_under_two_processes(noisy_shards: Path, tmp_path: Path, method: str, options: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("method", "options"), [("local_fdr", []), ("loss_mixture", ["noise.unlearn_weight=1.0"])]
+)
+def test_weighting_runs_under_two_processes(
+    noisy_shards: Path, tmp_path: Path, method: str, options: list[str]
+) -> None:
     config = noisy_run_config(tmp_path / "c.yaml", noisy_shards, tmp_path / "run", method, steps=30)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port),
-              "-m", "mmcl", "train", "--config", str(config), "noise.warmup_steps=5", "noise.ramp_steps=5",
-              "noise.window=256", *options]
+    launch = [
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "-m",
+        "mmcl",
+        "train",
+        "--config",
+        str(config),
+        "noise.warmup_steps=5",
+        "noise.ramp_steps=5",
+        "noise.window=256",
+        *options,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    result = accelerate_launch(*launch, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["negatives"] == 63

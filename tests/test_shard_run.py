@@ -5,16 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import COLOURS, REPO, make_image, make_tone, run_mmcl
+from conftest import COLOURS, REPO, Handshake, kill9, make_image, make_tone, run_mmcl, wait_until
 
 OUTPUT_FILES = ("manifest.json", "sizes.json", "_errors.jsonl")
 
@@ -80,7 +78,9 @@ def test_the_last_shards_are_split_so_every_worker_has_work() -> None:
     from shards_tools.writer import ShardPiece
 
     def plans(sizes: list[int]) -> list[ShardPlan]:
-        return [ShardPlan(i, [PlannedItem(f"{i}-{k}", None, []) for k in range(n)]) for i, n in enumerate(sizes)]
+        return [
+            ShardPlan(i, [PlannedItem(f"{i}-{k}", None, []) for k in range(n)]) for i, n in enumerate(sizes)
+        ]
 
     tasks = list(split_tail(plans([10] * 6), 6, workers=4))
     assert [t.index for t in tasks if isinstance(t, ShardPlan)] == [0, 1, 2]  # while >= 4 are left: whole
@@ -162,8 +162,20 @@ def test_max_error_rate_aborts_and_keeps_finished_shards(tmp_path: Path) -> None
     manifest = root / "m.csv"
     manifest.write_text("path,caption\n" + "".join(lines))
     result = run_mmcl(
-        "shard", "image-text", "--input", manifest, "--output", tmp_path / "out2", "--quiet",
-        "--shard-size", "6", "--workers", "1", "--max-error-rate", "0.2", check=False,
+        "shard",
+        "image-text",
+        "--input",
+        manifest,
+        "--output",
+        tmp_path / "out2",
+        "--quiet",
+        "--shard-size",
+        "6",
+        "--workers",
+        "1",
+        "--max-error-rate",
+        "0.2",
+        check=False,
     )
     assert result.returncode == 1
     assert "exceeds --max-error-rate 0.2" in result.stderr and "missing_file" in result.stderr
@@ -173,8 +185,18 @@ def test_max_error_rate_aborts_and_keeps_finished_shards(tmp_path: Path) -> None
     many = [f"{i}.png,caption {i}\n" for i in range(6)] + [f"missing{i}.png,caption\n" for i in range(60)]
     manifest.write_text("path,caption\n" + "".join(many))
     result = run_mmcl(
-        "shard", "image-text", "--input", manifest, "--output", tmp_path / "out3", "--quiet",
-        "--workers", "2", "--max-error-rate", "0.2", check=False,
+        "shard",
+        "image-text",
+        "--input",
+        manifest,
+        "--output",
+        tmp_path / "out3",
+        "--quiet",
+        "--workers",
+        "2",
+        "--max-error-rate",
+        "0.2",
+        check=False,
     )
     assert result.returncode == 1 and "exceeds --max-error-rate 0.2" in result.stderr
     assert not list((tmp_path / "out3").glob("*.tar")) and not list((tmp_path / "out3").glob(".*tmp*"))
@@ -196,7 +218,9 @@ def test_noise_injection_permutes_captions_and_records_truth(image_csv: Path, tm
     donor = dict(manifest["noise"]["permutation"])
     by_key = {s["__key__"]: s for s in samples}
     for key, source in donor.items():
-        assert by_key[key]["json"]["text"] == by_key[source]["json"].get("original_text", by_key[source]["json"]["text"])
+        assert by_key[key]["json"]["text"] == by_key[source]["json"].get(
+            "original_text", by_key[source]["json"]["text"]
+        )
 
 
 def picture_manifest(root: Path, count: int) -> Path:
@@ -210,29 +234,77 @@ def picture_manifest(root: Path, count: int) -> Path:
     return manifest
 
 
+def start_paused(pause: str, args: list[str], handshake: Handshake) -> subprocess.Popen:
+    """`mmcl ARGS` in a process of its own, with `pause` (code run after the imports) installing the hook that
+    tells the test (`handshake(message)`) when the run has reached the point to be killed at, and holds it
+    there: the kill lands at that point however fast or slowly the machine runs."""
+    script = f"""
+import os, sys, threading
+from mmcl.cli import main
+import shards_tools.writer as writer
+
+def handshake(message):
+    os.write({handshake.fd}, message.encode() + b"\\n")
+    threading.Event().wait()  # until the test's kill -9
+
+{pause}
+sys.exit(main(sys.argv[1:]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=[handshake.fd])  # fmt: skip
+    handshake.started()
+    return proc
+
+
+# shards 0-2 are written and recorded, shard 3 is half written
+PAUSE_IN_SHARD_3 = """
+write = writer.ShardFile.write
+
+def write_then_pause(self, data, samples=1):
+    write(self, data, samples)
+    if self.index == 3 and self.count == 5:
+        self.stream.flush()
+        handshake("shard 3 half written")
+
+writer.ShardFile.write = write_then_pause
+"""
+
+
 def test_resume_after_kill_gives_identical_output(tmp_path: Path) -> None:
     manifest = picture_manifest(tmp_path / "in", 300)
     opts = ["--shard-size", "10", "--workers", "1", "--image-size", "200", "--quiet"]
     shard(manifest, tmp_path / "reference", *opts)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mmcl", "shard", "image-text", "--input", str(manifest), "--output", str(out), *opts]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Handshake() as handshake:
+        proc = start_paused(PAUSE_IN_SHARD_3, ["shard", "image-text", "--input", manifest, "--output", out, *opts],
+                            handshake)  # fmt: skip
+        handshake.wait()
+    kill9(proc, whole_group=False)
     progress = out / "_progress"
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(progress.glob("shard-*.json"))) < 3:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     done_before = len(list(progress.glob("shard-*.json")))
     assert 3 <= done_before < 30, "the kill should land mid-run"
     assert not (out / "manifest.json").exists()
+    assert list(out.glob(".shard-000003.tar.tmp-*"))  # what the kill left of the shard being written
     (out / ".shard-000029.tar.tmp-99999").write_bytes(b"partial garbage")  # as a kill mid-write leaves
     (out / "shard-000028.tar").write_bytes(b"partial")  # a shard with no record is redone
 
     shard(manifest, out, *opts)
     assert output_digest(out) == output_digest(tmp_path / "reference")
     assert not list(out.glob(".*tmp*"))
+
+
+# the first piece is joined into the shard's temporary file; the workers go on writing the other pieces
+PAUSE_WHILE_JOINING = """
+append = writer.ShardFile.append
+
+def append_then_pause(self, piece, samples):
+    append(self, piece, samples)
+    self.stream.flush()
+    handshake("joining")
+
+writer.ShardFile.append = append_then_pause
+"""
 
 
 def test_kill_while_a_shard_is_joined_from_pieces_then_resume(tmp_path: Path) -> None:
@@ -243,15 +315,18 @@ def test_kill_while_a_shard_is_joined_from_pieces_then_resume(tmp_path: Path) ->
     shard(manifest, tmp_path / "reference", *opts, "--workers", "1")
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mmcl", "shard", "image-text", "--input", str(manifest), "--output", str(out),
-           *opts, "--workers", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(out.glob(".shard-000000.tar.tmp-piece*")):
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = ["shard", "image-text", "--input", manifest, "--output", out, *opts, "--workers", "2"]
+    with Handshake() as handshake:
+        proc = start_paused(PAUSE_WHILE_JOINING, args, handshake)
+        handshake.wait()
+
+    def pieces() -> list[Path]:
+        return list(out.glob(".shard-000000.tar.tmp-piece*"))
+
+    wait_until(lambda: bool(pieces()), "a worker has written a piece that is still to be joined", proc)
+    kill9(proc, whole_group=False)  # the main process, as `kill -9 PID` (its workers die with it)
     assert not (out / "shard-000000.tar").exists(), "the kill should land while pieces are written"
+    assert pieces() and [p for p in out.glob(".shard-000000.tar.tmp-*") if "piece" not in p.name]
     shard(manifest, out, *opts, "--workers", "2")
     assert output_digest(out) == output_digest(tmp_path / "reference")
     assert not list(out.glob(".*tmp*"))
@@ -260,7 +335,15 @@ def test_kill_while_a_shard_is_joined_from_pieces_then_resume(tmp_path: Path) ->
 def test_resume_refuses_other_options(image_csv: Path, tmp_path: Path) -> None:
     shard(image_csv, tmp_path / "out", "--shard-size", "10")
     result = run_mmcl(
-        "shard", "image-text", "--input", image_csv, "--output", tmp_path / "out", "--shard-size", "11", check=False
+        "shard",
+        "image-text",
+        "--input",
+        image_csv,
+        "--output",
+        tmp_path / "out",
+        "--shard-size",
+        "11",
+        check=False,
     )
     assert result.returncode == 2
     assert "shard_size" in result.stderr and "new --output" in result.stderr
@@ -297,8 +380,17 @@ def test_audio_folder_to_laion_clap_layout(tmp_path: Path) -> None:
         (root / f"tone{i}.txt").write_text(f"a pure tone at {freq} hertz\n")
     out = tmp_path / "out"
     run_mmcl(
-        "shard", "audio-text", "--input", root, "--output", out, "--sample-rate", "16000",
-        "--max-seconds", "0.5", "--quiet",
+        "shard",
+        "audio-text",
+        "--input",
+        root,
+        "--output",
+        out,
+        "--sample-rate",
+        "16000",
+        "--max-seconds",
+        "0.5",
+        "--quiet",
     )
     samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
     assert len(samples) == 5
@@ -327,18 +419,27 @@ def test_audio_folder_to_laion_clap_layout(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_exit_2_with_one_clear_message(image_csv: Path, tmp_path: Path, flags, message) -> None:
-    result = run_mmcl("shard", "image-text", "--input", image_csv, "--output", tmp_path / "o", *flags, check=False)
+    result = run_mmcl(
+        "shard", "image-text", "--input", image_csv, "--output", tmp_path / "o", *flags, check=False
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_input_is_a_usage_error(tmp_path: Path) -> None:
-    result = run_mmcl("shard", "image-text", "--input", tmp_path / "nope.csv", "--output", tmp_path / "o", check=False)
+    result = run_mmcl(
+        "shard", "image-text", "--input", tmp_path / "nope.csv", "--output", tmp_path / "o", check=False
+    )
     assert result.returncode == 2 and "nope.csv" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_shows_examples() -> None:
-    for command in (["shard", "image-text"], ["shard", "audio-text"], ["shard", "verify"], ["shard", "stats"]):
+    for command in (
+        ["shard", "image-text"],
+        ["shard", "audio-text"],
+        ["shard", "verify"],
+        ["shard", "stats"],
+    ):
         assert "example:" in run_mmcl(*command, "--help").stdout
 
 
@@ -366,7 +467,9 @@ for images, texts in data.dataloader:
 print("samples", data.dataloader.num_samples, "seen", seen)
 """
     env = {**os.environ, "PYTHONPATH": str(old_wds)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "samples 40 seen 40" in result.stdout
 
@@ -389,8 +492,17 @@ def test_csv_with_several_caption_columns(tmp_path: Path) -> None:
         writer.writerow(["a.jpg", "first caption", "second caption"])
     out = tmp_path / "out"
     run_mmcl(
-        "shard", "image-text", "--input", root / "m.csv", "--output", out, "--quiet",
-        "--caption-column", "cap1", "--caption-column", "cap2",
+        "shard",
+        "image-text",
+        "--input",
+        root / "m.csv",
+        "--output",
+        out,
+        "--quiet",
+        "--caption-column",
+        "cap1",
+        "--caption-column",
+        "cap2",
     )
     sample = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode()))
     assert sample["txt"] == "first caption"
@@ -401,7 +513,9 @@ def test_cli_parser_builds_without_importing_torch() -> None:
     """`mmcl shard ...` and every `--help` start in well under a second: torch and open_clip load only when
     a command trains, embeds or evaluates."""
     script = "import sys; from mmcl.cli import build_parser; build_parser(); print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 
@@ -414,7 +528,12 @@ def test_tar_members_are_the_bytes_webdataset_writes(tmp_path: Path) -> None:
 
     for count in (0, 1, 5, 40):  # the end padding depends on the size
         samples = [
-            {"__key__": f"k{i:03d}" if i else "clé_0", "txt": f"caption {i} é".encode(), "jpg": bytes(range(256)) * (i + 1), "cls": b"3"}
+            {
+                "__key__": f"k{i:03d}" if i else "clé_0",
+                "txt": f"caption {i} é".encode(),
+                "jpg": bytes(range(256)) * (i + 1),
+                "cls": b"3",
+            }
             for i in range(count)
         ]
         members = b"".join(sample_bytes(sample) for sample in samples)
@@ -436,7 +555,13 @@ def test_noise_with_a_label_column_never_gives_a_pair_its_own_class(tmp_path: Pa
     for i in range(60):
         colour = COLOURS[i % 4]
         make_image(root / f"{i:03d}.png", colour, size=(16, 16), seed=i)
-        rows.append({"path": f"{i:03d}.png", "caption": f"{['a', 'one', 'the'][i % 3]} {colour} square", "label": colour})
+        rows.append(
+            {
+                "path": f"{i:03d}.png",
+                "caption": f"{['a', 'one', 'the'][i % 3]} {colour} square",
+                "label": colour,
+            }
+        )
     manifest = root / "pairs.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
@@ -449,7 +574,9 @@ def test_noise_with_a_label_column_never_gives_a_pair_its_own_class(tmp_path: Pa
         assert len(noisy) == 30
         return sum(s["json"]["label"] in s["txt"] for s in noisy)
 
-    unlabelled = shard(manifest, tmp_path / "text", "--noise-rate", "0.5", "--seed", "1", "--shard-size", "60")
+    unlabelled = shard(
+        manifest, tmp_path / "text", "--noise-rate", "0.5", "--seed", "1", "--shard-size", "60"
+    )
     assert "pass --label-column label" in unlabelled.stderr
     assert own_class_noisy(tmp_path / "text") > 0
     labelled = shard(manifest, tmp_path / "label", "--noise-rate", "0.5", "--seed", "1", "--shard-size", "60",

@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import yaml
-from conftest import COLOURS, REPO, make_image, make_tone, run_mmcl
+from conftest import (
+    COLOURS,
+    HANG_GUARD_S,
+    REPO,
+    accelerate_launch,
+    make_image,
+    make_tone,
+    run_mmcl,
+    wait_until,
+)
 from safetensors.torch import load_file
 
 from mmcl.config import load_train_config
@@ -34,7 +41,12 @@ def image_shards(tmp_path_factory) -> Path:
     (root / "in" / "m.csv").write_text("path,caption\n" + "".join(rows))
     out = root / "shards"
     config = build_config(
-        {"input": {"modality": "image", "path": root / "in" / "m.csv"}, "output": out, "shard_size": 12, "workers": 2}
+        {
+            "input": {"modality": "image", "path": root / "in" / "m.csv"},
+            "output": out,
+            "shard_size": 12,
+            "workers": 2,
+        }
     )
     run_sharding(config, progress=False)
     return out
@@ -94,7 +106,9 @@ def test_a_fresh_run_sets_the_earlier_run_aside(image_shards: Path, tmp_path: Pa
     run_mmcl("train", "--config", config)
     earlier = metrics(tmp_path / "run")
     again = run_mmcl("train", "--config", config, "train.resume=never", "optim.lr=2e-3")
-    assert "resumed" not in again.stdout and "moved the earlier run's metrics.jsonl, checkpoints" in again.stdout
+    assert (
+        "resumed" not in again.stdout and "moved the earlier run's metrics.jsonl, checkpoints" in again.stdout
+    )
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows != earlier
     (previous,) = (tmp_path / "run").glob("previous-*")
@@ -103,22 +117,31 @@ def test_a_fresh_run_sets_the_earlier_run_aside(image_shards: Path, tmp_path: Pa
 
 
 def test_sigterm_saves_and_exits_cleanly(image_shards: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", train={"steps": 5000, "checkpoint_every": 1000})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmcl", "train", "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    """SIGTERM once the run is training (its handlers are set before metrics.jsonl is first written). Whenever
+    it lands, the run cannot have ended or checkpointed on its own by then: its only checkpoint would be its
+    last step, out of reach (hours of steps)."""
+    steps = 10**6
+    config = write_config(
+        tmp_path / "c.yaml", image_shards, tmp_path / "run", train={"steps": steps, "checkpoint_every": steps}
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:  # no pipe to fill up
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmcl", "train", "--config", str(config)], cwd=REPO, stdout=out, stderr=err
+        )
+    try:
+        wait_until((tmp_path / "run" / "metrics.jsonl").exists, "training has started", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
+    out, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
     assert proc.returncode == 0, err
     assert "stop requested" in out + err
     checkpoints = list((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1
     step = int(checkpoints[0].name.split("-")[1])
-    assert 1 <= step < 5000
+    assert 1 <= step < steps
 
 
 def test_in_process_training_gives_the_signal_handlers_back(image_shards: Path, tmp_path: Path) -> None:
@@ -131,10 +154,14 @@ def test_in_process_training_gives_the_signal_handlers_back(image_shards: Path, 
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
-def test_feature_cache_accumulation_matches_the_full_batch_gradient(image_shards: Path, tmp_path: Path) -> None:
+def test_feature_cache_accumulation_matches_the_full_batch_gradient(
+    image_shards: Path, tmp_path: Path
+) -> None:
     from mmcl.train.trainer import Trainer
 
-    config = load_train_config(write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run"), ["data.workers=0"])
+    config = load_train_config(
+        write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run"), ["data.workers=0"]
+    )
     trainer = Trainer(config)
     trainer.setup()
     loader = iter(trainer.loader)
@@ -148,8 +175,11 @@ def test_feature_cache_accumulation_matches_the_full_batch_gradient(image_shards
 
     loss_cached, negatives = trainer._train_step(batches)
     cached = grads()
-    joined = {"media": torch.cat([b["media"] for b in batches]), "text": torch.cat([b["text"] for b in batches]),
-              "keys": batches[0]["keys"] + batches[1]["keys"]}
+    joined = {
+        "media": torch.cat([b["media"] for b in batches]),
+        "text": torch.cat([b["text"] for b in batches]),
+        "keys": batches[0]["keys"] + batches[1]["keys"],
+    }
     loss_full, negatives_full = trainer._train_step([joined])
     full = grads()
     assert negatives == negatives_full == 15
@@ -160,21 +190,28 @@ def test_feature_cache_accumulation_matches_the_full_batch_gradient(image_shards
     trainer.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_through_accelerate_use_global_negatives(image_shards: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run", data={"workers": 1}, train={"steps": 4})
+    config = write_config(
+        tmp_path / "c.yaml", image_shards, tmp_path / "run", data={"workers": 1}, train={"steps": 4}
+    )
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "mmcl", "train", "--config", str(config),
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "mmcl",
+        "train",
+        "--config",
+        str(config),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    result = accelerate_launch(*launch, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(tmp_path / "run")
     assert [r["negatives"] for r in rows] == [15] * 4  # 2 processes x 8 samples, all gathered
@@ -189,12 +226,32 @@ def test_audio_model_trains_on_audio_shards(tmp_path: Path) -> None:
         freq = [220, 440, 880][i % 3]
         make_tone(root / f"t{i:02d}.wav", freq + i, seconds=0.6, rate=16000)
         (root / f"t{i:02d}.txt").write_text(f"a tone at {freq} hertz")
-    run_sharding(build_config({"input": {"modality": "audio", "path": root}, "output": tmp_path / "shards",
-                               "shard_size": 8, "workers": 1}), progress=False)
-    audio = {"tower": "cnn", "sample_rate": 16000, "clip_seconds": 0.5, "n_mels": 32, "cnn_channels": [8, 16],
-             "spec_augment": {"time_masks": 1, "time_mask_width": 5}}
-    config = write_config(tmp_path / "c.yaml", tmp_path / "shards", tmp_path / "run",
-                          model={"modality": "audio", "audio": audio}, train={"steps": 4})
+    run_sharding(
+        build_config(
+            {
+                "input": {"modality": "audio", "path": root},
+                "output": tmp_path / "shards",
+                "shard_size": 8,
+                "workers": 1,
+            }
+        ),
+        progress=False,
+    )
+    audio = {
+        "tower": "cnn",
+        "sample_rate": 16000,
+        "clip_seconds": 0.5,
+        "n_mels": 32,
+        "cnn_channels": [8, 16],
+        "spec_augment": {"time_masks": 1, "time_mask_width": 5},
+    }
+    config = write_config(
+        tmp_path / "c.yaml",
+        tmp_path / "shards",
+        tmp_path / "run",
+        model={"modality": "audio", "audio": audio},
+        train={"steps": 4},
+    )
     run_mmcl("train", "--config", config)
     rows = metrics(tmp_path / "run")
     assert len(rows) == 4 and all(r["negatives"] == 7 for r in rows)
@@ -203,12 +260,22 @@ def test_audio_model_trains_on_audio_shards(tmp_path: Path) -> None:
 def test_config_errors_name_the_key_and_exit_2(image_shards: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run")
     typo = run_mmcl("train", "--config", config, "optim.learning_rate=1", check=False)
-    assert typo.returncode == 2 and "unknown key optim.learning_rate" in typo.stderr and "Traceback" not in typo.stderr
+    assert (
+        typo.returncode == 2
+        and "unknown key optim.learning_rate" in typo.stderr
+        and "Traceback" not in typo.stderr
+    )
     wrong_type = run_mmcl("train", "--config", config, "train.steps=many", check=False)
     assert wrong_type.returncode == 2 and "train.steps" in wrong_type.stderr
     bad_yaml = run_mmcl("train", "--config", config, "data.sources=[{urls: x", check=False)
     assert bad_yaml.returncode == 2 and "quote it" in bad_yaml.stderr and "Traceback" not in bad_yaml.stderr
-    missing = run_mmcl("train", "--config", config, f"data.sources=[{{urls: '{tmp_path}/nope-{{000..003}}.tar'}}]", check=False)
+    missing = run_mmcl(
+        "train",
+        "--config",
+        config,
+        f"data.sources=[{{urls: '{tmp_path}/nope-{{000..003}}.tar'}}]",
+        check=False,
+    )
     assert missing.returncode == 2 and "nope-000.tar" in missing.stderr
     siglip = run_mmcl("train", "--config", config, "loss.kind=siglip", check=False)
     assert siglip.returncode == 2 and "model.siglip" in siglip.stderr
@@ -218,8 +285,10 @@ def test_non_finite_loss_skips_the_update(image_shards: Path, tmp_path: Path) ->
     """A batch that yields NaN (here: a corrupted image tensor) is reported and its update skipped."""
     from mmcl.train.trainer import Trainer
 
-    config = load_train_config(write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run"),
-                               ["data.workers=0", "train.steps=4", "train.checkpoint_every=100"])
+    config = load_train_config(
+        write_config(tmp_path / "c.yaml", image_shards, tmp_path / "run"),
+        ["data.workers=0", "train.steps=4", "train.checkpoint_every=100"],
+    )
     trainer = Trainer(config)
     trainer.setup()
     real = iter(trainer.loader)
