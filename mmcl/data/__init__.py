@@ -1,7 +1,7 @@
 """Training data: streaming WebDataset shards -> mixed, shuffled, decoded batches with exact resume.
 
 Names are imported lazily, so `from mmcl.data.config import DataConfig` (config parsing) does not
-pay for importing torch and webdataset. See `mmcl.data.pipeline` for the stages and the resume state.
+pay for importing torch. See `mmcl.data.pipeline` for the stages and the resume state.
 """
 
 from importlib import import_module

@@ -54,9 +54,9 @@ def local_path(url: str) -> Path:
 
 
 def literal_path(path: str) -> str:
-    """A local path as webdataset must be given it: a name that parses as a URL (a shard in the current
+    """A local path as the shard reader must be given it: a name that parses as a URL (a shard in the current
     folder named "pipe:CMD.tar" or "gs:x.tar") becomes ./NAME, so it is opened as a file, never run or
-    fetched. One-letter schemes (Windows drives) have no webdataset handler and are left as they are."""
+    fetched. One-letter schemes (Windows drives) are never read as URLs and are left as they are."""
     return f"./{path}" if len(urlparse(path).scheme) > 1 else path
 
 
