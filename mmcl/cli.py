@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message_lines(err: Exception) -> list[str]:
+    """The lines of an error's message. An error raised in a DataLoader worker arrives re-raised with the
+    worker's traceback as its text ("Caught ... Original Traceback ..."): only its own message is kept."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
+    return text.splitlines() or [""]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -53,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except (UsageError, RunFailed) as err:
         prog = getattr(args, "prog_name", "mmcl")
-        for line in str(err).splitlines() or [""]:
+        for line in _message_lines(err):
             print(f"{prog}: error: {line}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:

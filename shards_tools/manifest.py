@@ -132,9 +132,12 @@ def _read_part(path: Path) -> dict:
         raise UsageError(f"{path} is not a readable part record ({err}); re-run that part (--part K/N)") from None
     fields = {"part": int, "parts": int, "planned_shards": int, "options": dict, "shards": list}
     wrong = [name for name, kind in fields.items() if not isinstance(part.get(name), kind)]
-    if wrong or not all(isinstance(s, dict) and is_shard_name(s.get("name")) for s in part["shards"]):
-        raise UsageError(f"{path} is not a part record written by `mmcl shard` ({', '.join(wrong) or 'shards'}); "
-                         "re-run that part (--part K/N)")
+    problem = ", ".join(wrong) if wrong else shard_list_problem(part, ("index", "count", "items", "bytes"))
+    if problem is None and not all(isinstance(s.get("errors"), list) and isinstance(s.get("sha256"), str)
+                                   for s in part["shards"]):  # fmt: skip
+        problem = "a shard without its sha256 or error list"
+    if problem is not None:
+        raise UsageError(f"{path} is not a part record written by `mmcl shard` ({problem}); re-run that part (--part K/N)")
     return part
 
 

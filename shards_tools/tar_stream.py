@@ -17,6 +17,7 @@ is abandoned, so a stalled server cannot hang training.
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import stat
@@ -298,7 +299,7 @@ def _open_http(url: str, timeout: float) -> _StallGuard:
     with Deadline(timeout) as deadline:
         try:
             response = watched_opener(deadline).open(request, timeout=timeout)
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:  # HTTPException: a status line cut short
             if deadline.expired:
                 raise TimeoutError(f"no answer within data.http_timeout {timeout:g} s") from None
             raise ShardReadError(f"cannot open ({_short(err)})") from None

@@ -21,6 +21,7 @@ import yaml
 from conftest import REPO, make_image
 from hostile_inputs import (
     HOSTILE_LABELS,
+    HOSTILE_PART_KINDS,
     alias_bomb_config,
     canaries,
     chunked_server,
@@ -34,6 +35,7 @@ from hostile_inputs import (
     good_samples,
     gzip_tar_of_zeros,
     hostile_manifest,
+    hostile_part,
     huge_length_server,
     oversized_member,
     pax_header_bomb,
@@ -62,7 +64,7 @@ from shards_tools.plan import _source_bytes
 from shards_tools.readers import read_items
 from shards_tools.run import run_sharding
 from shards_tools.stats import collect_stats
-from shards_tools.tar_stream import PipeRefused, ShardReadError, iter_samples
+from shards_tools.tar_stream import PipeRefused, ReadOptions, ShardReadError, iter_samples
 from shards_tools.verify import verify_shards
 from shards_tools.writer import sample_bytes, write_atomic
 
@@ -122,8 +124,6 @@ def test_eval_refuses_a_pipe_data_path_and_runs_nothing(tmp_path: Path, capsys) 
 
 def test_an_allowed_pipe_data_path_is_read(tmp_path: Path) -> None:
     """With --allow-pipe the same path kind is a shard stream (the user's own `pipe:cat`)."""
-    from shards_tools.tar_stream import ReadOptions
-
     shard = tmp_path / "s.tar"
     shard.write_bytes(samples_tar(good_samples(tmp_path / "src", "image", 3)))
     data = open_retrieval(f"pipe:cat {shard}", "image", read_options=ReadOptions(allow_pipe=True))
@@ -299,6 +299,17 @@ def test_training_goes_on_past_a_stalled_http_shard(tmp_path: Path, monkeypatch)
     assert any("shard-000001.tar" in e and "stalled" in e for e in shard_errors), shard_errors
 
 
+def test_a_server_that_trickles_its_status_line_costs_a_shard_not_the_run() -> None:
+    """The header deadline cuts the status line short (http.client's BadStatusLine, not an OSError): the
+    shard goes to the handler like any unreadable shard."""
+    errors: list[Exception] = []
+    with slowloris_server(interval=0.2, slow_headers=True) as slow:
+        samples = list(iter_samples(f"{slow}/shard-000000.tar", handler=lambda err: errors.append(err) or True,
+                                    options=ReadOptions(http_timeout=1.0)))  # fmt: skip
+    assert samples == [] and len(errors) == 1 and isinstance(errors[0], ShardReadError)
+    assert "shard-000000.tar" in str(errors[0]) and "http_timeout" in str(errors[0])
+
+
 # ---------------------------------------------------------------------------------------- 5. formats
 
 
@@ -406,6 +417,34 @@ def test_deep_json_in_sharder_inputs_is_an_item_problem(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- 7. the rest
+
+
+def test_a_run_whose_every_sample_is_unusable_ends_with_one_message(tmp_path: Path, capsys) -> None:
+    """Shards of EPS files only, read by a DataLoader worker: after 1,000 unusable samples in a row the run
+    stops with exit 1 and one line (the worker's traceback, which torch puts in the message, is not shown)."""
+    shard = samples_tar([sample(f"{i:06d}", jpg=eps_bytes()) for i in range(4)])
+    folder = write_shard_folder(tmp_path / "shards", "image", {"shard-000000.tar": shard})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"modality": "image", "open_clip_name": "mmcl-micro-vit"},
+        "data": {"sources": [{"urls": str(folder)}], "workers": 1, "batch_size": 2},
+        "optim": {"warmup_steps": 1}, "train": {"steps": 2},
+    }))  # fmt: skip
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "1000 samples in a row could not be used" in lines[0]
+    assert "Traceback" not in err and "Original" not in err
+
+
+@pytest.mark.parametrize("kind", HOSTILE_PART_KINDS)
+def test_a_hostile_part_record_is_refused_by_merge(kind: str, tmp_path: Path, capsys) -> None:
+    hostile_part(tmp_path / "out", kind)
+    assert main(["shard", "merge", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "part-00000-of-00001.json" in err[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_a_yaml_alias_bomb_is_refused_with_one_message(tmp_path: Path, capsys) -> None:
