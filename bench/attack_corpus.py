@@ -688,24 +688,26 @@ def train_count(case: Case, stdout: str, stderr: str) -> tuple[int, str]:
     rows = [read_json_line(line) for line in (case.out / "metrics.jsonl").read_text().splitlines()] if (
         case.out / "metrics.jsonl").exists() else []  # fmt: skip
     bad = int((rows[-1] or {}).get("bad_samples", 0)) if rows else 0
-    if bad >= case.expect:
-        return bad, f"bad_samples {bad} after {len(rows)} steps"
-    warned = naming_lines(case, stderr)
-    if warned:
-        return max(bad, 1), f"warning: {warned[0][:200]}"
-    return bad, f"bad_samples {bad}, {len(rows)} steps, no warning naming it"
+    return counted_or_warned(case, bad, f"bad_samples {bad} after {len(rows)} steps", stderr)
 
 
 def eval_count(case: Case, stdout: str, stderr: str) -> tuple[int, str]:
     """results.json "skipped", else 1 for a warning naming the hostile shard or URL."""
     results = read_json(case.out / "results.json")
     skipped = int(results.get("skipped", 0)) if isinstance(results, dict) else 0
-    if skipped >= case.expect:
-        return skipped, f"skipped {skipped} of {results.get('num_samples', results.get('num_items'))}"
+    total = results.get("num_samples", results.get("num_items")) if isinstance(results, dict) else None
+    return counted_or_warned(case, skipped, f"skipped {skipped} of {total}", stderr)
+
+
+def counted_or_warned(case: Case, count: int, detail: str, stderr: str) -> tuple[int, str]:
+    """(count, detail) when the entry point counted the hostile samples, else (1, the warning) when a warning
+    names the hostile shard or URL, else (count, why it is not counted)."""
+    if count >= case.expect:
+        return count, detail
     warned = naming_lines(case, stderr)
     if warned:
-        return max(skipped, 1), f"warning: {warned[0][:200]}"
-    return skipped, f"skipped {skipped}, no warning naming it"
+        return max(count, 1), f"warning: {warned[0][:200]}"
+    return count, f"{detail}, no warning naming it"
 
 
 def verify_count(case: Case, stdout: str, stderr: str) -> tuple[int, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from mmcl import __version__
@@ -44,14 +45,20 @@ def load_manifest(output: Path) -> dict:
     path = Path(output) / MANIFEST
     if not path.exists():
         raise UsageError(f"{path} not found: is {output} a folder written by `mmcl shard`? (a --part run needs `mmcl shard merge {output}` first)")
+    return read_checked(path, "manifest", manifest_problem, "re-run the sharding command to rewrite it")
+
+
+def read_checked(path: Path, what: str, problem: Callable[[dict], str | None], fix: str) -> dict:
+    """A JSON object from an index file that may come from elsewhere, or UsageError naming `path`, what is
+    wrong (unreadable, not an object, or `problem(value)`) and the `fix`."""
     try:
-        manifest = parse_json_object(path.read_bytes())
+        value = parse_json_object(Path(path).read_bytes())
     except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable manifest ({err}); re-run the sharding command to rewrite it") from None
-    problem = manifest_problem(manifest)
-    if problem is not None:
-        raise UsageError(f"{path}: {problem}; re-run the sharding command to rewrite it")
-    return manifest
+        raise UsageError(f"{path} is not a readable {what} ({err}); {fix}") from None
+    found = problem(value)
+    if found is not None:
+        raise UsageError(f"{path}: {found}; {fix}")
+    return value
 
 
 def shard_list_problem(manifest: dict, fields: tuple[str, ...] = ("count",)) -> str | None:
@@ -75,14 +82,10 @@ def read_index(path: Path) -> dict:
     """A manifest.json beside shards, read for their counts, modality and class names (other tools'
     manifests are welcome: a shard list is checked only if present); UsageError naming the file if it is
     not a JSON object or its shard list is malformed."""
-    try:
-        manifest = parse_json_object(Path(path).read_bytes())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable manifest ({err}); fix or delete it") from None
-    problem = shard_list_problem(manifest) if "shards" in manifest else None
-    if problem is not None:
-        raise UsageError(f"{path}: {problem}; fix or delete it")
-    return manifest
+    return read_checked(
+        path, "manifest", lambda manifest: shard_list_problem(manifest) if "shards" in manifest else None,
+        "fix or delete it",
+    )  # fmt: skip
 
 
 def manifest_problem(manifest: dict) -> str | None:
@@ -108,14 +111,7 @@ def _is_count(value: object) -> bool:
 
 def read_sizes(path: Path) -> dict[str, int]:
     """open_clip's sizes.json (shard name -> sample count); UsageError naming the file if it is malformed."""
-    try:
-        sizes = parse_json_object(Path(path).read_bytes())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable sizes.json ({err}); fix or delete it") from None
-    problem = sizes_problem(sizes)
-    if problem is not None:
-        raise UsageError(f"{path}: {problem}; fix or delete it")
-    return sizes
+    return read_checked(path, "sizes.json", sizes_problem, "fix or delete it")
 
 
 def sizes_problem(sizes: dict) -> str | None:
@@ -126,19 +122,19 @@ def sizes_problem(sizes: dict) -> str | None:
 
 def _read_part(path: Path) -> dict:
     """One part record, checked for the fields merging relies on."""
-    try:
-        part = parse_json_object(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable part record ({err}); re-run that part (--part K/N)") from None
+    return read_checked(path, "part record written by `mmcl shard`", _part_problem, "re-run that part (--part K/N)")
+
+
+def _part_problem(part: dict) -> str | None:
     fields = {"part": int, "parts": int, "planned_shards": int, "options": dict, "shards": list}
     wrong = [name for name, kind in fields.items() if not isinstance(part.get(name), kind)]
-    problem = ", ".join(wrong) if wrong else shard_list_problem(part, ("index", "count", "items", "bytes"))
+    if wrong:
+        return f"{', '.join(wrong)} missing or of the wrong type"
+    problem = shard_list_problem(part, ("index", "count", "items", "bytes"))
     if problem is None and not all(isinstance(s.get("errors"), list) and isinstance(s.get("sha256"), str)
                                    for s in part["shards"]):  # fmt: skip
         problem = "a shard without its sha256 or error list"
-    if problem is not None:
-        raise UsageError(f"{path} is not a part record written by `mmcl shard` ({problem}); re-run that part (--part K/N)")
-    return part
+    return problem
 
 
 def merge_parts(output: Path) -> dict:
