@@ -15,14 +15,18 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from mmcl.checkpoint_folder import (
+    CHECKPOINTS,
+    COMPLETE,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    PREFIX,
+    list_checkpoints,
+)
 from mmcl.errors import UsageError
 from mmcl.models import DualEncoder, ModelConfig, build_model
 from mmcl.models.factory import resolve_open_clip_name
 from mmcl.models.weights import TORCH_SUFFIXES, load_weights, read_state_dict
-from mmcl.train.checkpoint import list_checkpoints
-
-MODEL_CONFIG = "model.json"
-MODEL_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,12 @@ def resolve_checkpoint(path: Path) -> Path:
         raise UsageError(f"--checkpoint {path} does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder")
     if (path / MODEL_CONFIG).is_file():
         return path
-    for root in (path / "checkpoints", path):
+    for root in (path / CHECKPOINTS, path):
         found = list_checkpoints(root)
         if found:
             return found[-1]
     raise UsageError(f"--checkpoint {path} holds no {MODEL_CONFIG}, and no complete checkpoint below it "
-                     "(RUN/checkpoints/step-*/ with a COMPLETE marker); point it at a checkpoint folder")
+                     f"(RUN/{CHECKPOINTS}/{PREFIX}*/ with a {COMPLETE} marker); point it at a checkpoint folder")
 
 
 def checkpoint_config(checkpoint: Path) -> ModelConfig:

@@ -1,15 +1,6 @@
-"""Atomic checkpoints: a folder per step, written under a temporary name and renamed when complete.
-
-    OUTPUT/checkpoints/step-00000200/
-        model.safetensors   the weights (image-text: exactly open_clip's state dict)
-        optimizer.pt        optimizer state (loaded with torch.load(weights_only=True))
-        rng.pt              per-rank torch RNG states (weights_only)
-        state.json          TrainState + per-rank python/numpy RNG states + extra states (noise weighting)
-        model.json          the model config, so `mmcl eval --checkpoint DIR` can rebuild the model
-        extra.safetensors   tensors of other stateful parts (the momentum teacher), when there are any
-        COMPLETE            written last; a folder without it is a partial write and is never loaded
-
-Only safetensors and `torch.load(weights_only=True)` are used to read: a checkpoint cannot run code.
+"""Atomic checkpoints: a folder per step, written under a temporary name and renamed when complete; the
+folder's layout is mmcl.checkpoint_folder's. Only safetensors and `torch.load(weights_only=True)` are used
+to read: a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -25,11 +16,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmcl.checkpoint_folder import (
+    COMPLETE,
+    EXTRA_TENSORS,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    OPTIMIZER,
+    PREFIX,
+    RNG,
+    STATE,
+    checkpoint_dir,
+    is_complete,
+    list_checkpoints,
+)
 from mmcl.errors import UsageError, describe_load_error
 from mmcl.train.state import TrainState
-
-COMPLETE = "COMPLETE"
-PREFIX = "step-"
 
 
 @dataclass
@@ -67,10 +68,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"{PREFIX}{step:08d}"
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -100,18 +97,18 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(tensors, tmp / "model.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save([{"torch": r["torch"], "cuda": r["cuda"]} for r in rng], tmp / "rng.pt")
+    save_file(tensors, tmp / MODEL_WEIGHTS)
+    torch.save(optimizer_state, tmp / OPTIMIZER)
+    torch.save([{"torch": r["torch"], "cuda": r["cuda"]} for r in rng], tmp / RNG)
     state = {
         "train_state": train_state.to_dict(),
         "rng": [{"python": r["python"], "numpy": r["numpy"]} for r in rng],
         "extra": extra or {},
     }
-    (tmp / "state.json").write_text(json.dumps(state))
-    (tmp / "model.json").write_text(json.dumps(model_config, indent=1))
+    (tmp / STATE).write_text(json.dumps(state))
+    (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1))
     if extra_tensors:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}, tmp / "extra.safetensors")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS)
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -126,18 +123,9 @@ def save_checkpoint(
     return final
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(root)
-    if not root.exists():
-        return []
-    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: p.name)
-
-
 def check_resume_path(resume: str) -> None:
     """UsageError unless `resume` (train.resume, a folder) is a complete checkpoint."""
-    if not (Path(resume) / COMPLETE).is_file():
+    if not is_complete(Path(resume)):
         state = f"has no {COMPLETE} marker (a partial write)" if Path(resume).exists() else "does not exist"
         raise UsageError(
             f"train.resume={resume} {state}: give a complete RUN/checkpoints/{PREFIX}NNNNNNNN folder, "
@@ -148,17 +136,17 @@ def check_resume_path(resume: str) -> None:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read one checkpoint folder (safetensors + weights_only loads only)."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    tensor_rng = torch.load(path / "rng.pt", weights_only=True)
+    state = json.loads((path / STATE).read_text())
+    tensor_rng = torch.load(path / RNG, weights_only=True)
     rng = [{**a, **b} for a, b in zip(tensor_rng, state["rng"], strict=False)]
     return Checkpoint(
         path=path,
-        model_state=load_file(path / "model.safetensors"),
-        optimizer_state=torch.load(path / "optimizer.pt", weights_only=True),
+        model_state=load_file(path / MODEL_WEIGHTS),
+        optimizer_state=torch.load(path / OPTIMIZER, weights_only=True),
         train_state=TrainState.from_dict(state["train_state"]),
         rng=rng,
         extra=state["extra"],
-        extra_tensors=load_file(path / "extra.safetensors") if (path / "extra.safetensors").exists() else {},
+        extra_tensors=load_file(path / EXTRA_TENSORS) if (path / EXTRA_TENSORS).exists() else {},
     )
 
 
@@ -169,7 +157,7 @@ def latest_checkpoint(root: Path, warn=print) -> Checkpoint | None:
             return load_checkpoint(path)
         except Exception as err:  # any unreadable file means: fall back to the previous checkpoint
             warn(f"checkpoint {path} is damaged ({describe_load_error(err)}); trying the previous one")
-    partial = [p for p in Path(root).glob(f"{PREFIX}*") if not (p / COMPLETE).exists()] if Path(root).exists() else []
+    partial = [p for p in Path(root).glob(f"{PREFIX}*") if not is_complete(p)] if Path(root).exists() else []
     for path in partial:
         warn(f"ignoring partial checkpoint {path} (no {COMPLETE} marker)")
     return None
