@@ -1,3 +1,5 @@
 """mmcl: multimodal contrastive pretraining on streaming WebDataset shards."""
 
-__version__ = "0.1.0"
+from shards_tools import __version__
+
+__all__ = ["__version__"]

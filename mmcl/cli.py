@@ -12,17 +12,13 @@ from collections.abc import Sequence
 
 from mmcl import __version__
 from mmcl.errors import EXIT_FAILED, EXIT_USAGE, RunFailed, UsageError
-
-
-class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples in descriptions as written and shows defaults."""
+from shards_tools.cli import HelpfulFormatter, add_shard_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mmcl.eval.cli import add_eval_parser
     from mmcl.train.cli import add_train_parser
     from pipelines.demo import add_demo_parser
-    from shards_tools.cli import add_shard_parser
 
     parser = argparse.ArgumentParser(
         prog="mmcl",

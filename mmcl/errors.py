@@ -1,11 +1,9 @@
-"""Errors a user can fix. The CLI prints their message (no traceback) and exits with code 2."""
+"""What the `mmcl` command reports without a traceback: a UsageError (defined with the sharding tools, the
+bottom layer, which raise it too) exits with code 2, a RunFailed with code 1."""
 
+from shards_tools.errors import EXIT_USAGE, UsageError
 
-class UsageError(Exception):
-    """A bad argument, config value or input path; the message names it and says how to fix it."""
-
-
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "RunFailed", "UsageError", "describe_load_error"]
 
 
 class RunFailed(RuntimeError):

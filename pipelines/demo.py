@@ -61,7 +61,7 @@ DEMO_EXAMPLE = """example:
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    from mmcl.cli import HelpfulFormatter
+    from shards_tools.cli import HelpfulFormatter
 
     p = subparsers.add_parser(
         "demo",

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmcl.errors import UsageError
 from shards_tools.config import build_config
+from shards_tools.errors import UsageError
 
 IMAGE_EXAMPLE = """example:
   mmcl shard image-text --input captions.csv --output shards/cc --image-size 256 --shard-size 10000
@@ -47,9 +47,11 @@ FLAG_NAMES = {
 }
 
 
-def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
-    from mmcl.cli import HelpfulFormatter
+class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples in descriptions as written and shows defaults (every `mmcl` subcommand's help)."""
 
+
+def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
     shard = subparsers.add_parser(
         "shard",
         help="convert datasets to WebDataset shards",

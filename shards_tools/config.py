@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mmcl.errors import UsageError
+from shards_tools.errors import UsageError
 
 InputFormat = Literal[
     "auto",

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
-from mmcl.errors import UsageError
+from shards_tools.errors import UsageError
 from shards_tools.plan import ShardPlan
 from shards_tools.writer import EncodedPiece, PieceJoiner, ShardJob, ShardPiece, encode_piece, write_shard
 

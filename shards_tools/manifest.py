@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from mmcl import __version__
-from mmcl.errors import UsageError
+from shards_tools import __version__
+from shards_tools.errors import UsageError
 from shards_tools.shard_format import is_shard_name, parse_json_object
 from shards_tools.writer import write_atomic
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mmcl.errors import UsageError
 from shards_tools import readers
 from shards_tools.config import ShardConfig
 from shards_tools.distribute import run_shard_tasks
+from shards_tools.errors import UsageError
 from shards_tools.manifest import PARTS_DIR, merge_parts, part_path, write_part
 from shards_tools.plan import ShardPlanner
 from shards_tools.shard_format import parse_json_object

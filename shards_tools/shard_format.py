@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from mmcl.errors import UsageError
+from shards_tools.errors import UsageError
 
 # Member extensions a shard sample's media may have, per modality (what mmcl writes, what img2dataset
 # writes, and LAION-CLAP's audio layout).

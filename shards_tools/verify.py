@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcl.errors import UsageError
 from shards_tools.decode import DecodeError, audio_blocks, open_audio, open_image
+from shards_tools.errors import UsageError
 from shards_tools.manifest import SIZES, load_manifest, read_sizes
 from shards_tools.shard_format import MEDIA_EXTENSIONS, parse_json_object, split_key
 from shards_tools.tar_stream import DEFAULT_MAX_MEMBER_BYTES, ShardReadError, iter_members, open_shard

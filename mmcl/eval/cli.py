@@ -34,9 +34,9 @@ LAYOUTS = """data layouts (--format, detected by default):
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
-    from mmcl.cli import HelpfulFormatter
     from mmcl.eval.formats import CLASSIFICATION_FORMATS
     from mmcl.eval.templates import TEMPLATE_SETS
+    from shards_tools.cli import HelpfulFormatter
 
     evaluate = subparsers.add_parser(
         "eval",

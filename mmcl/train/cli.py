@@ -13,7 +13,7 @@ TRAIN_EXAMPLE = """example:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    from mmcl.cli import HelpfulFormatter
+    from shards_tools.cli import HelpfulFormatter
 
     p = subparsers.add_parser(
         "train",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
+from shards_tools.errors import UsageError
 from shards_tools.items import SourceItem
 from shards_tools.readers.common import (
     input_path,

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
+from shards_tools.errors import UsageError
 from shards_tools.fetch import HTTP_SCHEMES, url_scheme
 from shards_tools.items import ItemError
 from shards_tools.shard_format import MAX_META_BYTES

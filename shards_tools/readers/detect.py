@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import get_args
 
-from mmcl.errors import UsageError
 from shards_tools.config import InputFormat
+from shards_tools.errors import UsageError
 from shards_tools.readers.audiocaps import AUDIOCAPS_COLUMNS
 from shards_tools.readers.clotho import is_clotho_header
 from shards_tools.readers.common import CAPTION_EXTENSIONS, is_media, read_header_line, walk_folders

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
+from shards_tools.errors import UsageError
 from shards_tools.items import SourceItem
 from shards_tools.readers.common import (
     captions_from_value,

@@ -17,8 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
+from shards_tools.errors import UsageError
 from shards_tools.items import ItemError, SourceItem
 from shards_tools.readers.common import (
     captions_from_value,

@@ -18,8 +18,8 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from mmcl.errors import UsageError
 from shards_tools.config import InputSpec
+from shards_tools.errors import UsageError
 from shards_tools.items import ItemError, SourceItem
 from shards_tools.readers.common import MEDIA_EXTENSIONS, captions_from_value, decode_text, no_caption
 from shards_tools.shard_format import parse_json_object
