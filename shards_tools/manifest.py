@@ -78,16 +78,6 @@ def shard_list_problem(manifest: dict, fields: tuple[str, ...] = ("count",)) -> 
     return None
 
 
-def read_index(path: Path) -> dict:
-    """A manifest.json beside shards, read for their counts, modality and class names (other tools'
-    manifests are welcome: a shard list is checked only if present); UsageError naming the file if it is
-    not a JSON object or its shard list is malformed."""
-    return read_checked(
-        path, "manifest", lambda manifest: shard_list_problem(manifest) if "shards" in manifest else None,
-        "fix or delete it",
-    )  # fmt: skip
-
-
 def manifest_problem(manifest: dict) -> str | None:
     """What makes a parsed manifest.json unusable for verify and stats, or None: the fields they rely on."""
     problem = shard_list_problem(manifest, ("count", "bytes"))

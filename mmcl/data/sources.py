@@ -119,27 +119,42 @@ def _read_index(location: str, timeout: float) -> dict | None:
         raise UsageError(f"{location}: {err}; fix or delete it (it gives the shards' sample counts)") from None
 
 
-def _folder_index(folder: str, timeout: float) -> tuple[dict[str, int], str | None]:
-    """Shard name -> sample count, and the modality, from a folder's manifest.json or sizes.json."""
+@dataclass(frozen=True)
+class ShardIndex:
+    """What the index files beside a folder of shards say: samples per shard name, and from manifest.json
+    the modality and class names (None where they do not say)."""
+
+    counts: Mapping[str, int]
+    modality: str | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+def folder_index(folder: str, timeout: float = INDEX_TIMEOUT_S) -> ShardIndex:
+    """The index of a shard folder (local path or http URL) from its manifest.json, else its sizes.json;
+    empty without either, UsageError naming the file when one is malformed."""
     manifest = _read_index(f"{folder}/{MANIFEST}", timeout)
     if manifest is not None and "shards" in manifest:
         problem = shard_list_problem(manifest)
+        names = manifest.get("class_names")
+        if problem is None and names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+            problem = "class_names is not a list of names"
         if problem is not None:
             raise UsageError(f"{folder}/{MANIFEST}: {problem}; fix or delete it (it gives the shards' sample counts)")
-        return {s["name"]: s["count"] for s in manifest["shards"]}, manifest.get("modality")
+        counts = {s["name"]: s["count"] for s in manifest["shards"]}
+        return ShardIndex(counts, manifest.get("modality"), tuple(names) if names is not None else None)
     sizes = _read_index(f"{folder}/{SIZES}", timeout)
     if sizes is None:
-        return {}, None
+        return ShardIndex({})
     problem = sizes_problem(sizes)
     if problem is not None:
         raise UsageError(f"{folder}/{SIZES}: {problem}; fix or delete it (it gives the shards' sample counts)")
-    return dict(sizes), None
+    return ShardIndex(dict(sizes))
 
 
 def shard_counts(urls: list[str], modality: str, where: str, timeout: float = INDEX_TIMEOUT_S) -> dict[str, int]:
     """Samples per shard URL from the index files beside the shards (shards no index lists are left out).
 
-    Raises UsageError if a manifest says the shards hold another modality than the one trained.
+    Raises UsageError if a manifest says the shards hold another modality than the model's.
     """
     by_folder: dict[str, list[str]] = {}
     for url in urls:
@@ -149,13 +164,13 @@ def shard_counts(urls: list[str], modality: str, where: str, timeout: float = IN
         by_folder.setdefault(folder, []).append(name)
     counts: dict[str, int] = {}
     for folder, names in by_folder.items():
-        listed, shard_modality = _folder_index(folder or ".", timeout)
-        if shard_modality is not None and shard_modality != modality:
+        index = folder_index(folder or ".", timeout)
+        if index.modality is not None and index.modality != modality:
             raise UsageError(
-                f"{where}: {folder or '.'}/{MANIFEST} says these shards hold {shard_modality}-text pairs, "
-                f"but a {modality}-text model is being trained; point the source at {modality} shards"
+                f"{where}: {folder or '.'}/{MANIFEST} says these shards hold {index.modality}-text pairs, "
+                f"but the model is an {modality}-text model; point it at {modality} shards"
             )
-        counts.update({f"{folder}/{name}" if folder else name: listed[name] for name in names if name in listed})
+        counts.update({f"{folder}/{name}" if folder else name: index.counts[name] for name in names if name in index.counts})
     return counts
 
 

@@ -40,14 +40,13 @@ from mmcl.data.audio import load_clip
 from mmcl.data.common import BadSample, log_and_continue, logger
 from mmcl.data.image import decode_image
 from mmcl.data.pipeline import keyed_samples
-from mmcl.data.sources import expand_urls, local_path
+from mmcl.data.sources import expand_urls, folder_index, shard_counts
 from mmcl.data.text import captions_of, read_meta
 from mmcl.errors import UsageError
 from mmcl.eval.formats import CLASSIFICATION_FORMATS, FOLD_FORMATS, FORMAT_MODALITY
 from mmcl.models import DualEncoder
 from shards_tools import readers
 from shards_tools.config import InputSpec
-from shards_tools.manifest import MANIFEST, read_index
 from shards_tools.readers.webdataset_input import is_brace_pattern
 from shards_tools.shard_format import (
     MEDIA_EXTENSIONS,
@@ -55,6 +54,7 @@ from shards_tools.shard_format import (
     check_shard_url,
     is_local,
     sample_label,
+    url_scheme,
 )
 from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions
 
@@ -416,23 +416,14 @@ def _folder_name(text: str) -> str:
 
 
 def _open_shards(text: str, modality: str) -> tuple[ShardListing, list[str] | None]:
-    """The shard URLs and the manifest's class names (None without them); a local manifest.json beside
-    the shards is checked (UsageError if malformed) before its counts and names are used."""
+    """The shard URLs, their sample count and the class names, as the index files beside them say (read as
+    training reads them; None where they do not say)."""
     urls = expand_urls([text], "--data")
-    folder = local_path(urls[0]).parent if is_local(urls[0]) else None
-    if folder is None or not (folder / MANIFEST).is_file():
-        return ShardListing(tuple(urls), None), None
-    manifest = read_index(folder / MANIFEST)
-    if manifest.get("modality", modality) != modality:
-        raise UsageError(f"{folder / MANIFEST} says these shards hold {manifest['modality']}-text pairs, "
-                         f"but the model is an {modality}-text model")
-    counts = {s["name"]: s["count"] for s in manifest.get("shards", [])}
-    names = [url.rpartition("/")[2] for url in urls]
-    count = sum(counts[n] for n in names) if all(n in counts for n in names) else None
-    class_names = manifest.get("class_names")
-    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
-        raise UsageError(f"{folder / MANIFEST}: class_names is not a list of names; fix it or pass --classes FILE")
-    return ShardListing(tuple(urls), count), class_names
+    counts = shard_counts(urls, modality, "--data")
+    count = sum(counts[url] for url in urls) if all(url in counts for url in urls) else None
+    folder = urls[0].rpartition("/")[0] or "."
+    class_names = folder_index(folder).class_names if url_scheme(urls[0]) != "pipe" else None
+    return ShardListing(tuple(urls), count), list(class_names) if class_names is not None else None
 
 
 class _ArrayUnpickler(pickle.Unpickler):
