@@ -34,6 +34,7 @@ from pipelines.demo_data import (
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CPU = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
+PROGRESS_POLL_S = 0.5  # how often the console's training line is refreshed
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,32 @@ def _say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _run(command: list[str], log: Path, env: dict | None = None) -> None:
-    """Run one stage as its own process, streaming its output into `log` (and failing loudly)."""
+def _run(
+    command: list[str], log: Path, env: dict | None = None, progress: TrainingProgress | None = None
+) -> None:
+    """Run one stage as its own process, streaming its output into `log` (and failing loudly); with `progress`,
+    its console line is refreshed while the process runs and finished when it ends."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
+    with (
+        open(log, "w") as handle,
+        subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env) as process,
+    ):
+        try:
+            while True:
+                try:
+                    returncode = process.wait(timeout=PROGRESS_POLL_S if progress else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    progress.poll()
+        except BaseException:  # as subprocess.run does (KeyboardInterrupt included): no orphan left behind
+            process.kill()
+            raise
+        finally:
+            if progress:
+                progress.close()
+    if returncode != 0:
         tail = log.read_text()[-2500:]
-        raise StageFailed(f"{' '.join(command[:6])} ... failed (exit {result.returncode}); log: {log}\n{tail}")
+        raise StageFailed(f"{' '.join(command[:6])} ... failed (exit {returncode}); log: {log}\n{tail}")
 
 
 def _mmcl(*args: str) -> list[str]:
@@ -112,6 +131,99 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ADDRESS_IN_USE = ("eaddrinuse", "address already in use")
+LAUNCH_ATTEMPTS = 5
+
+
+def _address_in_use(log: Path) -> bool:
+    """Whether a failed launch failed because its rendezvous port was taken (the log's text says so)."""
+    text = log.read_text(errors="replace").lower()
+    return any(sign in text for sign in ADDRESS_IN_USE)
+
+
+class TrainingProgress:
+    """The console's view of a training run: one line on stderr with the steps done, steps/s, the latest loss
+    and held-out accuracy, read from the rows the run appends to its metrics.jsonl (its own progress bar goes
+    to the log file). On a terminal the line is redrawn in place; elsewhere (a pipe, a file) each new row
+    prints a line of its own."""
+
+    def __init__(self, label: str, metrics: Path, total: int, stream=None):
+        self.label, self.metrics, self.total = label, metrics, total
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = self.stream.isatty()
+        self.offset = 0  # bytes of metrics.jsonl already read (complete lines only)
+        self.started = time.perf_counter()
+        self.first: tuple[int, float] | None = None  # (step, time) of the first row seen: steps/s from there
+        self.step, self.rate, self.loss, self.acc = 0, None, None, None
+        self.drawn = ""
+
+    def _read_rows(self) -> list[dict]:
+        try:
+            with open(self.metrics, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+    def line(self, accuracy: bool = True) -> str:
+        """The run's state: steps done, steps/s (since the first row), latest loss, and with `accuracy` the
+        latest held-out zero-shot top-1."""
+        elapsed = f"({time.perf_counter() - self.started:.0f} s)"
+        if self.loss is None:
+            return f"  {self.label}: starting {elapsed}"
+        text = f"  {self.label}: {self.step}/{self.total} steps"
+        if self.rate:
+            text += f", {self.rate:.2f} steps/s"
+        text += f", loss {self.loss:.3f}"
+        if accuracy and self.acc is not None:
+            text += f", held-out {100 * self.acc:.1f}%"
+        return f"{text} {elapsed}"
+
+    def poll(self) -> None:
+        """Take in the rows added since the last call; redraw the line, or print a line per row."""
+        for row in self._read_rows():
+            if "loss" in row:
+                now = time.perf_counter()
+                self.step, self.loss = row["step"], row["loss"]
+                if self.first is None:
+                    self.first = (self.step, now)
+                elif now > self.first[1]:
+                    self.rate = (self.step - self.first[0]) / (now - self.first[1])
+                self._print(self.line(accuracy=False))
+            if "eval/heldout/acc1" in row:
+                self.acc = row["eval/heldout/acc1"]
+                elapsed = time.perf_counter() - self.started
+                self._print(f"  {self.label}: {row['step']}/{self.total} steps, held-out zero-shot top-1 "
+                            f"{100 * self.acc:.1f}% ({elapsed:.0f} s)")  # fmt: skip
+        if self.interactive:
+            width = shutil.get_terminal_size().columns - 1
+            self.drawn = self.line()[:width]
+            self.stream.write("\r" + self.drawn + "\x1b[K")
+            self.stream.flush()
+
+    def _print(self, line: str) -> None:
+        if not self.interactive:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Read the last rows and end the line (on a terminal the final state stays on screen)."""
+        self.poll()
+        if self.interactive and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = ""
 
 
 def _shard(modality: str, manifest: Path, out: Path, noise_rate: float, seed: int, logs: Path) -> dict:
@@ -131,7 +243,7 @@ def _zero_shot_prompts(modality: str, data_dir: Path) -> str:
     """The prompts zero-shot scores with: for images the built-in `short` set, which shares "a photo of a {}."
     with the captions; for audio a file of the captions' own phrasings, since the text tower trained from
     scratch knows only its captions' words (the CLAP-style "This is a sound of {}." would bring in words whose
-    embeddings are still random: docs/BENCHMARKS.md, nineteenth session)."""
+    embeddings are still random)."""
     if modality == "image":
         return "short"
     return str(write_caption_prompts(data_dir / "audio-caption-prompts.txt"))
@@ -154,7 +266,7 @@ def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps:
     config["eval"] = {
         "every_steps": max(1, steps // 5),
         "zero_shot": [{"name": "heldout", "data": str(test), "format": "class-folder", "templates": prompts}],
-        "max_samples": 300,
+        "max_samples": None,  # every held-out item: the curve's last point is the headline's model on its set
     }
     return config
 
@@ -162,14 +274,29 @@ def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps:
 def _train(config: dict, config_path: Path, processes: int, logs: Path, modality: str) -> None:
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log = logs / f"train-{modality}.log"
+    metrics = Path(config["run"]["output_dir"]) / "metrics.jsonl"
+    steps = config["train"]["steps"]
     if processes == 1:
-        command = _mmcl("train", "--config", config_path)
-    else:
+        _run(_mmcl("train", "--config", config_path), log, env, TrainingProgress(f"{modality}-text", metrics, steps))  # fmt: skip
+        return
+    # accelerate takes the rendezvous port as a number and torchrun's store binds it later, so a port found free
+    # a moment ago may be taken by then (another launch on this machine; accelerate itself only sidesteps a port
+    # that already answers): the store then fails with EADDRINUSE before any worker starts, and exactly that
+    # failure is retried on a fresh port, as the tests' accelerate_launch does
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        port = _free_port()
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
-            "--main_process_port", str(_free_port()), "-m", "mmcl", "train", "--config", str(config_path),
+            "--main_process_port", str(port), "-m", "mmcl", "train", "--config", str(config_path),
         ]
-    _run(command, logs / f"train-{modality}.log", env=env)
+        try:
+            _run(command, log, env, TrainingProgress(f"{modality}-text", metrics, steps))
+            return
+        except StageFailed:
+            if attempt == LAUNCH_ATTEMPTS or not _address_in_use(log):
+                raise
+            _say(f"port {port} was taken before the launch could use it: retrying on another")
 
 
 def _evaluate(modality: str, run_dir: Path, test: Path, prompts: str, retrieval_shards: Path, out: Path,
@@ -184,8 +311,9 @@ def _evaluate(modality: str, run_dir: Path, test: Path, prompts: str, retrieval_
     }
 
 
-def _plot_training(metrics_file: Path, path: Path, title: str) -> None:
-    """Loss and held-out zero-shot accuracy over steps, from the run's metrics.jsonl."""
+def _plot_training(metrics_file: Path, path: Path, title: str, held_out: int) -> None:
+    """Loss and held-out zero-shot accuracy over steps, from the run's metrics.jsonl; the accuracy is scored on
+    all `held_out` items, the set of the report's headline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +330,7 @@ def _plot_training(metrics_file: Path, path: Path, title: str) -> None:
     ax_acc.plot([r["step"] for r in evals], [100 * r["eval/heldout/acc1"] for r in evals], "o-", color="#228833")
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("zero-shot top-1 (%)")
-    ax_acc.set_title("held-out zero-shot accuracy")
+    ax_acc.set_title(f"held-out zero-shot accuracy (all {held_out} items)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -246,7 +374,8 @@ def _demo_modality(modality: str, args: argparse.Namespace, size: DemoSize, root
     _say(f"evaluating on held-out {modality} data")
     report_dir = root / "report" / modality
     results = _evaluate(modality, run_dir, data["test"], prompts, retrieval, report_dir, logs)
-    _plot_training(run_dir / "metrics.jsonl", report_dir / "training.png", f"{modality}-text")
+    held_out = results["zero_shot"]["num_samples"]
+    _plot_training(run_dir / "metrics.jsonl", report_dir / "training.png", f"{modality}-text", held_out)
     if (run_dir / "noise_weights.png").exists():
         shutil.copy(run_dir / "noise_weights.png", report_dir / "noise_weights.png")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -256,6 +385,7 @@ def _demo_modality(modality: str, args: argparse.Namespace, size: DemoSize, root
         "train_pairs": manifest["totals"]["samples"],
         "noisy_pairs": manifest["noise"]["noisy_pairs"] if manifest["noise"] else 0,
         "classes": len(results["zero_shot"]["class_names"]),
+        "held_out": held_out,
         "steps": steps,
         "prompts": "the built-in `short` set" if prompts == "short" else f"the training captions' phrasings ({prompts})",
         "zero_shot": results["zero_shot"]["metrics"],
@@ -297,7 +427,14 @@ def _write_report(root: Path, summaries: list[dict], args: argparse.Namespace) -
             lines.append(f"| noisy-pair detection AUROC | {noise['noise_auroc']:.3f} |")
             lines.append(f"| mean weight clean / noisy pairs | {noise['noise_mean_weight_clean']:.2f} / "
                          f"{noise['noise_mean_weight_noisy']:.2f} |")
-        lines += ["", f"![training]({s['modality']}/training.png)", ""]
+        lines += [
+            "",
+            f"![training]({s['modality']}/training.png)",
+            "",
+            f"The accuracy curve scores the same {s['held_out']} held-out items as the table, during training; "
+            "its last point is the final model.",
+            "",
+        ]
         if (s["report_dir"] / "noise_weights.png").exists():
             lines += [f"![weights]({s['modality']}/noise_weights.png)", ""]
         lines += [f"![confusion]({s['modality']}/zero-shot/confusion_matrix.png)", ""]
