@@ -1,4 +1,4 @@
-"""Attack corpus (hostile-input issue): every hostile input through every mmcl entry point it reaches.
+"""Attack corpus: every hostile input through every mmcl entry point it reaches.
 
 Run from the repository root with the project venv:
 
@@ -50,7 +50,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -65,9 +64,10 @@ for _path in (REPO, REPO / "tests"):
         sys.path.insert(0, str(_path))
 
 import hostile_inputs as hostile  # noqa: E402
-from conftest import COLOURS, kill9, make_image, make_tone  # noqa: E402
-from faults import machine, train_config, train_env  # noqa: E402
-from shard_bench import TreeMonitor  # noqa: E402
+from fault_training import train_config, train_env  # noqa: E402
+from host import machine_line  # noqa: E402
+from media_files import COLOURS, make_image, make_tone  # noqa: E402
+from processes import TreeMonitor, kill9  # noqa: E402
 
 from shards_tools.writer import sample_bytes  # noqa: E402
 
@@ -523,21 +523,6 @@ class Corpus:
 # ================================================================================================ running
 
 
-class CappedMonitor(TreeMonitor):
-    """shard_bench's process-tree memory sampler (every 50 ms) that also kills the tree above `cap` bytes."""
-
-    def __init__(self, pid: int, cap: int):
-        super().__init__(pid)
-        self.cap, self.killed = cap, False
-
-    def sample(self) -> None:
-        super().sample()
-        if self.tree_rss_peak > self.cap and not self.killed:
-            self.killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-
-
 def files_under(*roots: Path, skip: Path | None = None) -> set[str]:
     found = set()
     for root in roots:
@@ -559,15 +544,12 @@ def run_case(case: Case, env: dict, inputs: Path, logs: Path, memory_cap: int) -
     with open(f"{log}.stdout", "wb") as out, open(f"{log}.stderr", "wb") as err:
         proc = subprocess.Popen([*mmcl_command(), *case.args], cwd=cwd, stdout=out, stderr=err, start_new_session=True,
                                 env={**env, "ATTACK_GS_CANARY": str(case.canary) + "-ghostscript"})  # fmt: skip
-        monitor = CappedMonitor(proc.pid, memory_cap)
-        monitor.start()
-        try:
-            code: int | None = proc.wait(timeout=cap)
-        except subprocess.TimeoutExpired:
-            kill9(proc, whole_group=True, grace=10.0)
-            code = None
-        monitor.stop.set()
-        monitor.join()
+        with TreeMonitor(proc.pid, kill_above=memory_cap) as monitor:  # the tree's memory every 50 ms
+            try:
+                code: int | None = proc.wait(timeout=cap)
+            except subprocess.TimeoutExpired:
+                kill9(proc, whole_group=True, grace=10.0)
+                code = None
     wall = time.monotonic() - started
     stdout = Path(f"{log}.stdout").read_text("utf-8", "replace")
     stderr = Path(f"{log}.stderr").read_text("utf-8", "replace")
@@ -579,7 +561,7 @@ def run_case(case: Case, env: dict, inputs: Path, logs: Path, memory_cap: int) -
                   round(wall, 1), "mmcl " + " ".join(case.args), str(log))  # fmt: skip
 
 
-def classify(case: Case, code: int | None, stdout: str, stderr: str, wall: float, monitor: CappedMonitor,
+def classify(case: Case, code: int | None, stdout: str, stderr: str, wall: float, monitor: TreeMonitor,
              new: list[str], canaries: list[Path], memory_cap: int) -> tuple[str, str]:  # fmt: skip
     """(outcome, reason) of one finished case; see the module docstring."""
     problems = []
@@ -865,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     groups = set(args.only or GROUPS)
     started = time.time()
-    info = machine()
+    info = machine_line()
     log(f"attack corpus in {work} on {info}")
     env = {**train_env(), "PATH": f"{fake_ghostscript(work / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}"}
     results: list[Result] = []

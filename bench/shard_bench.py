@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of `mmcl shard` (issue "Performance" of the sharding tools).
+"""Side-by-side benchmark of `mmcl shard`: speed and memory against the library limit and img2dataset.
 
 Run from the repository root with the project venv:
 
@@ -71,7 +71,7 @@ def _audio_limit_one(args: tuple[str, int]) -> int:
 
 def _one_thread() -> None:
     """Each worker is one of the 2 lanes: torch must not start its own threads in it (it defaults to one per
-    core, and 2 x 2 spinning OpenMP threads on 2 cores made the audio limit ~5x slower than mmcl, which pins
+    core, and 2 x 2 spinning OpenMP threads on 2 cores make the audio limit ~5x slower than mmcl, which pins
     torch to 1 thread per worker in shards_tools/distribute.py)."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
@@ -118,7 +118,6 @@ import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tarfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -127,9 +126,13 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from host import busy_cpu_seconds, host_facts, wait_for_quiet  # noqa: E402
+from processes import TreeMonitor, cpu_seconds, descendants  # noqa: E402
+
 DATA_VERSION = 1  # bump when the generators change, so cached inputs are rebuilt
 IMAGE_SIZE, QUALITY, SAMPLE_RATE = 256, 95, 16000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
 
 
@@ -244,96 +247,9 @@ def write_manifest(path: Path, sources: list[str], column: str = "path") -> Path
 # ----------------------------------------------------------------------------------- measuring runs
 
 
-def _proc_children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(c) for c in f.read().split())
-    except OSError:
-        pass
-    return out
-
-
-def _proc_mem(pid: int) -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) in bytes, or None for a process that is gone or has no memory any more (zombie)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
-        return None
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, number, _unit = line.split()
-            values[key[:-1]] = int(number) * 1024
-    if "VmRSS" not in values:
-        return None
-    return values["VmRSS"], values["VmHWM"]
-
-
-def _cpu_busy_seconds() -> float:
-    """CPU seconds the whole machine spent not idle since boot (all cores)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
-
-
-def _proc_cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / CLK_TCK  # utime, stime
-    except OSError:
-        return 0.0
-
-
 def _tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a long-running process and its descendants (nginx: the master and its worker)."""
-    return _proc_cpu_seconds(pid) + sum(_tree_cpu_seconds(child) for child in _proc_children(pid))
-
-
-class TreeMonitor(threading.Thread):
-    """Samples the memory of a process and all its descendants every `interval` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.stop = threading.Event()
-        self.main_hwm = 0  # VmHWM of the root process (kernel-tracked peak, exact)
-        self.tree_rss_peak = 0  # largest sum of VmRSS over the tree in one sample
-        self.child_hwm: dict[int, int] = {}  # VmHWM of every descendant seen
-        self.max_processes = 0
-        self.samples = 0
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.sample()
-            self.stop.wait(self.interval)
-
-    def sample(self) -> None:
-        pids, frontier = [], [self.pid]
-        while frontier:
-            pid = frontier.pop()
-            pids.append(pid)
-            frontier.extend(_proc_children(pid))
-        total = 0
-        alive = 0
-        for pid in pids:
-            mem = _proc_mem(pid)
-            if mem is None:
-                continue
-            alive += 1
-            rss, hwm = mem
-            total += rss
-            if pid == self.pid:
-                self.main_hwm = max(self.main_hwm, hwm)
-            else:
-                self.child_hwm[pid] = max(self.child_hwm.get(pid, 0), hwm)
-        self.tree_rss_peak = max(self.tree_rss_peak, total)
-        self.max_processes = max(self.max_processes, alive)
-        self.samples += 1
+    return sum(cpu_seconds(p)[0] for p in [pid, *descendants(pid)])
 
 
 @dataclass
@@ -360,44 +276,33 @@ class Run:
         return self.other_cpu_s / self.wall_s if self.wall_s else 0.0
 
 
-def wait_for_quiet(max_wait: float, threshold: float, window: float = 2.0) -> float:
-    """Wait (at most max_wait seconds) until the machine's other work uses less than `threshold` cores over
-    `window` seconds; returns the busy cores of the last window. On a shared machine this lets a run start
-    in a lull instead of in the middle of someone else's job."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy0 = _cpu_busy_seconds()
-        time.sleep(window)
-        busy = (_cpu_busy_seconds() - busy0) / window
-        if busy < threshold or time.monotonic() >= deadline:
-            return busy
-
-
-QUIET_WAIT_S, QUIET_THRESHOLD = 0.0, 0.15  # set from --max-wait, --quiet-threshold
-CLIENT_CPUS: str | None = None  # set from --client-cpus: every timed side runs under `taskset -c CLIENT_CPUS`
-
-
 def timed_run(
-    label: str, command: list[str], log: Path, *, env: dict | None = None, server_pid: int | None = None
+    label: str,
+    command: list[str],
+    log: Path,
+    options: Options,
+    *,
+    env: dict | None = None,
+    server_pid: int | None = None,
 ) -> Run:
-    """Run `command` once (whole process, start to finish) while watching its memory and the machine."""
-    busy_before = wait_for_quiet(QUIET_WAIT_S, QUIET_THRESHOLD) if QUIET_WAIT_S > 0 else None
+    """Run `command` once (whole process, start to finish) while watching its memory and the machine; first
+    wait (up to --max-wait s) for a lull; under `taskset -c` with --client-cpus."""
+    busy_before = None
+    if options.max_wait > 0:
+        busy_before = wait_for_quiet(options.quiet_threshold, options.max_wait)[1]
     load_before = os.getloadavg()
-    busy0, self0 = _cpu_busy_seconds(), time.process_time()
+    busy0, self0 = busy_cpu_seconds(), time.process_time()
     server0 = _tree_cpu_seconds(server_pid) if server_pid else 0.0
-    if CLIENT_CPUS:
-        command = ["taskset", "-c", CLIENT_CPUS, *command]
+    if options.client_cpus:
+        command = ["taskset", "-c", options.client_cpus, *command]
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        monitor = TreeMonitor(proc.pid)
-        monitor.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        monitor.stop.set()
-        monitor.join()
+        with TreeMonitor(proc.pid) as monitor:  # every 50 ms
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
-    busy = _cpu_busy_seconds() - busy0
+    busy = busy_cpu_seconds() - busy0
     own = time.process_time() - self0
     server = (_tree_cpu_seconds(server_pid) - server0) if server_pid else 0.0
     tree_cpu = usage.ru_utime + usage.ru_stime
@@ -434,9 +339,9 @@ def describe_load(run: Run) -> str:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.work = Path(args.work_dir).resolve()
+    def __init__(self, options: Options):
+        self.options = options
+        self.work = Path(options.work_dir).resolve()
         self.data = self.work / "data"
         self.runs_dir = self.work / "runs"
         self.logs = self.work / "logs"
@@ -444,7 +349,7 @@ class Bench:
             d.mkdir(parents=True, exist_ok=True)
         bindir = Path(sys.executable).parent
         self.mmcl = [str(bindir / "mmcl")] if (bindir / "mmcl").exists() else [sys.executable, "-m", "mmcl"]
-        self.img2dataset = Path(args.img2dataset)
+        self.img2dataset = options.img2dataset
         self.problems: list[str] = []
         self.results: dict[str, dict] = {}
         self.counter = 0
@@ -468,7 +373,7 @@ class Bench:
     def mmcl_image(self, manifest: Path, out: Path, image_size: int = IMAGE_SIZE) -> list[str]:
         return [*self.mmcl, "shard", "image-text", "--input", str(manifest), "--output", str(out),
                 "--image-size", str(image_size), "--resize-mode", "keep-ratio-largest", "--quality", str(QUALITY),
-                "--workers", str(self.args.workers), "--shard-size", str(self.args.shard_size)]  # fmt: skip
+                "--workers", str(self.options.workers), "--shard-size", str(self.options.shard_size)]  # fmt: skip
 
     def mmcl_samples(self, out: Path) -> int | None:
         try:
@@ -493,9 +398,9 @@ class Bench:
         list_file = self.work / f"{kind}-{len(files)}.list"
         list_file.write_text("\n".join(str(p) for p in files), encoding="utf-8")
         command = [sys.executable, str(Path(__file__).resolve()), "_limit", kind, str(list_file),
-                   str(self.args.workers), *(str(p) for p in params)]  # fmt: skip
+                   str(self.options.workers), *(str(p) for p in params)]  # fmt: skip
         log = self.log(label)
-        run = timed_run(label, command, log)
+        run = timed_run(label, command, log, self.options)
         try:
             run.count = json.loads(log.read_text().strip().splitlines()[-1])["count"]
         except (ValueError, IndexError, KeyError):
@@ -512,7 +417,7 @@ class Bench:
         every: list[list[Run]] = [[] for _ in sides]
         self.last_discarded = []
         rounds = 0
-        while len(kept[0]) < count and rounds < max(count, self.args.max_rounds):
+        while len(kept[0]) < count and rounds < max(count, self.options.max_rounds):
             order = list(range(len(sides))) if rounds % 2 == 0 else list(reversed(range(len(sides))))
             round_runs: dict[int, Run] = {}
             for i in order:
@@ -524,7 +429,7 @@ class Bench:
                     flush=True,
                 )
             rounds += 1
-            if all(r.other_load <= self.args.quiet_threshold for r in round_runs.values()):
+            if all(r.other_load <= self.options.quiet_threshold for r in round_runs.values()):
                 for i, run in round_runs.items():
                     kept[i].append(run)
             else:
@@ -549,7 +454,7 @@ class Bench:
             "rate_median": count / med,
             "rate_best": count / min(walls),
             "other_load_cores": [round(r.other_load, 3) for r in runs],
-            "quiet": all(r.other_load <= self.args.quiet_threshold for r in runs),
+            "quiet": all(r.other_load <= self.options.quiet_threshold for r in runs),
             "load_before": [r.load_before[0] for r in runs],
             "tree_cpu_s": [round(r.tree_cpu_s, 3) for r in runs],
             "tree_cpu_median_s": statistics.median(r.tree_cpu_s for r in runs),
@@ -559,8 +464,17 @@ class Bench:
             "runs": [asdict(r) for r in runs],
         }
 
-    def versus_limit(self, name: str, files: list[Path], limit_args: list, command, count: int, limit_label: str,
-                     mmcl_label: str, unit: str) -> None:
+    def versus_limit(
+        self,
+        name: str,
+        files: list[Path],
+        limit_args: list,
+        command,
+        count: int,
+        limit_label: str,
+        mmcl_label: str,
+        unit: str,
+    ) -> None:
         """Alternate the library limit and `mmcl shard` (`command(out)`) on the same files, verify mmcl's output
         and record both and their ratio (target 0.70) under results[name]."""
 
@@ -569,12 +483,12 @@ class Bench:
 
         def mmcl_side(r: int) -> Run:
             out = self.fresh_dir(f"{name}-mmcl")
-            run = timed_run(f"{name}-mmcl-{r}", command(out), self.log(f"{name}-mmcl-{r}"))
+            run = timed_run(f"{name}-mmcl-{r}", command(out), self.log(f"{name}-mmcl-{r}"), self.options)
             run.count = self.mmcl_samples(out)
             self.check(run.count == count, f"{name}-mmcl-{r}: {run.count} samples, expected {count}")
             return run
 
-        limit_runs, mmcl_runs = self.alternate(self.args.repeat, [limit_side, mmcl_side])
+        limit_runs, mmcl_runs = self.alternate(self.options.repeat, [limit_side, mmcl_side])
         verified = self.verify(self.runs_dir / f"{name}-mmcl", count, f"{name}-mmcl")
         lim = self.summarise(limit_label, limit_runs, count, unit)
         mm = self.summarise(mmcl_label, mmcl_runs, count, unit)
@@ -590,12 +504,12 @@ class Bench:
     # -- sections
 
     def image_section(self, pool) -> None:
-        count = self.args.count
+        count = self.options.count
         files = ensure_dataset(self.data, "img512", count, pool)
         self.check_limit_equals_reference(files[0])
         manifest = write_manifest(self.work / f"img512-{count}.csv", [str(p) for p in files])
         print(
-            f"== image: {count} local 512x512 JPEGs -> {IMAGE_SIZE}, q{QUALITY}, {self.args.workers} processes"
+            f"== image: {count} local 512x512 JPEGs -> {IMAGE_SIZE}, q{QUALITY}, {self.options.workers} processes"
         )
 
         self.versus_limit("image", files, [IMAGE_SIZE, QUALITY], lambda out: self.mmcl_image(manifest, out), count,
@@ -615,30 +529,32 @@ class Bench:
                    "inline image limit differs from bench/encode_limits.image_limit")  # fmt: skip
 
     def url_section(self, pool) -> None:
-        count = self.args.count
+        count = self.options.count
         files = ensure_dataset(self.data, "img512", count, pool)
-        use_i2d = not self.args.skip_img2dataset
+        use_i2d = not self.options.skip_img2dataset
         if use_i2d and not self.img2dataset.exists():
             print(f"!! {self.img2dataset} not found: create it with python3 -m venv .bench-venv && "
                   ".bench-venv/bin/pip install img2dataset==1.47, or pass --skip-img2dataset")  # fmt: skip
             self.check(False, f"img2dataset missing at {self.img2dataset}")
             use_i2d = False
-        latency = self.args.url_latency_ms
-        kind = self.args.url_server
+        latency = self.options.url_latency_ms
+        kind = self.options.url_server
         if kind == "auto":
             kind = "nginx" if shutil.which("nginx") and not latency else "python"
-        server, base = start_server(kind, files[0].parent, latency, self.work / "nginx", self.args.server_cpus)
+        server, base = start_server(
+            kind, files[0].parent, latency, self.work / "nginx", self.options.server_cpus
+        )
         try:
             urls = [f"{base}/{p.name}" for p in files]
             manifest = write_manifest(self.work / f"urls-{count}.csv", urls, column="url")
-            pinning = f", server on CPUs {self.args.server_cpus}" if self.args.server_cpus else ""
-            pinning += f", sides on CPUs {self.args.client_cpus}" if self.args.client_cpus else ""
+            pinning = f", server on CPUs {self.options.server_cpus}" if self.options.server_cpus else ""
+            pinning += f", sides on CPUs {self.options.client_cpus}" if self.options.client_cpus else ""
             print(f"== url: {count} JPEGs from {base} ({kind} server, pid {server.pid}, {latency:g} ms added "
                   f"latency per request{pinning}), same settings")  # fmt: skip
 
             def mmcl_side(r: int) -> Run:
                 out = self.fresh_dir("url-mmcl")
-                run = timed_run(f"url-mmcl-{r}", self.mmcl_image(manifest, out), self.log(f"url-mmcl-{r}"),
+                run = timed_run(f"url-mmcl-{r}", self.mmcl_image(manifest, out), self.log(f"url-mmcl-{r}"), self.options,
                                 server_pid=server.pid)  # fmt: skip
                 run.count = self.mmcl_samples(out)
                 self.check(run.count == count, f"url-mmcl-{r}: {run.count} samples, expected {count}")
@@ -650,18 +566,18 @@ class Bench:
                            "--url_col", "url", "--caption_col", "caption", "--output_folder", str(out),
                            "--output_format", "webdataset", "--image_size", str(IMAGE_SIZE),
                            "--resize_mode", "keep_ratio_largest", "--encode_quality", str(QUALITY),
-                           "--processes_count", str(self.args.workers), "--thread_count", str(self.args.thread_count),
+                           "--processes_count", str(self.options.workers), "--thread_count", str(self.options.thread_count),
                            "--number_sample_per_shard", "1000", "--enable_wandb", "False"]  # fmt: skip
                 # no albumentations update check over the (absent) network at import time
                 env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-                run = timed_run(f"url-img2dataset-{r}", command, self.log(f"url-img2dataset-{r}"), env=env,
+                run = timed_run(f"url-img2dataset-{r}", command, self.log(f"url-img2dataset-{r}"), self.options, env=env,
                                 server_pid=server.pid)  # fmt: skip
                 run.count = count_tar_members(out, ".jpg")
                 self.check(run.count == count, f"url-img2dataset-{r}: {run.count} images, expected {count}")
                 return run
 
             sides = [mmcl_side, i2d_side] if use_i2d else [mmcl_side]
-            runs = self.alternate(self.args.repeat, sides)
+            runs = self.alternate(self.options.repeat, sides)
         finally:
             server.terminate()
             server.wait()
@@ -669,12 +585,18 @@ class Bench:
         mm = self.summarise("mmcl shard image-text (127.0.0.1 URLs)", runs[0], count, "images/s")
         mm["verify"] = verified
         mm["server_cpu_s"] = [round(r.server_cpu_s, 3) for r in runs[0]]
-        section = {"mmcl": mm, "target": 3.0, "latency_ms": latency, "server": kind,
-                   "server_cpus": self.args.server_cpus, "client_cpus": self.args.client_cpus,
-                   "discarded_runs": self.last_discarded}
+        section = {
+            "mmcl": mm,
+            "target": 3.0,
+            "latency_ms": latency,
+            "server": kind,
+            "server_cpus": self.options.server_cpus,
+            "client_cpus": self.options.client_cpus,
+            "discarded_runs": self.last_discarded,
+        }
         if use_i2d:
             i2d = self.summarise(
-                f"img2dataset 1.47 (thread_count {self.args.thread_count})", runs[1], count, "images/s"
+                f"img2dataset 1.47 (thread_count {self.options.thread_count})", runs[1], count, "images/s"
             )
             i2d["server_cpu_s"] = [round(r.server_cpu_s, 3) for r in runs[1]]
             section["img2dataset"] = i2d
@@ -682,31 +604,32 @@ class Bench:
         self.results["url"] = section
 
     def audio_section(self, pool) -> None:
-        count = self.args.audio_count
+        count = self.options.audio_count
         files = ensure_dataset(self.data, "wav", count, pool)
         manifest = write_manifest(self.work / f"wav-{count}.csv", [str(p) for p in files])
         print(
-            f"== audio: {count} WAVs (5 s, stereo, 44.1 kHz) -> mono {SAMPLE_RATE} Hz FLAC, {self.args.workers} processes"
+            f"== audio: {count} WAVs (5 s, stereo, 44.1 kHz) -> mono {SAMPLE_RATE} Hz FLAC, {self.options.workers} processes"
         )
 
         def command(out: Path) -> list[str]:
             return [*self.mmcl, "shard", "audio-text", "--input", str(manifest), "--output", str(out),
-                    "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.args.workers),
-                    "--shard-size", str(self.args.shard_size)]  # fmt: skip
+                    "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.options.workers),
+                    "--shard-size", str(self.options.shard_size)]  # fmt: skip
 
         self.versus_limit("audio", files, [SAMPLE_RATE], command, count,
                           "library limit (soundfile+torchaudio, Pool(2))", "mmcl shard audio-text (local files)",
                           "clips/s")  # fmt: skip
 
     def memory_section(self, pool) -> None:
-        small, large = self.args.count, 10 * self.args.count
+        small, large = self.options.count, 10 * self.options.count
         files = ensure_dataset(self.data, "img64", large, pool)
         print(f"== memory: mmcl on {small} and {large} 64x64 JPEGs (same command, -> {IMAGE_SIZE})")
         section = {}
         for n in (small, large):
             manifest = write_manifest(self.work / f"img64-{n}.csv", [str(p) for p in files[:n]])
             out = self.fresh_dir(f"memory-{n}")
-            run = timed_run(f"memory-mmcl-{n}", self.mmcl_image(manifest, out), self.log(f"memory-mmcl-{n}"))
+            run = timed_run(f"memory-mmcl-{n}", self.mmcl_image(manifest, out), self.log(f"memory-mmcl-{n}"),
+                            self.options)  # fmt: skip
             run.count = self.mmcl_samples(out)
             print(f"   {run.label:<28} {run.wall_s:7.2f} s  main {run.main_peak_rss / MiB:.0f} MiB, tree "
                   f"{run.tree_peak_rss / MiB:.0f} MiB, largest worker {run.largest_child_peak_rss / MiB:.0f} MiB; "
@@ -743,7 +666,10 @@ def start_server(
         port = probe.getsockname()[1]
     (work / "temp").mkdir(parents=True, exist_ok=True)
     user = "user root;" if os.geteuid() == 0 else ""  # workers must read the files a root run wrote
-    temp = " ".join(f"{name}_temp_path {work}/temp/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = " ".join(
+        f"{name}_temp_path {work}/temp/{name};"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     (work / "nginx.conf").write_text(f"""{user} worker_processes 1; daemon off; pid {work}/nginx.pid;
 error_log {work}/error.log;
 events {{ worker_connections 1024; }}
@@ -793,9 +719,8 @@ def count_tar_members(folder: Path, suffix: str) -> int:
 # ---------------------------------------------------------------------------------------- reporting
 
 
-def machine_info(args: argparse.Namespace) -> dict:
+def machine_info(options: Options) -> dict:
     import PIL
-    from host import host_facts  # bench/host.py (bench/ is sys.path[0] for this script)
     from PIL import features
 
     info = {
@@ -815,8 +740,8 @@ def machine_info(args: argparse.Namespace) -> dict:
             info[module] = None
     pyc = os.environ.get("PYTHONDONTWRITEBYTECODE")
     info["PYTHONDONTWRITEBYTECODE"] = pyc
-    if Path(args.img2dataset).exists():
-        out = subprocess.run([str(Path(args.img2dataset).parent / "python"), "-c",
+    if options.img2dataset.exists():
+        out = subprocess.run([str(options.img2dataset.parent / "python"), "-c",
                               "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)"],
                              capture_output=True, text=True)  # fmt: skip
         info["img2dataset_opencv"] = out.stdout.strip() or out.stderr.strip()[-200:]
@@ -889,7 +814,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+@dataclass(frozen=True)
+class Options:
+    """The command line, read once by main()."""
+
+    count: int
+    audio_count: int
+    work_dir: Path
+    repeat: int
+    workers: int
+    shard_size: int
+    thread_count: int
+    img2dataset: Path
+    skip_img2dataset: bool
+    url_server: str
+    url_latency_ms: float
+    server_cpus: str | None
+    client_cpus: str | None
+    only: tuple[str, ...]
+    quiet_threshold: float
+    max_rounds: int
+    max_wait: float
+    json: Path | None
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -901,8 +850,13 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="processes on every side")
-    parser.add_argument("--shard-size", type=int, default=1000, help="mmcl's --shard-size (its default, 1000; "
-                        "with fewer shards than workers mmcl splits them into pieces across the workers)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=1000,
+        help="mmcl's --shard-size (its default, 1000; "
+        "with fewer shards than workers mmcl splits them into pieces across the workers)",
+    )
     parser.add_argument("--thread-count", type=int, default=16, help="img2dataset --thread_count")
     parser.add_argument("--img2dataset", default=str(REPO / ".bench-venv" / "bin" / "img2dataset"))
     parser.add_argument("--skip-img2dataset", action="store_true", help="url section: mmcl only")
@@ -912,7 +866,9 @@ def main() -> int:
                         help="url section: the server waits this long before each answer (default 0: plain loopback)")  # fmt: skip
     parser.add_argument("--server-cpus", help="url section: run the server under `taskset -c SERVER_CPUS`, e.g. 1 "
                         "(with --client-cpus 0: the server off the sides' cores, as on another machine)")  # fmt: skip
-    parser.add_argument("--client-cpus", help="run every timed side under `taskset -c CLIENT_CPUS`, e.g. 0 or 0,1")
+    parser.add_argument(
+        "--client-cpus", help="run every timed side under `taskset -c CLIENT_CPUS`, e.g. 0 or 0,1"
+    )
     parser.add_argument("--only", nargs="+", choices=["image", "url", "audio", "memory"],
                         default=["image", "url", "audio", "memory"])  # fmt: skip
     parser.add_argument("--quiet-threshold", type=float, default=0.15,
@@ -923,16 +879,18 @@ def main() -> int:
                         help="before each timed run, wait up to this many seconds for the machine to be idle "
                         "(other work below --quiet-threshold cores over 2 s); 0 starts at once")  # fmt: skip
     parser.add_argument("--json", type=Path, help="results file (default WORK_DIR/results.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return Options(**{**vars(args), "img2dataset": Path(args.img2dataset), "only": tuple(args.only)})
 
-    global QUIET_WAIT_S, QUIET_THRESHOLD, CLIENT_CPUS
-    QUIET_WAIT_S, QUIET_THRESHOLD, CLIENT_CPUS = args.max_wait, args.quiet_threshold, args.client_cpus
-    bench = Bench(args)
-    info = machine_info(args)
+
+def main() -> int:
+    options = parse_options()
+    bench = Bench(options)
+    info = machine_info(options)
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; Python {info['python']}, "
           f"Pillow {info['pillow']}; load average at start {info['load_at_start'][0]:.2f}")  # fmt: skip
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
-        for section in args.only:
+        for section in options.only:
             getattr(bench, f"{section}_section")(pool)
     info["load_at_end"] = os.getloadavg()
     info["code_at_end"] = code_state()
@@ -956,7 +914,7 @@ def main() -> int:
         )
     if bench.problems:
         print("\nSANITY CHECKS FAILED:\n  " + "\n  ".join(bench.problems))
-    out = args.json or Path(args.work_dir) / "results.json"
+    out = options.json or Path(options.work_dir) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "results": bench.results, "problems": bench.problems,
                                "table": report}, indent=1, default=str))  # fmt: skip

@@ -1,4 +1,4 @@
-"""Side-by-side training benchmark: `mmcl train` vs open_clip's own trainer (issue 3 "Performance").
+"""Side-by-side training benchmark: `mmcl train` vs open_clip's own trainer.
 
 Run from the repository root with the project venv:
 
@@ -40,7 +40,7 @@ the run's own, from wait4's rusage) and the load average are recorded, so a resu
 machine says so; before each run it waits (--max-wait) for the rest of the machine to go under --quiet-below
 busy cores. Results: a table on stdout and WORK_DIR/results.json (or --json). --threads sets OMP/MKL
 threads for every process; on a machine with few cores keep threads + loader workers <= cores (2 threads
-beside 2 workers on 2 cores ran both trainers 4x slower than 1 thread, see docs/BENCHMARKS.md).
+beside 2 workers on 2 cores run both trainers 4x slower than 1 thread, see docs/BENCHMARKS.md).
 
 open_clip's trainer runs with webdataset 0.2.86 first on PYTHONPATH (.venv/wds-0.2.86, see
 shared/ENVIRONMENT.md: newer webdataset crashes its loader) and the micro config registered through this
@@ -87,12 +87,22 @@ def _bare_child(argv: list[str]) -> None:
     torch.manual_seed(0)
     model = open_clip.create_model(Path(model_json).stem, precision="fp32", device="cpu")
     model.train()
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
-                or "logit_scale" in n]
-    decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
-                                                             or "logit_scale" in n)]
-    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.1}],
-                                  lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    no_decay = [
+        p
+        for n, p in model.named_parameters()
+        if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    ]
+    decay = [
+        p
+        for n, p in model.named_parameters()
+        if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)
+    ]
+    optimizer = torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.1}],
+        lr=5e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     loss_fn = open_clip.ClipLoss()
     size = model.visual.image_size
     images = torch.randn(batch, 3, *(size if isinstance(size, tuple) else (size, size)))
@@ -145,9 +155,14 @@ def _ab_child(argv: list[str]) -> None:
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
 
     o_opt = torch.optim.AdamW(
-        [{"params": [p for n, p in o_model.named_parameters() if excluded(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in o_model.named_parameters() if not excluded(n, p)], "weight_decay": 0.1}],
-        lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+        [
+            {"params": [p for n, p in o_model.named_parameters() if excluded(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in o_model.named_parameters() if not excluded(n, p)], "weight_decay": 0.1},
+        ],
+        lr=5e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     o_loss = open_clip.ClipLoss()
     size = o_model.visual.image_size
     images = torch.randn(batch, 3, *(size if isinstance(size, tuple) else (size, size)))
@@ -201,29 +216,32 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from host import busy_cpu_seconds, host_facts, wait_for_quiet  # noqa: E402
+from processes import TreeMonitor  # noqa: E402
+
 from pipelines.demo_data import FASHION_DIR, read_idx  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 WDS_OLD = VENV / "wds-0.2.86"
 MODEL_NAME = "mmcl-micro-vit"
 MODEL_JSON = ROOT / "configs" / "models" / f"{MODEL_NAME}.json"
 FMNIST_LABELS = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                 "bag", "ankle boot"]
+                 "bag", "ankle boot"]  # fmt: skip
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
-           "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (235, 235, 235), "teal": (30, 160, 160)}
-TEMPLATES = ["a photo of a {c} {l}.", "a {c} {l} on a black background.", "{c} {l}", "a low resolution photo of a {c} {l}."]
+           "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (235, 235, 235), "teal": (30, 160, 160)}  # fmt: skip
+TEMPLATES = ["a photo of a {c} {l}.", "a {c} {l} on a black background.", "{c} {l}",
+             "a low resolution photo of a {c} {l}."]  # fmt: skip
 SHAPES = ["circle", "square", "triangle", "cross"]
 IMAGE_SIZE = 64
 ALL_RUNS = ["mmcl-large", "open_clip-large", "bare", "mmcl-small", "mmcl-many", "ab"]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # open_clip_train/train.py: "Train Epoch: 0 [ 640/12800 (5%)] Data (t): 0.012 Batch (t): 0.150, 426.7/s, ..."
 OPEN_CLIP_LINE = re.compile(
@@ -243,7 +261,9 @@ def _synthetic_image(rng: np.random.Generator, shape: str, colour: tuple[int, in
     from PIL import ImageDraw
 
     noise = rng.random((8, 8, 3)) * 120 + 40
-    bg = Image.fromarray(noise.astype(np.uint8), "RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    bg = Image.fromarray(noise.astype(np.uint8), "RGB").resize(
+        (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC
+    )
     draw = ImageDraw.Draw(bg)
     x, y = rng.integers(8, 24, size=2)
     s = int(rng.integers(24, 40))
@@ -316,8 +336,22 @@ def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: s
         sub_manifest.write_text("".join(lines))
         if out.exists():
             shutil.rmtree(out)
-        cmd = [str(VENV / "bin" / "mmcl"), "shard", "image-text", "--input", str(sub_manifest), "--output", str(out),
-               "--image-size", str(IMAGE_SIZE), "--shard-size", str(shard_size), "--workers", "2", "--quiet"]
+        cmd = [
+            str(VENV / "bin" / "mmcl"),
+            "shard",
+            "image-text",
+            "--input",
+            str(sub_manifest),
+            "--output",
+            str(out),
+            "--image-size",
+            str(IMAGE_SIZE),
+            "--shard-size",
+            str(shard_size),
+            "--workers",
+            "2",
+            "--quiet",
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
         print(f"sharded {name}: {count} samples in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -329,108 +363,20 @@ def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: s
     prefix = prefixes.pop()
     digits = len(re.search(r"(\d+)\.tar$", shards[0].name).group(1))
     pattern = f"{out}/{prefix}{{{0:0{digits}d}..{len(shards) - 1:0{digits}d}}}.tar"
-    return {"name": name, "dir": str(out), "pattern": pattern, "samples": count, "shards": len(shards),
-            "shard_size": shard_size, "bytes": sum(p.stat().st_size for p in shards)}
+    return {
+        "name": name,
+        "dir": str(out),
+        "pattern": pattern,
+        "samples": count,
+        "shards": len(shards),
+        "shard_size": shard_size,
+        "bytes": sum(p.stat().st_size for p in shards),
+    }
 
 
 # ------------------------------------------------------------------------------------------ monitoring
-def _cpu_busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest is already in user)
-    return sum(fields[:8]) - fields[3] - fields[4]
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _tree(pid: int) -> list[int]:
-    children = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _pss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _cpu_s(pid: int) -> tuple[float, float]:
-    """(user+system CPU s of the process, of its children that it has reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0, 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state) of proc(5)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK, (int(fields[13]) + int(fields[14])) / CLK_TCK
-
-
-class TreeMonitor(threading.Thread):
-    """Watches a process and its descendants every `interval` s: peak of their summed RSS (PSS every 5th
-    sample), and at every step count that `progress()` reports (read from the tool's log), the time, the CPU
-    time of the main process and of the whole tree: the bench's own clock for the steady state."""
-
-    def __init__(self, pid: int, progress=None, interval: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.interval, self.progress = pid, interval, progress
-        self.peak_rss = self.peak_pss = self.peak_main_rss = 0
-        self.max_processes = 0
-        self.events: list[tuple[float, int, float, float]] = []  # (time, step, main CPU s, tree CPU s)
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        while not self.done.is_set():
-            now = time.perf_counter()
-            pids = _tree(self.pid)
-            rss = [_rss(p) for p in pids]
-            self.peak_rss = max(self.peak_rss, sum(rss))
-            self.peak_main_rss = max(self.peak_main_rss, rss[0] if rss else 0)
-            self.max_processes = max(self.max_processes, sum(1 for r in rss if r > 0))
-            if n % 5 == 0:
-                self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in pids))
-            step = self.progress() if self.progress else None
-            if step is not None and (not self.events or step > self.events[-1][1]):
-                own, reaped = _cpu_s(self.pid)
-                tree = own + reaped + sum(_cpu_s(p)[0] for p in pids[1:])
-                self.events.append((now, step, own, tree))
-            n += 1
-            self.done.wait(self.interval)
-
-
 def last_step(path: Path, pattern: re.Pattern, batch_size: int | None = None):
-    """A progress() for TreeMonitor: the step of the last match of PATTERN in PATH (group 1: the step, or
+    """A progress() for processes.TreeMonitor: the step of the last match of PATTERN in PATH (group 1: the step, or
     the sample count when BATCH_SIZE is given)."""
 
     def progress() -> int | None:
@@ -452,7 +398,11 @@ def bench_clock(events: list, exclude_steps: int, batch_size: int) -> dict:
     start = next((e for e in events if e[1] >= exclude_steps), None)
     end = events[-1] if events else None
     if start is None or end is None or end[1] <= start[1]:
-        return {"bench_samples_per_s": None, "bench_main_cpu_ms_per_step": None, "bench_tree_cpu_ms_per_step": None}
+        return {
+            "bench_samples_per_s": None,
+            "bench_main_cpu_ms_per_step": None,
+            "bench_tree_cpu_ms_per_step": None,
+        }
     steps, seconds = end[1] - start[1], end[0] - start[0]
     return {
         "bench_steady_steps": steps,
@@ -462,41 +412,24 @@ def bench_clock(events: list, exclude_steps: int, batch_size: int) -> dict:
     }
 
 
-def others_cores(seconds: float = 2.0) -> float:
-    """CPU cores in use on the machine over the next SECONDS (this process sleeps meanwhile)."""
-    busy0, t0 = _cpu_busy_jiffies(), time.perf_counter()
-    time.sleep(seconds)
-    return (_cpu_busy_jiffies() - busy0) / CLK_TCK / (time.perf_counter() - t0)
-
-
-def wait_for_quiet(below: float, max_wait: float) -> tuple[float, float]:
-    """Wait (at most MAX_WAIT s) until other processes use fewer than BELOW cores; returns (waited s, cores)."""
-    t0 = time.perf_counter()
-    while True:
-        cores = others_cores()
-        waited = time.perf_counter() - t0
-        if cores < below or waited >= max_wait:
-            return waited, cores
-
-
 def run_process(cmd: list[str], env: dict, log: Path, timeout: float, progress=None) -> dict:
     """Run CMD (its own session), watch its tree; wall time, CPU of the tree and of the rest of the machine."""
     load_before = os.getloadavg()
-    busy0 = _cpu_busy_jiffies()
+    busy0 = busy_cpu_seconds()
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        monitor = TreeMonitor(proc.pid, progress)
-        monitor.start()
-        killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        killer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        killer.cancel()
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        # RSS every 100 ms, PSS every 500 ms, and the CPU clock at every new step the log shows
+        with TreeMonitor(proc.pid, interval=0.1, pss_every=5, progress=progress) as monitor:
+            killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+            killer.start()
+            _, status, usage = os.wait4(proc.pid, 0)
+            killer.cancel()
+            wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    monitor.done.set()
-    monitor.join()
-    busy = (_cpu_busy_jiffies() - busy0) / CLK_TCK
+    busy = busy_cpu_seconds() - busy0
     own_cpu = usage.ru_utime + usage.ru_stime  # the process and every descendant it waited for
     return {
         "returncode": proc.returncode,
@@ -505,9 +438,9 @@ def run_process(cmd: list[str], env: dict, log: Path, timeout: float, progress=N
         "others_cpu_cores": max(0.0, busy - own_cpu) / wall,
         "load_before": load_before[0],
         "load_after": os.getloadavg()[0],
-        "peak_tree_rss_mib": monitor.peak_rss / 2**20,
-        "peak_tree_pss_mib": monitor.peak_pss / 2**20,
-        "peak_main_rss_mib": monitor.peak_main_rss / 2**20,
+        "peak_tree_rss_mib": monitor.tree_rss_peak / 2**20,
+        "peak_tree_pss_mib": monitor.tree_pss_peak / 2**20,
+        "peak_main_rss_mib": monitor.main_rss_peak / 2**20,
         "max_single_process_hwm_mib": usage.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
         "processes": monitor.max_processes,
         # (seconds since start, step, main CPU s, tree CPU s) at every new log line
@@ -532,24 +465,30 @@ def thread_env(threads: int) -> dict:
     return env
 
 
-def run_mmcl(args, shards: dict, tag: str) -> dict:
-    run_dir = args.work_dir / "runs" / tag
+def run_mmcl(options: Options, shards: dict, tag: str) -> dict:
+    run_dir = options.work_dir / "runs" / tag
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     config = {
         "run": {"output_dir": str(run_dir), "seed": 0},
         "model": {"modality": "image", "open_clip_name": MODEL_NAME},
-        "data": {"sources": [{"urls": shards["dir"]}], "batch_size": args.batch_size, "workers": args.workers,
-                 "shuffle_buffer": 1000},
+        "data": {
+            "sources": [{"urls": shards["dir"]}],
+            "batch_size": options.batch_size,
+            "workers": options.workers,
+            "shuffle_buffer": 1000,
+        },
         "optim": {"lr": 5.0e-4, "warmup_steps": 10},
-        "train": {"steps": args.steps, "log_every": 10, "checkpoint_every": 100000, "resume": "never"},
+        "train": {"steps": options.steps, "log_every": 10, "checkpoint_every": 100000, "resume": "never"},
     }
     config_path = run_dir.parent / f"{tag}.yaml"
     config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     cmd = [str(VENV / "bin" / "mmcl"), "train", "--config", str(config_path)]
     progress = last_step(run_dir / "metrics.jsonl", re.compile(r'"step": (\d+)'))
-    result = run_process(cmd, thread_env(args.threads), run_dir.parent / f"{tag}.log", args.timeout, progress)
+    result = run_process(
+        cmd, thread_env(options.threads), run_dir.parent / f"{tag}.log", options.timeout, progress
+    )
     result.update(tool="mmcl", tag=tag, shard_set=shards["name"], command=" ".join(cmd))
     metrics = run_dir / "metrics.jsonl"
     windows = []
@@ -558,80 +497,118 @@ def run_mmcl(args, shards: dict, tag: str) -> dict:
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
             steps = rec["step"] - last
-            seconds = steps * args.batch_size / rec["samples_per_s"]
-            windows.append({"first": last + 1, "last": rec["step"], "seconds": seconds,
-                            "wait_s": rec["data_wait_fraction"] * seconds, "loss": rec["loss"]})
+            seconds = steps * options.batch_size / rec["samples_per_s"]
+            windows.append(
+                {
+                    "first": last + 1,
+                    "last": rec["step"],
+                    "seconds": seconds,
+                    "wait_s": rec["data_wait_fraction"] * seconds,
+                    "loss": rec["loss"],
+                }
+            )
             last = rec["step"]
-    result.update(summarize(windows, args))
-    result.update(bench_clock(result["events"], args.exclude_steps, args.batch_size))
+    result.update(summarize(windows, options))
+    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
     return result
 
 
-def run_open_clip(args, shards: dict, tag: str) -> dict:
-    logs = args.work_dir / "runs"
+def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
+    logs = options.work_dir / "runs"
     run_dir = logs / tag
     if run_dir.exists():
         shutil.rmtree(run_dir)
     oc_args = [
-        "--train-data", shards["pattern"], "--train-num-samples", str(args.steps * args.batch_size),
-        "--dataset-type", "webdataset", "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+        "--train-data", shards["pattern"], "--train-num-samples", str(options.steps * options.batch_size),
+        "--dataset-type", "webdataset", "--batch-size", str(options.batch_size), "--workers", str(options.workers),
         "--model", MODEL_NAME, "--device", "cpu", "--precision", "fp32", "--epochs", "1",
         "--lr", "5e-4", "--warmup", "10", "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--grad-clip-norm", "1.0", "--seed", "0", "--save-frequency", "0", "--zeroshot-frequency", "0",
         "--logs", str(logs), "--name", tag, "--log-every-n-steps", "10",
+    ]  # fmt: skip
+    cmd = [
+        str(VENV / "bin" / "python"),
+        str(Path(__file__).resolve()),
+        "_open_clip",
+        str(MODEL_JSON),
+        "--",
+        *oc_args,
     ]
-    cmd = [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), "_open_clip", str(MODEL_JSON), "--", *oc_args]
-    env = thread_env(args.threads)
+    env = thread_env(options.threads)
     env["PYTHONPATH"] = str(WDS_OLD)
-    progress = last_step(logs / f"{tag}.log", re.compile(r"Train Epoch: \d+ \[\s*(\d+)/"), args.batch_size)
-    result = run_process(cmd, env, logs / f"{tag}.log", args.timeout, progress)
-    result.update(tool="open_clip", tag=tag, shard_set=shards["name"],
-                  command=f"PYTHONPATH={WDS_OLD} python -m open_clip_train.main " + " ".join(oc_args))
+    progress = last_step(logs / f"{tag}.log", re.compile(r"Train Epoch: \d+ \[\s*(\d+)/"), options.batch_size)
+    result = run_process(cmd, env, logs / f"{tag}.log", options.timeout, progress)
+    result.update(
+        tool="open_clip",
+        tag=tag,
+        shard_set=shards["name"],
+        command=f"PYTHONPATH={WDS_OLD} python -m open_clip_train.main " + " ".join(oc_args),
+    )
     windows, last = [], 0
     log_text = (logs / f"{tag}.log").read_text()
     for m in OPEN_CLIP_LINE.finditer(log_text):
-        step = int(m.group(2)) // args.batch_size
+        step = int(m.group(2)) // options.batch_size
         steps = step - last
         data_t, batch_t = float(m.group(5)), float(m.group(6))
         loss = re.search(r" Loss: ([\d.]+)", log_text[m.end() : m.end() + 400])
-        windows.append({"first": last + 1, "last": step, "seconds": batch_t * steps, "wait_s": data_t * steps,
-                        "loss": float(loss.group(1)) if loss else None})
+        windows.append(
+            {
+                "first": last + 1,
+                "last": step,
+                "seconds": batch_t * steps,
+                "wait_s": data_t * steps,
+                "loss": float(loss.group(1)) if loss else None,
+            }
+        )
         last = step
     threads = re.search(r"\[train_bench\] torch threads (\d+)", log_text)
     result["torch_threads"] = int(threads.group(1)) if threads else None
-    result.update(summarize(windows, args))
-    result.update(bench_clock(result["events"], args.exclude_steps, args.batch_size))
+    result.update(summarize(windows, options))
+    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
     return result
 
 
-def run_child(args, tag: str, kind: str, progress=None) -> tuple[dict, dict | None]:
+def run_child(options: Options, tag: str, kind: str, progress=None) -> tuple[dict, dict | None]:
     """Run this script's `_bare` / `_ab` child; returns the run's result and the last JSON line it printed."""
-    log = args.work_dir / "runs" / f"{tag}.log"
-    cmd = [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), f"_{kind}", str(MODEL_JSON), str(args.steps),
-           str(args.batch_size)]
-    result = run_process(cmd, thread_env(args.threads), log, args.timeout, progress(log) if progress else None)
+    log = options.work_dir / "runs" / f"{tag}.log"
+    cmd = [
+        str(VENV / "bin" / "python"),
+        str(Path(__file__).resolve()),
+        f"_{kind}",
+        str(MODEL_JSON),
+        str(options.steps),
+        str(options.batch_size),
+    ]
+    result = run_process(
+        cmd, thread_env(options.threads), log, options.timeout, progress(log) if progress else None
+    )
     result.update(tool=kind, tag=tag, shard_set="-", command=" ".join(cmd))
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
     return result, json.loads(lines[-1]) if lines else None
 
 
-def run_bare(args, tag: str) -> dict:
-    result, record = run_child(args, tag, "bare", lambda log: last_step(log, re.compile(r"\[bare\] step (\d+)")))
+def run_bare(options: Options, tag: str) -> dict:
+    result, record = run_child(
+        options, tag, "bare", lambda log: last_step(log, re.compile(r"\[bare\] step (\d+)"))
+    )
     record = record or {"step_s": [], "torch_threads": None}
     result["torch_threads"] = record["torch_threads"]
     windows, times = [], record["step_s"]
     for first in range(0, len(times), 10):  # 10-step windows like the trainers' logs
         chunk = times[first : first + 10]
         windows.append({"first": first + 1, "last": first + len(chunk), "seconds": sum(chunk), "wait_s": 0.0})
-    result.update(summarize(windows, args))
-    result.update(bench_clock(result["events"], args.exclude_steps, args.batch_size))
+    result.update(summarize(windows, options))
+    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
     return result
 
 
-def run_ab(args, tag: str) -> dict:
-    result, record = run_child(args, tag, "ab")
+def run_ab(options: Options, tag: str) -> dict:
+    result, record = run_child(options, tag, "ab")
     if record is not None:
-        m, o = record["cpu_s"]["mmcl"][args.exclude_steps :], record["cpu_s"]["open_clip"][args.exclude_steps :]
+        m, o = (
+            record["cpu_s"]["mmcl"][options.exclude_steps :],
+            record["cpu_s"]["open_clip"][options.exclude_steps :],
+        )
         result.update(
             torch_threads=record["torch_threads"],
             ab_mmcl_cpu_ms_per_step=1000 * statistics.median(m),
@@ -641,15 +618,15 @@ def run_ab(args, tag: str) -> dict:
     return result
 
 
-def summarize(windows: list[dict], args) -> dict:
-    steady = [w for w in windows if w["first"] > args.exclude_steps]
+def summarize(windows: list[dict], options: Options) -> dict:
+    steady = [w for w in windows if w["first"] > options.exclude_steps]
     steps = sum(w["last"] - w["first"] + 1 for w in steady)
     seconds = sum(w["seconds"] for w in steady)
     logged_steps = windows[-1]["last"] if windows else 0
     return {
         "steps_logged": logged_steps,
         "steady_steps": steps,
-        "steady_samples_per_s": steps * args.batch_size / seconds if seconds else None,
+        "steady_samples_per_s": steps * options.batch_size / seconds if seconds else None,
         "steady_step_ms": 1000 * seconds / steps if steps else None,
         "steady_data_wait_fraction": sum(w["wait_s"] for w in steady) / seconds if seconds else None,
         "max_window_data_wait_fraction": max((w["wait_s"] / w["seconds"] for w in steady), default=None),
@@ -660,21 +637,23 @@ def summarize(windows: list[dict], args) -> dict:
     }
 
 
-def machine_info(args) -> dict:
+def machine_info(options: Options) -> dict:
     import open_clip
     import torch
-    from host import host_facts  # bench/host.py (bench/ is sys.path[0] for this script)
 
-    wds_new = subprocess.run([str(VENV / "bin" / "python"), "-c", "import webdataset; print(webdataset.__version__)"],
-                             capture_output=True, text=True).stdout.strip()
+    wds_new = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", "import webdataset; print(webdataset.__version__)"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {
         **host_facts(),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "webdataset_mmcl": wds_new,
         "webdataset_open_clip": "0.2.86 (.venv/wds-0.2.86)",
-        "torch_threads": args.threads,
-        "loader_workers": args.workers,
+        "torch_threads": options.threads,
+        "loader_workers": options.workers,
     }
 
 
@@ -687,176 +666,315 @@ def fmt(value, spec=".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass(frozen=True)
+class Options:
+    """The command line, read once by parse_options(); the fields and their order are the "args" of
+    results.json."""
+
+    steps: int
+    batch_size: int
+    workers: int
+    threads: int
+    repeats: int
+    small: int
+    scale: int
+    shard_size: int
+    exclude_steps: int
+    runs: tuple[str, ...]
+    quiet_below: float
+    max_wait: float
+    timeout: float
+    work_dir: Path
+    json: Path | None
+    skip_open_clip: bool
+
+
+def parse_options() -> Options:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (both tools)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (both tools)")
-    parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads = torch intra-op threads "
-                        "of the trainer (both tools); default: cores - workers, at least 1; 0: leave them unset, so each "
-                        "tool runs as a user gets it by default")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/MKL threads = torch intra-op threads "
+        "of the trainer (both tools); default: cores - workers, at least 1; 0: leave them unset, so each "
+        "tool runs as a user gets it by default",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every run")
     parser.add_argument("--small", type=int, default=3200, help="samples in the small shard set")
     parser.add_argument("--scale", type=int, default=10, help="the large shard set is SCALE x --small")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard of the small set")
-    parser.add_argument("--exclude-steps", type=int, default=20, help="log windows starting in these first steps "
-                        "are start-up, not steady state")
-    parser.add_argument("--runs", default=",".join(ALL_RUNS), help="which runs, comma-separated, of "
-                        f"{','.join(ALL_RUNS)} (bare: the compute limit, no data and no trainer; small/large/many: "
-                        "the shard sets)")
-    parser.add_argument("--quiet-below", type=float, default=0.5, help="before each run, wait until the rest of "
-                        "the machine uses fewer than this many cores (measured over 2 s) ...")
+    parser.add_argument(
+        "--exclude-steps",
+        type=int,
+        default=20,
+        help="log windows starting in these first steps are start-up, not steady state",
+    )
+    parser.add_argument(
+        "--runs",
+        default=",".join(ALL_RUNS),
+        help="which runs, comma-separated, of "
+        f"{','.join(ALL_RUNS)} (bare: the compute limit, no data and no trainer; small/large/many: "
+        "the shard sets)",
+    )
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.5,
+        help="before each run, wait until the rest of "
+        "the machine uses fewer than this many cores (measured over 2 s) ...",
+    )
     parser.add_argument("--max-wait", type=float, default=60, help="... but at most this many seconds")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "train")
-    parser.add_argument("--json", type=Path, default=None, help="results file (default WORK_DIR/results.json)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default WORK_DIR/results.json)"
+    )
     args = parser.parse_args()
-    if args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) - args.workers)
-    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if unknown := set(args.runs) - set(ALL_RUNS):
+    runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+    if unknown := set(runs) - set(ALL_RUNS):
         parser.error(f"--runs: unknown {sorted(unknown)}; choose from {ALL_RUNS}")
-    args.skip_open_clip = "open_clip-large" not in args.runs
-    args.work_dir = args.work_dir.resolve()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    if not args.skip_open_clip and not WDS_OLD.exists():
+    options = Options(
+        **{
+            **vars(args),
+            "threads": max(1, (os.cpu_count() or 1) - args.workers) if args.threads is None else args.threads,
+            "runs": runs,
+            "work_dir": args.work_dir.resolve(),
+            "skip_open_clip": "open_clip-large" not in runs,
+        }
+    )
+    if not options.skip_open_clip and not WDS_OLD.exists():
         raise SystemExit(f"{WDS_OLD} missing: pip install --no-deps --target {WDS_OLD} webdataset==0.2.86")
-    if args.steps <= args.exclude_steps + 10:
+    if options.steps <= options.exclude_steps + 10:
         raise SystemExit("--steps must exceed --exclude-steps + 10 (at least one steady-state log window)")
+    return options
 
-    large = args.small * args.scale
-    manifest, source = make_images(args.work_dir, large)
-    small_set = make_shards(args.work_dir, manifest, args.small, args.shard_size, f"s{args.small}-x{args.shard_size}")
-    large_set = make_shards(args.work_dir, manifest, large, args.shard_size * args.scale,
-                            f"s{large}-x{args.shard_size * args.scale}")  # same shard count, 10x larger shards
-    many_set = make_shards(args.work_dir, manifest, large, args.shard_size, f"s{large}-x{args.shard_size}")
-    sets = {"small": small_set, "large": large_set, "many": many_set}
-    info = machine_info(args)
-    print(f"data: {source}; shard sets: " + ", ".join(
-        f"{k}={v['samples']} samples/{v['shards']} shards" for k, v in sets.items()), flush=True)
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}; "
-          f"load {os.getloadavg()}", flush=True)
 
+def make_shard_sets(options: Options) -> tuple[str, dict[str, dict]]:
+    """The images (Fashion-MNIST or synthetic: the source is returned) and the three shard sets: small, large
+    (the same shard count, SCALE x larger shards) and many (SCALE x the shards, of the small set's size)."""
+    large = options.small * options.scale
+    manifest, source = make_images(options.work_dir, large)
+    small_name = f"s{options.small}-x{options.shard_size}"
+    large_name = f"s{large}-x{options.shard_size * options.scale}"
+    return source, {
+        "small": make_shards(options.work_dir, manifest, options.small, options.shard_size, small_name),
+        "large": make_shards(
+            options.work_dir, manifest, large, options.shard_size * options.scale, large_name
+        ),
+        "many": make_shards(
+            options.work_dir, manifest, large, options.shard_size, f"s{large}-x{options.shard_size}"
+        ),
+    }
+
+
+PLAN = [("mmcl", "large"), ("open_clip", "large"), ("bare", "-"), ("mmcl", "small"), ("mmcl", "many"),
+        ("ab", "-")]  # fmt: skip
+
+
+def run_all(options: Options, sets: dict[str, dict]) -> list[dict]:
+    """Every chosen run, --repeats times, in alternating order so that drift in the machine's load does not
+    favour one side; each waits for a quiet machine first."""
     runs: list[dict] = []
-    for r in range(args.repeats):
-        plan = [("mmcl", "large"), ("open_clip", "large"), ("bare", "-"), ("mmcl", "small"), ("mmcl", "many"),
-                ("ab", "-")]
-        plan = [p for p in plan if f"{p[0]}-{p[1]}".rstrip("-") in args.runs]
+    for r in range(options.repeats):
+        plan = [p for p in PLAN if f"{p[0]}-{p[1]}".rstrip("-") in options.runs]
         if r % 2:
-            plan.reverse()  # alternate the order so that drift in the machine's load does not favour one side
+            plan.reverse()
         for tool, set_name in plan:
             tag = f"{tool}-{set_name}-r{r}" if set_name != "-" else f"{tool}-r{r}"
-            waited, cores = wait_for_quiet(args.quiet_below, args.max_wait)
+            waited, cores = wait_for_quiet(options.quiet_below, options.max_wait)
             if tool == "bare":
-                res = run_bare(args, tag)
+                res = run_bare(options, tag)
             elif tool == "ab":
-                res = run_ab(args, tag)
+                res = run_ab(options, tag)
             else:
-                res = (run_mmcl if tool == "mmcl" else run_open_clip)(args, sets[set_name], tag)
+                res = (run_mmcl if tool == "mmcl" else run_open_clip)(options, sets[set_name], tag)
             res.update(repeat=r, waited_for_quiet_s=waited, others_cores_at_start=cores)
             runs.append(res)
-            if tool == "ab":
-                what = (f"step CPU mmcl {fmt(res.get('ab_mmcl_cpu_ms_per_step'))} ms, open_clip "
-                        f"{fmt(res.get('ab_open_clip_cpu_ms_per_step'))} ms, ratio {fmt(res.get('ab_ratio_median_of_pairs'), '.3f')}")
-            else:
-                what = (f"steady {fmt(res['steady_samples_per_s'])} samples/s  "
-                        f"wait {fmt(res['steady_data_wait_fraction'], '.3f')}  tree RSS {res['peak_tree_rss_mib']:.0f} MiB "
-                        f"PSS {res['peak_tree_pss_mib']:.0f} MiB")
-            print(f"{tag:22s} rc={res['returncode']} waited {waited:3.0f} s wall {res['wall_s']:6.1f} s  {what}  "
-                  f"others {res['others_cpu_cores']:.2f} cores  load {res['load_before']:.2f}", flush=True)
+            print(
+                f"{tag:22s} rc={res['returncode']} waited {waited:3.0f} s wall {res['wall_s']:6.1f} s  "
+                f"{describe_run(tool, res)}  others {res['others_cpu_cores']:.2f} cores  load {res['load_before']:.2f}",
+                flush=True,
+            )
+    return runs
+
+
+def describe_run(tool: str, res: dict) -> str:
+    if tool == "ab":
+        return (
+            f"step CPU mmcl {fmt(res.get('ab_mmcl_cpu_ms_per_step'))} ms, open_clip "
+            f"{fmt(res.get('ab_open_clip_cpu_ms_per_step'))} ms, ratio {fmt(res.get('ab_ratio_median_of_pairs'), '.3f')}"
+        )
+    return (
+        f"steady {fmt(res['steady_samples_per_s'])} samples/s  "
+        f"wait {fmt(res['steady_data_wait_fraction'], '.3f')}  tree RSS {res['peak_tree_rss_mib']:.0f} MiB "
+        f"PSS {res['peak_tree_pss_mib']:.0f} MiB"
+    )
+
+
+SUMMARY_KEYS = ["steady_samples_per_s", "steady_step_ms", "wall_s", "steady_data_wait_fraction",
+                "max_window_data_wait_fraction", "first_window_data_wait_fraction", "peak_tree_rss_mib",
+                "peak_tree_pss_mib", "peak_main_rss_mib", "others_cpu_cores", "others_cores_at_start", "cpu_s",
+                "final_loss", "bench_samples_per_s", "bench_main_cpu_ms_per_step", "bench_tree_cpu_ms_per_step",
+                "first_log_s", "after_last_log_s"]  # fmt: skip
+SUMMARY_LISTS = ("steady_samples_per_s", "bench_samples_per_s", "wall_s", "peak_tree_rss_mib",
+                 "bench_main_cpu_ms_per_step", "bench_tree_cpu_ms_per_step", "others_cpu_cores")  # fmt: skip
+
+
+def summarize_runs(options: Options, runs: list[dict], sets: dict[str, dict]) -> dict:
+    """Per tool and shard set: the median of every key over the successful repeats, and some keys' values."""
 
     def pick(tool, set_name, key):
         name = sets[set_name]["name"] if set_name in sets else set_name
         return [r[key] for r in runs if r["tool"] == tool and r["shard_set"] == name and r["returncode"] == 0]
 
     summary = {}
-    for tool, set_name in [("mmcl", "large"), ("open_clip", "large"), ("bare", "-"), ("mmcl", "small"),
-                           ("mmcl", "many")]:
-        if f"{tool}-{set_name}".rstrip("-") not in args.runs:
+    for tool, set_name in PLAN[:-1]:
+        if f"{tool}-{set_name}".rstrip("-") not in options.runs:
             continue
-        keys = ["steady_samples_per_s", "steady_step_ms", "wall_s", "steady_data_wait_fraction",
-                "max_window_data_wait_fraction", "first_window_data_wait_fraction", "peak_tree_rss_mib",
-                "peak_tree_pss_mib", "peak_main_rss_mib", "others_cpu_cores", "others_cores_at_start", "cpu_s",
-                "final_loss", "bench_samples_per_s", "bench_main_cpu_ms_per_step", "bench_tree_cpu_ms_per_step",
-                "first_log_s", "after_last_log_s"]
         summary[f"{tool}/{set_name}" if tool != "bare" else "bare loop (no data)"] = {
-            k: median(pick(tool, set_name, k)) for k in keys} | {
-            k + "_all": pick(tool, set_name, k) for k in ("steady_samples_per_s", "bench_samples_per_s", "wall_s",
-                                                     "peak_tree_rss_mib", "bench_main_cpu_ms_per_step",
-                                                     "bench_tree_cpu_ms_per_step", "others_cpu_cores")}
+            k: median(pick(tool, set_name, k)) for k in SUMMARY_KEYS
+        } | {k + "_all": pick(tool, set_name, k) for k in SUMMARY_LISTS}
+    return summary
 
+
+def verdicts(options: Options, runs: list[dict], summary: dict) -> dict:
+    """What the issue asks, judged: data wait, memory flat in the data size, mmcl at least open_clip."""
     verdict: dict = {}
     ml = summary.get("mmcl/large")
     if ml:
-        verdict["data_wait_below_5pct"] = (ml["steady_data_wait_fraction"] is not None
-                                           and ml["steady_data_wait_fraction"] < 0.05)
+        verdict["data_wait_below_5pct"] = (
+            ml["steady_data_wait_fraction"] is not None and ml["steady_data_wait_fraction"] < 0.05
+        )
     if ml and "mmcl/small" in summary and "mmcl/many" in summary:
-        small, many = summary["mmcl/small"], summary["mmcl/many"]
-        verdict |= {
-            "memory_large_over_small_rss": ml["peak_tree_rss_mib"] / small["peak_tree_rss_mib"],
-            "memory_many_over_small_rss": many["peak_tree_rss_mib"] / small["peak_tree_rss_mib"],
-            "memory_large_over_small_pss": ml["peak_tree_pss_mib"] / small["peak_tree_pss_mib"],
-            "memory_many_over_small_pss": many["peak_tree_pss_mib"] / small["peak_tree_pss_mib"],
-        }
-        # judged on the summed RSS (what the issue asks); PSS is shown beside it, but it moves with how many
-        # pages the forked workers still share with the trainer at the sampled moment, so it is noisier
-        verdict["memory_flat_within_10pct"] = max(
-            verdict["memory_large_over_small_rss"], verdict["memory_many_over_small_rss"]) <= 1.10
+        verdict |= memory_verdict(ml, summary["mmcl/small"], summary["mmcl/many"])
     if ml and "open_clip/large" in summary:
-        oc = summary["open_clip/large"]
-        verdict["throughput_ratio_mmcl_over_open_clip"] = ml["steady_samples_per_s"] / oc["steady_samples_per_s"]
-        verdict["bench_clock_ratio_mmcl_over_open_clip"] = ml["bench_samples_per_s"] / oc["bench_samples_per_s"]
-        verdict["main_cpu_per_step_ratio_mmcl_over_open_clip"] = (
-            ml["bench_main_cpu_ms_per_step"] / oc["bench_main_cpu_ms_per_step"])
-        verdict["tree_cpu_per_step_ratio_mmcl_over_open_clip"] = (
-            ml["bench_tree_cpu_ms_per_step"] / oc["bench_tree_cpu_ms_per_step"])
-        verdict["wall_ratio_mmcl_over_open_clip"] = ml["wall_s"] / oc["wall_s"]
-        verdict["mmcl_at_least_open_clip"] = verdict["throughput_ratio_mmcl_over_open_clip"] >= 1.0
-        # per repeat: runs of one repeat are back to back, so their ratio cancels slow drifts in the load
-        for key, name in [("steady_samples_per_s", "throughput"), ("bench_main_cpu_ms_per_step", "main_cpu"),
-                          ("bench_tree_cpu_ms_per_step", "tree_cpu")]:
-            per_repeat = []
-            for r in range(args.repeats):
-                m = [x[key] for x in runs if x["tag"] == f"mmcl-large-r{r}" and x["returncode"] == 0]
-                o = [x[key] for x in runs if x["tag"] == f"open_clip-large-r{r}" and x["returncode"] == 0]
-                if m and o and m[0] and o[0]:
-                    per_repeat.append(m[0] / o[0])
-            verdict[f"{name}_ratio_per_repeat"] = per_repeat
-            if per_repeat:
-                verdict[f"{name}_ratio_geomean"] = float(np.exp(np.mean(np.log(per_repeat))))
-
+        verdict |= open_clip_verdict(options, runs, ml, summary["open_clip/large"])
     ab = [r for r in runs if r["tool"] == "ab" and r["returncode"] == 0 and "ab_ratio_median_of_pairs" in r]
     if ab:
         verdict["ab_step_cpu_mmcl_ms"] = median([r["ab_mmcl_cpu_ms_per_step"] for r in ab])
         verdict["ab_step_cpu_open_clip_ms"] = median([r["ab_open_clip_cpu_ms_per_step"] for r in ab])
         verdict["ab_step_cpu_ratio_mmcl_over_open_clip"] = median([r["ab_ratio_median_of_pairs"] for r in ab])
+    return verdict
 
+
+def memory_verdict(ml: dict, small: dict, many: dict) -> dict:
+    verdict = {
+        "memory_large_over_small_rss": ml["peak_tree_rss_mib"] / small["peak_tree_rss_mib"],
+        "memory_many_over_small_rss": many["peak_tree_rss_mib"] / small["peak_tree_rss_mib"],
+        "memory_large_over_small_pss": ml["peak_tree_pss_mib"] / small["peak_tree_pss_mib"],
+        "memory_many_over_small_pss": many["peak_tree_pss_mib"] / small["peak_tree_pss_mib"],
+    }
+    # judged on the summed RSS (what the issue asks); PSS is shown beside it, but it moves with how many
+    # pages the forked workers still share with the trainer at the sampled moment, so it is noisier
+    verdict["memory_flat_within_10pct"] = (
+        max(verdict["memory_large_over_small_rss"], verdict["memory_many_over_small_rss"]) <= 1.10
+    )
+    return verdict
+
+
+def open_clip_verdict(options: Options, runs: list[dict], ml: dict, oc: dict) -> dict:
+    verdict: dict = {}
+    verdict["throughput_ratio_mmcl_over_open_clip"] = ml["steady_samples_per_s"] / oc["steady_samples_per_s"]
+    verdict["bench_clock_ratio_mmcl_over_open_clip"] = ml["bench_samples_per_s"] / oc["bench_samples_per_s"]
+    verdict["main_cpu_per_step_ratio_mmcl_over_open_clip"] = (
+        ml["bench_main_cpu_ms_per_step"] / oc["bench_main_cpu_ms_per_step"]
+    )
+    verdict["tree_cpu_per_step_ratio_mmcl_over_open_clip"] = (
+        ml["bench_tree_cpu_ms_per_step"] / oc["bench_tree_cpu_ms_per_step"]
+    )
+    verdict["wall_ratio_mmcl_over_open_clip"] = ml["wall_s"] / oc["wall_s"]
+    verdict["mmcl_at_least_open_clip"] = verdict["throughput_ratio_mmcl_over_open_clip"] >= 1.0
+    # per repeat: runs of one repeat are back to back, so their ratio cancels slow drifts in the load
+    for key, name in [
+        ("steady_samples_per_s", "throughput"),
+        ("bench_main_cpu_ms_per_step", "main_cpu"),
+        ("bench_tree_cpu_ms_per_step", "tree_cpu"),
+    ]:
+        per_repeat = []
+        for r in range(options.repeats):
+            m = [x[key] for x in runs if x["tag"] == f"mmcl-large-r{r}" and x["returncode"] == 0]
+            o = [x[key] for x in runs if x["tag"] == f"open_clip-large-r{r}" and x["returncode"] == 0]
+            if m and o and m[0] and o[0]:
+                per_repeat.append(m[0] / o[0])
+        verdict[f"{name}_ratio_per_repeat"] = per_repeat
+        if per_repeat:
+            verdict[f"{name}_ratio_geomean"] = float(np.exp(np.mean(np.log(per_repeat))))
+    return verdict
+
+
+def print_report(options: Options, summary: dict, verdict: dict) -> None:
     print()
-    print(f"{args.steps} steps, batch {args.batch_size}, {args.workers} loader workers, {args.threads} torch threads, "
-          f"fp32 CPU; medians of {args.repeats} repeat(s); steady state = log windows after step {args.exclude_steps}")
-    header = (f"{'run':20s} {'samples/s':>9s} {'(bench)':>8s} {'step ms':>8s} {'main CPU':>8s} {'tree CPU':>8s} "
-              f"{'wall s':>7s} {'data wait':>9s} {'tree RSS':>9s} {'tree PSS':>9s} {'others':>6s}")
+    print(
+        f"{options.steps} steps, batch {options.batch_size}, {options.workers} loader workers, {options.threads} torch threads, "
+        f"fp32 CPU; medians of {options.repeats} repeat(s); steady state = log windows after step {options.exclude_steps}"
+    )
+    header = (
+        f"{'run':20s} {'samples/s':>9s} {'(bench)':>8s} {'step ms':>8s} {'main CPU':>8s} {'tree CPU':>8s} "
+        f"{'wall s':>7s} {'data wait':>9s} {'tree RSS':>9s} {'tree PSS':>9s} {'others':>6s}"
+    )
     print(header)
-    print(f"{'':20s} {'(tool log)':>9s} {'':>8s} {'':>8s} {'ms/step':>8s} {'ms/step':>8s} {'':>7s} {'':>9s} "
-          f"{'peak':>9s} {'peak':>9s} {'cores':>6s}")
+    print(
+        f"{'':20s} {'(tool log)':>9s} {'':>8s} {'':>8s} {'ms/step':>8s} {'ms/step':>8s} {'':>7s} {'':>9s} "
+        f"{'peak':>9s} {'peak':>9s} {'cores':>6s}"
+    )
     print("-" * len(header))
     for name, v in summary.items():
         wait = v["steady_data_wait_fraction"]
-        print(f"{name:20s} {fmt(v['steady_samples_per_s']):>9s} {fmt(v['bench_samples_per_s']):>8s} "
-              f"{fmt(v['steady_step_ms']):>8s} {fmt(v['bench_main_cpu_ms_per_step'], '.0f'):>8s} "
-              f"{fmt(v['bench_tree_cpu_ms_per_step'], '.0f'):>8s} {fmt(v['wall_s']):>7s} "
-              f"{fmt(wait if wait is None else 100 * wait, '.1f') + '%':>9s} "
-              f"{fmt(v['peak_tree_rss_mib'], '.0f') + ' MiB':>9s} {fmt(v['peak_tree_pss_mib'], '.0f') + ' MiB':>9s} "
-              f"{fmt(v['others_cpu_cores'], '.2f'):>6s}")
+        print(
+            f"{name:20s} {fmt(v['steady_samples_per_s']):>9s} {fmt(v['bench_samples_per_s']):>8s} "
+            f"{fmt(v['steady_step_ms']):>8s} {fmt(v['bench_main_cpu_ms_per_step'], '.0f'):>8s} "
+            f"{fmt(v['bench_tree_cpu_ms_per_step'], '.0f'):>8s} {fmt(v['wall_s']):>7s} "
+            f"{fmt(wait if wait is None else 100 * wait, '.1f') + '%':>9s} "
+            f"{fmt(v['peak_tree_rss_mib'], '.0f') + ' MiB':>9s} {fmt(v['peak_tree_pss_mib'], '.0f') + ' MiB':>9s} "
+            f"{fmt(v['others_cpu_cores'], '.2f'):>6s}"
+        )
     print()
     for k, v in verdict.items():
-        shown = v if isinstance(v, bool) else [round(x, 3) for x in v] if isinstance(v, list) else format(v, ".3f")
+        shown = (
+            v
+            if isinstance(v, bool)
+            else [round(x, 3) for x in v]
+            if isinstance(v, list)
+            else format(v, ".3f")
+        )
         print(f"{k}: {shown}")
 
-    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": info,
-               "data_source": source, "shard_sets": sets, "summary": summary, "verdict": verdict, "runs": runs}
-    out = args.json or args.work_dir / "results.json"
+
+def main() -> int:
+    options = parse_options()
+    (options.work_dir / "runs").mkdir(parents=True, exist_ok=True)  # every run's log, whichever runs first
+    source, sets = make_shard_sets(options)
+    info = machine_info(options)
+    print(
+        f"data: {source}; shard sets: "
+        + ", ".join(f"{k}={v['samples']} samples/{v['shards']} shards" for k, v in sets.items()),
+        flush=True,
+    )
+    print(
+        f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}; "
+        f"load {os.getloadavg()}",
+        flush=True,
+    )
+    runs = run_all(options, sets)
+    summary = summarize_runs(options, runs, sets)
+    verdict = verdicts(options, runs, summary)
+    print_report(options, summary, verdict)
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+    results = {
+        "args": args,
+        "machine": info,
+        "data_source": source,
+        "shard_sets": sets,
+        "summary": summary,
+        "verdict": verdict,
+        "runs": runs,
+    }
+    out = options.json or options.work_dir / "results.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nresults: {out}")
     return 0 if all(r["returncode"] == 0 for r in runs) else 1

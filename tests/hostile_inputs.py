@@ -38,11 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 for _path in (REPO, REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
-if str(REPO / "bench") not in sys.path:
-    sys.path.append(str(REPO / "bench"))  # last: nothing there may shadow an installed module
 
-from conftest import COLOURS, make_image, make_tone  # noqa: E402  (the test suite's real-file helpers)
-from faults import png_header_only  # noqa: E402  (bench/faults.py: a PNG header claiming any size)
+from media_files import COLOURS, make_image, make_tone, png_header_only  # noqa: E402
 
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402  (mmcl's own tar bytes)
 

@@ -20,9 +20,10 @@ import pytest
 import soundfile
 import torch
 import webdataset as wds
-from conftest import HANG_GUARD_S, clear_proxies
+from localhost import clear_proxies
 from open_clip.transform import image_transform
 from PIL import Image
+from processes import HANG_GUARD_S
 from pydantic import ValidationError
 
 from mmcl.data import DataConfig, StreamState, build_loader, build_train_stream

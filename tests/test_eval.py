@@ -16,8 +16,9 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
-from conftest import make_image, make_tone, run_mmcl
+from media_files import make_image, make_tone
 from PIL import Image
+from processes import run_mmcl
 from pydantic import ValidationError
 
 from mmcl.cli import main as mmcl_main

@@ -1,6 +1,7 @@
 """Fault injection (issue 7), the cheap and deterministic part: bad inputs, the states a kill leaves, damaged
-checkpoints and shards, pickle bombs, shell-executing URLs, invalid configs. bench/faults.py runs the many
-random kill -9 trials (and every scenario through the real CLI); its corpus builders and checks are used here.
+checkpoints and shards, pickle bombs, shell-executing URLs, invalid configs. The corpora and their checks are
+in fault_corpora.py (sharding) and fault_training.py (training), shared with bench/faults.py, which runs the
+many random kill -9 trials (and every scenario through the real CLI).
 
 Covered elsewhere and not repeated: a kill -9 of a real sharding run
 (test_shard_run.py::test_resume_after_kill_gives_identical_output), SIGTERM
@@ -10,7 +11,6 @@ Covered elsewhere and not repeated: a kill -9 of a real sharding run
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -18,9 +18,36 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_corpora
 import pytest
 import torch
-from conftest import REPO, Handshake, refusing_port
+from fault_corpora import (
+    PWNED,
+    build_kill_corpus,
+    check_corpus_output,
+    leftover_temporaries,
+    manifest_hashes_hold,
+    output_digest,
+)
+from fault_training import (
+    CONFIG_CASES,
+    DAMAGES,
+    build_train_shards,
+    check_bad_sample_metric,
+    check_epoch,
+    check_resumed_run,
+    check_warnings,
+    config_case_files,
+    damage_checkpoint,
+    damage_shards,
+    epoch_keys,
+    logged_step,
+    make_pickle_bomb,
+    run_config_case,
+    train_config,
+)
+from localhost import refusing_port
+from processes import REPO, Handshake, kill9
 
 from mmcl.cli import main
 from mmcl.config import load_train_config
@@ -39,10 +66,6 @@ from shards_tools.config import build_config
 from shards_tools.run import run_sharding
 from shards_tools.verify import verify_shards
 
-_spec = importlib.util.spec_from_file_location("faults_bench", REPO / "bench" / "faults.py")
-faults = sys.modules.setdefault("faults_bench", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(faults)
-
 STEPS = 6  # checkpoints at steps 2, 4 and 6
 
 
@@ -54,12 +77,12 @@ def train(config: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """48 images in 4 shards of 12."""
-    return faults.build_train_shards(tmp_path_factory.mktemp("fault_shards"), count=48, shard_size=12)
+    return build_train_shards(tmp_path_factory.mktemp("fault_shards"), count=48, shard_size=12)
 
 
 def config_for(tmp: Path, shards: Path | str, run: Path, **sections) -> Path:
     sections.setdefault("train", {}).update({"steps": STEPS, "checkpoint_every": 2})
-    return faults.train_config(tmp / f"{run.name}.yaml", shards, run, **sections)
+    return train_config(tmp / f"{run.name}.yaml", shards, run, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +94,7 @@ def reference(shards: Path, tmp_path_factory) -> Path:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    assert faults.check_resumed_run(run, reference, STEPS) == []
+    assert check_resumed_run(run, reference, STEPS) == []
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -86,20 +109,20 @@ def test_bad_inputs_are_skipped_with_their_reason_and_no_good_item_is_lost(
         options = (
             {"unanswered_url": f"http://127.0.0.1:{port}/x.jpg"} if builder == "build_image_corpus" else {}
         )
-        corpus = getattr(faults, builder)(tmp_path / "in", **options)
+        corpus = getattr(fault_corpora, builder)(tmp_path / "in", **options)
         out = tmp_path / "out"
         run_sharding(build_config(corpus.shard_fields(out)), progress=False)
-    check = faults.check_corpus_output(out, corpus)
+    check = check_corpus_output(out, corpus)
     assert check["problems"] == [] and check["lost"] == 0
     assert check["faults"] >= 6 and check["written"] == sum(corpus.good.values())
     assert verify_shards(out).ok
-    assert not (corpus.input.parent / faults.PWNED).exists()  # the pipe: row ran nothing
+    assert not (corpus.input.parent / PWNED).exists()  # the pipe: row ran nothing
 
 
 def test_every_state_a_kill_leaves_resumes_to_the_uninterrupted_output(tmp_path: Path) -> None:
     """What a kill -9 can leave at each point of a run, injected by hand; the re-run must end identical.
     (test_shard_run.py kills a real run; bench/faults.py does it at random points, 10 times.)"""
-    manifest = faults.build_kill_corpus(tmp_path / "in", 60)
+    manifest = build_kill_corpus(tmp_path / "in", 60)
 
     def shard(out: Path) -> None:
         fields = {
@@ -111,7 +134,7 @@ def test_every_state_a_kill_leaves_resumes_to_the_uninterrupted_output(tmp_path:
         run_sharding(build_config(fields), progress=False)
 
     shard(tmp_path / "reference")
-    expected = faults.output_digest(tmp_path / "reference")
+    expected = output_digest(tmp_path / "reference")
     out = tmp_path / "killed"
     shutil.copytree(tmp_path / "reference", out)
     progress = out / "_progress"
@@ -131,14 +154,14 @@ def test_every_state_a_kill_leaves_resumes_to_the_uninterrupted_output(tmp_path:
     (out / "_parts").mkdir()
     (out / "_parts" / ".part-00000-of-00001.json.tmp-4242").write_text("{")
     shard(out)
-    assert faults.output_digest(out) == expected
-    assert faults.manifest_hashes_hold(out) and faults.leftover_temporaries(out) == []
+    assert output_digest(out) == expected
+    assert manifest_hashes_hold(out) and leftover_temporaries(out) == []
 
 
 def test_a_part_leaves_the_temporaries_of_other_parts_alone(tmp_path: Path) -> None:
     """In a job array every part shares the output folder: a part starting must not delete (and so crash)
     the shard another part is writing, but must clean what a killed run of its own left."""
-    manifest = faults.build_kill_corpus(tmp_path / "in", 20)
+    manifest = build_kill_corpus(tmp_path / "in", 20)
     out = tmp_path / "out"
     (out / "_progress").mkdir(parents=True)
     theirs = [out / ".shard-000000.tar.tmp-111", out / "_progress" / ".shard-000000.tar.json.tmp-111"]
@@ -172,13 +195,13 @@ def test_pool_workers_die_with_a_killed_sharding_process() -> None:
         handshake.started()
         workers = [int(pid) for pid in handshake.wait(2)]  # both workers are inside a shard
     assert len(workers) == 2
-    orphans = faults.kill9(proc, whole_group=False)  # the main process only, as `kill -9 PID`
+    orphans = kill9(proc, whole_group=False)  # the main process only, as `kill -9 PID`
     assert orphans == []
 
 
 def test_outputs_appear_atomically(tmp_path: Path, monkeypatch) -> None:
     """A crash just before a file is published leaves no partial file, and the next run cleans up."""
-    manifest = faults.build_kill_corpus(tmp_path / "in", 12)
+    manifest = build_kill_corpus(tmp_path / "in", 12)
     fields = {"input": {"modality": "image", "path": manifest}, "output": tmp_path / "out", "shard_size": 5,
               "workers": 1}  # fmt: skip
     real_replace = os.replace
@@ -194,7 +217,7 @@ def test_outputs_appear_atomically(tmp_path: Path, monkeypatch) -> None:
     assert not (tmp_path / "out" / "manifest.json").exists()  # no half-written manifest, ever
     monkeypatch.setattr(os, "replace", real_replace)
     run_sharding(build_config(fields), progress=False)
-    assert faults.leftover_temporaries(tmp_path / "out") == []
+    assert leftover_temporaries(tmp_path / "out") == []
     assert verify_shards(tmp_path / "out").ok
 
     root = tmp_path / "checkpoints"
@@ -220,12 +243,12 @@ def test_outputs_appear_atomically(tmp_path: Path, monkeypatch) -> None:
 def test_damaged_shards_in_the_stream_are_skipped_warned_and_counted(
     shards: Path, tmp_path: Path, caplog
 ) -> None:
-    facts = faults.damage_shards(shards, tmp_path / "damaged")
+    facts = damage_shards(shards, tmp_path / "damaged")
     config = config_for(tmp_path, tmp_path / "damaged", tmp_path / "run")
-    assert faults.check_epoch(*faults.epoch_keys(config), facts) == []  # every usable good sample, once
-    assert faults.check_warnings(caplog.text, facts) == []
+    assert check_epoch(*epoch_keys(config), facts) == []  # every usable good sample, once
+    assert check_warnings(caplog.text, facts) == []
     assert train(config).step == STEPS  # 2 loader workers (their warnings go to their stderr, not caplog)
-    assert faults.check_bad_sample_metric(tmp_path / "run", facts, None, STEPS) == []
+    assert check_bad_sample_metric(tmp_path / "run", facts, None, STEPS) == []
 
 
 # `mmcl train ARGS` that stops after logging step 3 (after its checkpoint at step 2, before the one at step 4),
@@ -258,32 +281,32 @@ def test_kill_9_mid_training_then_resume_gives_identical_weights(shards, referen
                                 start_new_session=True, pass_fds=[handshake.fd])  # fmt: skip
         handshake.started()
         handshake.wait()
-    faults.kill9(proc, whole_group=True)  # the run and its loader workers
+    kill9(proc, whole_group=True)  # the run and its loader workers
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-    assert 3 <= faults._logged_step(run) < STEPS  # it logged a step after its last checkpoint (step 2)
+    assert 3 <= logged_step(run) < STEPS  # it logged a step after its last checkpoint (step 2)
     train(config)  # resume, in this process
     assert_same_run(run, reference)
 
 
-@pytest.mark.parametrize("damage", faults.DAMAGES)
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     damage: str, reference, tmp_path: Path
 ) -> None:
     root = tmp_path / "checkpoints"
     shutil.copytree(reference / "checkpoints", root)
-    faults._damage(root / "step-00000006", damage, tmp_path / faults.PWNED)
+    damage_checkpoint(root / "step-00000006", damage, tmp_path / PWNED)
     warnings: list[str] = []
     checkpoint = latest_checkpoint(root, warn=warnings.append)
     assert checkpoint.path.name == "step-00000004" and checkpoint.train_state.step == 4
     if damage != "no COMPLETE marker":
         assert len(warnings) == 1 and "step-00000006 is damaged" in warnings[0]
-    assert not (tmp_path / faults.PWNED).exists()
+    assert not (tmp_path / PWNED).exists()
 
 
 def test_resume_after_a_damaged_checkpoint_gives_identical_weights(shards, reference, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    faults._damage(run / "checkpoints" / "step-00000006", faults.DAMAGES[1], tmp_path / faults.PWNED)
+    damage_checkpoint(run / "checkpoints" / "step-00000006", DAMAGES[1], tmp_path / PWNED)
     train(config_for(tmp_path, shards, run))  # resumes at step 4, redoes 5 and 6
     assert_same_run(run, reference)
 
@@ -292,8 +315,8 @@ def test_resume_after_a_damaged_checkpoint_gives_identical_weights(shards, refer
 
 
 def test_a_pickle_bomb_is_refused_and_never_runs(shards, reference, tmp_path: Path) -> None:
-    marker = tmp_path / faults.PWNED
-    bomb = faults.make_pickle_bomb(tmp_path / "bomb.pt", marker)
+    marker = tmp_path / PWNED
+    bomb = make_pickle_bomb(tmp_path / "bomb.pt", marker)
     torch.load(bomb, weights_only=False)  # the bomb is live: unpickled the unsafe way it runs
     assert marker.exists()
     marker.unlink()
@@ -315,7 +338,7 @@ def test_a_pickle_bomb_is_refused_and_never_runs(shards, reference, tmp_path: Pa
 
 def test_pipe_urls_run_nothing_unless_allowed(shards: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     config = config_for(tmp_path, shards, tmp_path / "run")
-    marker = tmp_path / faults.PWNED
+    marker = tmp_path / PWNED
     pipe = f"data.sources=[{{urls: 'pipe:touch {marker}'}}]"
     assert main(["train", "--config", str(config), "--check", pipe]) == 2
     assert "data.allow_pipe" in capsys.readouterr().err
@@ -328,10 +351,10 @@ def test_pipe_urls_run_nothing_unless_allowed(shards: Path, tmp_path: Path, monk
     folder = tmp_path / "cwd"
     folder.mkdir()
     for i, tar in enumerate(sorted(shards.glob("*.tar"))):
-        shutil.copy(tar, folder / (f"pipe:touch {faults.PWNED}.tar" if i == 0 else tar.name))
+        shutil.copy(tar, folder / (f"pipe:touch {PWNED}.tar" if i == 0 else tar.name))
     monkeypatch.chdir(folder)
-    keys, boundary, bad = faults.epoch_keys(config_for(tmp_path, ".", tmp_path / "dot"))
-    assert not (folder / f"{faults.PWNED}.tar").exists()
+    keys, boundary, bad = epoch_keys(config_for(tmp_path, ".", tmp_path / "dot"))
+    assert not (folder / f"{PWNED}.tar").exists()
     assert len(set(keys) | boundary) == 48 and not bad
 
 
@@ -341,14 +364,14 @@ def test_pipe_urls_run_nothing_unless_allowed(shards: Path, tmp_path: Path, monk
 @pytest.fixture(scope="module")
 def config_cases(shards: Path, tmp_path_factory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("config_cases")
-    base = faults.train_config(root / "base.yaml", shards, root / "run", train={"steps": 4})
-    return base, root, faults.config_case_files(root, shards)
+    base = train_config(root / "base.yaml", shards, root / "run", train={"steps": 4})
+    return base, root, config_case_files(root, shards)
 
 
-@pytest.mark.parametrize("case", faults.CONFIG_CASES, ids=[case[0] for case in faults.CONFIG_CASES])
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[case[0] for case in CONFIG_CASES])
 def test_an_invalid_config_exits_2_with_one_clear_message(case, config_cases) -> None:
     base, root, files = config_cases
-    result = faults.run_config_case(case, base, root, files, main)
+    result = run_config_case(case, base, root, files, main)
     assert result["ok"], result
     assert not result["pwned"]
 

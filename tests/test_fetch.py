@@ -18,7 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import HANG_GUARD_S, clear_proxies, refusing_port
+from localhost import clear_proxies, refusing_port
+from processes import HANG_GUARD_S
 
 from shards_tools.config import FetchOptions
 from shards_tools.fetch import fetch_bytes, split_tar_member, url_scheme

@@ -18,7 +18,6 @@ import pytest
 import tomllib
 import torch
 import yaml
-from conftest import REPO, make_image
 from hostile_inputs import (
     HOSTILE_LABELS,
     HOSTILE_PART_KINDS,
@@ -49,6 +48,8 @@ from hostile_inputs import (
     wav_bytes,
     write_shard_folder,
 )
+from media_files import make_image
+from processes import REPO
 
 from mmcl.cli import main
 from mmcl.data import BadSample, DataConfig, build_train_stream, load_clip

@@ -6,7 +6,8 @@
 
 Inside mmcl the subpackages are layered too (ALLOWED below). The one module that may look upward is the
 `mmcl` command's entry point, mmcl/cli.py, which registers `mmcl demo` from pipelines/, inside a function.
-Every import statement counts, at module level or inside a function.
+Every import statement counts, at module level or inside a function. tests/ and bench/ are apart the same
+way: bench/ may import the tests' helper modules, tests/ never imports bench/.
 """
 
 from __future__ import annotations
@@ -97,6 +98,26 @@ def test_mmcl_parts_import_only_the_layers_below() -> None:
         if part(imported) not in ALLOWED[part(importer)] and imported != "mmcl":
             wrong.append(f"{importer} imports {imported}")
     assert not wrong, wrong
+
+
+def test_tests_never_import_the_benchmarks() -> None:
+    """bench/ may build on the tests' helpers (media files, corpora, process tools), never the reverse, and
+    nothing imports conftest.py, which holds fixtures only."""
+    offenders = []
+    for path in sorted(p for p in (REPO / "tests").glob("*.py") if p.name != Path(__file__).name):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("bench", "conftest")]
+            if (
+                isinstance(node, ast.Constant) and node.value == "bench"
+            ):  # REPO / "bench" / ...: loading by path
+                offenders.append(f"{path.name}: builds a path into bench/")
+    for path in sorted((REPO / "bench").glob("*.py")):
+        text = path.read_text("utf-8")
+        if "from conftest import" in text or "import conftest" in text:
+            offenders.append(f"{path.name}: imports conftest")
+    assert not offenders, offenders
 
 
 def test_the_sharding_tools_never_import_torch() -> None:

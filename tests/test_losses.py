@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import HANG_GUARD_S
 from open_clip.loss import ClipLoss, SigLipLoss
+from processes import HANG_GUARD_S
 from torch import Tensor, nn
 
 from mmcl.losses import (

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, accelerate_launch, make_shapes_manifest, run_mmcl
+from media_files import make_shapes_manifest
+from processes import REPO, accelerate_launch, run_mmcl
 from sklearn.metrics import roc_auc_score
 
 from mmcl.config import load_train_config

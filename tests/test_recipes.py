@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_image, make_tone
+from media_files import make_image, make_tone
+from processes import REPO
 
 from mmcl.config import load_train_config
 from mmcl.train.trainer import Trainer

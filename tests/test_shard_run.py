@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import COLOURS, REPO, Handshake, kill9, make_image, make_tone, run_mmcl, wait_until
+from media_files import COLOURS, make_image, make_tone
+from processes import REPO, Handshake, kill9, run_mmcl, wait_until
 
 OUTPUT_FILES = ("manifest.json", "sizes.json", "_errors.jsonl")
 

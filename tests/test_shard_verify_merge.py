@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, make_image, run_mmcl
+from media_files import COLOURS, make_image
+from processes import run_mmcl
 
 from mmcl.cli import main
 from shards_tools.config import build_config

@@ -13,16 +13,8 @@ import open_clip
 import pytest
 import torch
 import yaml
-from conftest import (
-    COLOURS,
-    HANG_GUARD_S,
-    REPO,
-    accelerate_launch,
-    make_image,
-    make_tone,
-    run_mmcl,
-    wait_until,
-)
+from media_files import COLOURS, make_image, make_tone
+from processes import HANG_GUARD_S, REPO, accelerate_launch, run_mmcl, wait_until
 from safetensors.torch import load_file
 
 from mmcl.config import load_train_config

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLOURS, make_image, run_mmcl
+from media_files import COLOURS, make_image
+from processes import run_mmcl
 from safetensors.torch import load_file
 from test_train import image_shards, metrics, write_config  # noqa: F401 (image_shards is a fixture)
 from torch import nn
