@@ -42,8 +42,8 @@ busy cores. Results: a table on stdout and WORK_DIR/results.json (or --json). --
 threads for every process; on a machine with few cores keep threads + loader workers <= cores (2 threads
 beside 2 workers on 2 cores run both trainers 4x slower than 1 thread, see docs/BENCHMARKS.md).
 
-open_clip's trainer runs with webdataset 0.2.86 first on PYTHONPATH (.venv/wds-0.2.86, see
-shared/ENVIRONMENT.md: newer webdataset crashes its loader) and the micro config registered through this
+open_clip's trainer runs with webdataset 0.2.86 first on PYTHONPATH (.venv/wds-0.2.86, which `make install`
+puts there: newer webdataset crashes its loader, open_clip #935) and the micro config registered through this
 file's `_open_clip` entry point (open_clip_train has no flag for a model-config folder).
 """
 

@@ -1,4 +1,4 @@
-"""Small real datasets for the demo, built offline from Debian packages (../shared/DATASETS.md):
+"""Small real datasets for the demo, built offline from Debian packages (installed by `make demo`):
 
 - images: Fashion-MNIST (package dataset-fashion-mnist), 10 clothing classes; train pairs get captions
   from varied templates, held-out test images are written as class folders for zero-shot evaluation.
