@@ -47,6 +47,7 @@ from mmcl.eval.formats import CLASSIFICATION_FORMATS, FOLD_FORMATS, FORMAT_MODAL
 from mmcl.models import DualEncoder
 from shards_tools import readers
 from shards_tools.config import InputSpec
+from shards_tools.readers.detect import LayoutUnknown
 from shards_tools.readers.webdataset_input import is_brace_pattern
 from shards_tools.shard_format import (
     MEDIA_EXTENSIONS,
@@ -306,34 +307,30 @@ def _data_path(path: str | Path, options: ReadOptions, where: str, allow_hint: s
     return text
 
 
-def detect_format(path: str | Path) -> str:
-    """The classification layout of `path` (see the module docstring), or UsageError naming --format.
+def detect_format(path: str | Path, modality: str) -> str:
+    """The classification layout of `path` for a `modality` model (see the module docstring), or UsageError
+    naming --format. CIFAR pickles are the evaluator's own; every other layout is told apart exactly as
+    `mmcl shard` tells it (shards_tools.readers.detect_format), so both read the same folder the same way.
     A URL (http(s), or an allowed pipe:) can only be shards."""
     text = os.path.expanduser(str(path))
-    if not is_local(text) or is_brace_pattern(text) or text.endswith(".tar"):
+    if not is_local(text) or is_brace_pattern(text):
         return "shards"
     if not os.path.exists(text):
         raise UsageError(f"--data {text} does not exist")
     folder = Path(text)
-    if folder.is_file():
-        name = folder.name.lower()
-        if name == "esc50.csv":
-            return "esc50"
-        if name == "urbansound8k.csv":
-            return "urbansound8k"
+    for fmt, (subfolder, test, meta, _, _) in CIFAR.items():
+        if (folder / subfolder / test).is_file() or ((folder / test).is_file() and (folder / meta).is_file()):
+            return fmt
+    try:
+        found = readers.detect_format(folder, modality)
+    except LayoutUnknown as err:
+        found, reason = None, err.reason
     else:
-        if any(p.suffix == ".tar" for p in folder.iterdir()):
-            return "shards"
-        for fmt, (subfolder, test, meta, _, _) in CIFAR.items():
-            if (folder / subfolder / test).is_file() or ((folder / test).is_file() and (folder / meta).is_file()):
-                return fmt
-        if (folder / "meta" / "esc50.csv").is_file():
-            return "esc50"
-        if (folder / "metadata" / "UrbanSound8K.csv").is_file():
-            return "urbansound8k"
-        if any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
-            return "class-folder"
-    raise UsageError(f"cannot tell the layout of --data {text}; pass --format, one of: "
+        reason = f"it looks like {found} input for `mmcl shard`, not labelled data"
+    fmt = "shards" if found == "webdataset" else found
+    if fmt in CLASSIFICATION_FORMATS:
+        return fmt
+    raise UsageError(f"cannot tell the layout of --data {text}: {reason}; pass --format, one of: "
                      f"{', '.join(CLASSIFICATION_FORMATS)}")
 
 
@@ -368,7 +365,7 @@ def open_classification(
     how to allow pipe: paths in messages.
     """
     text = _data_path(path, read_options, where, allow_hint)
-    fmt = detect_format(text) if format == "auto" else format
+    fmt = detect_format(text, modality) if format == "auto" else format
     if fmt not in CLASSIFICATION_FORMATS:
         raise UsageError(f"--format {fmt!r} is not a classification layout; use one of {', '.join(CLASSIFICATION_FORMATS)}")
     if FORMAT_MODALITY.get(fmt, modality) != modality:

@@ -26,10 +26,18 @@ def format_choices() -> list[str]:
     return [name for name in get_args(InputFormat) if name != "auto"]
 
 
-def cannot_tell(path: Path, reason: str) -> UsageError:
-    return UsageError(
-        f"cannot tell the format of {path}: {reason}; pass --format, one of: {', '.join(format_choices())}"
-    )
+class LayoutUnknown(UsageError):
+    """No known layout fits the input; `reason` says what was seen (the evaluator words its own message)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"cannot tell the format of {path}: {reason}; pass --format, one of: {', '.join(format_choices())}"
+        )
+        self.reason = reason
+
+
+def cannot_tell(path: Path, reason: str) -> LayoutUnknown:
+    return LayoutUnknown(path, reason)
 
 
 def detect_format(path: Path, modality: str) -> str:
