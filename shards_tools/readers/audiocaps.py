@@ -15,7 +15,7 @@ from typing import Any
 from shards_tools.config import InputSpec
 from shards_tools.items import ItemError, SourceItem
 from shards_tools.readers.common import (
-    MEDIA_EXTENSIONS,
+    INPUT_EXTENSIONS,
     captions_from_value,
     csv_header,
     csv_rows,
@@ -46,8 +46,8 @@ def default_audio_dirs(csv_path: Path) -> list[Path]:
 
 def index_audio(root: Path) -> dict[str, Path]:
     """File stem -> audio path under `root`; when a stem has several files, the earlier extension in
-    MEDIA_EXTENSIONS["audio"] wins (wav before flac before ogg...)."""
-    rank = {ext: i for i, ext in enumerate(MEDIA_EXTENSIONS["audio"])}
+    INPUT_EXTENSIONS["audio"] wins (wav before flac before ogg...)."""
+    rank = {ext: i for i, ext in enumerate(INPUT_EXTENSIONS["audio"])}
     found: dict[str, Path] = {}
     for path in walk_files(root):
         if not is_media(path.name, "audio"):
@@ -100,7 +100,7 @@ def read_audiocaps(spec: InputSpec) -> Iterator[SourceItem]:
                 problem = ItemError(
                     "missing_file",
                     f"no audio for youtube_id {youtube_id} (start {start_time}) in {root}; "
-                    f"looked for {', '.join(stems)} with extension {'/'.join(MEDIA_EXTENSIONS['audio'])}",
+                    f"looked for {', '.join(stems)} with extension {'/'.join(INPUT_EXTENSIONS['audio'])}",
                 )
             elif not captions:
                 problem = no_caption(f"AudioCaps clip {youtube_id} has no caption")

@@ -14,7 +14,9 @@ from shards_tools.fetch import HTTP_SCHEMES, url_scheme
 from shards_tools.items import ItemError
 from shards_tools.shard_format import MAX_META_BYTES
 
-MEDIA_EXTENSIONS = {
+# The media files a reader takes as input, by extension (any format decode.py may open, in any case); the
+# extensions of media *members* in shards are shard_format.MEDIA_EXTENSIONS.
+INPUT_EXTENSIONS = {
     "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
     "audio": (".wav", ".flac", ".ogg", ".mp3", ".oga", ".opus"),
 }
@@ -23,7 +25,7 @@ CAPTION_EXTENSIONS = (".txt", ".json")
 
 def is_media(name: str, modality: str) -> bool:
     """Whether a file name has one of the modality's media extensions (case-insensitive)."""
-    return os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS[modality]
+    return os.path.splitext(name)[1].lower() in INPUT_EXTENSIONS[modality]
 
 
 def decode_text(data: bytes) -> str:

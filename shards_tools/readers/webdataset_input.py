@@ -21,7 +21,7 @@ from braceexpand import braceexpand
 from shards_tools.config import InputSpec
 from shards_tools.errors import UsageError
 from shards_tools.items import ItemError, SourceItem
-from shards_tools.readers.common import MEDIA_EXTENSIONS, captions_from_value, decode_text, no_caption
+from shards_tools.readers.common import INPUT_EXTENSIONS, captions_from_value, decode_text, no_caption
 from shards_tools.shard_format import parse_json_object
 from shards_tools.tar_stream import Member, ShardReadError, iter_members, open_shard
 
@@ -90,7 +90,7 @@ def _tar_items(path: Path, modality: str) -> Iterator[SourceItem]:
     must not be read (sparse, an oversized caption file) marks its sample with the reason. Media members are
     read later, by fetch, under --max-bytes.
     """
-    media_suffixes = {ext.lstrip(".") for ext in MEDIA_EXTENSIONS[modality]}
+    media_suffixes = {ext.lstrip(".") for ext in INPUT_EXTENSIONS[modality]}
     sample: _Sample | None = None
     try:
         with open_shard(str(path)) as (fileobj, stream):
@@ -145,7 +145,7 @@ def _sample_item(path: Path, sample: _Sample, modality: str) -> SourceItem:
     if sample.problem is not None:
         problem = ItemError("decode_error", f"{path}: sample {sample.key}: {sample.problem}")
     elif sample.media is None:
-        extensions = "/".join(MEDIA_EXTENSIONS[modality])
+        extensions = "/".join(INPUT_EXTENSIONS[modality])
         problem = ItemError(
             "missing_file", f"{path}: sample {sample.key} has no {modality} member ({extensions})"
         )
