@@ -23,7 +23,6 @@ from mmcl.noise.config import NoiseConfig
 # A YAML alias repeats a node by reference, so a few hundred bytes of nested aliases ("billion laughs") expand
 # to millions of values once validated or dumped; real configs hold a few hundred.
 MAX_CONFIG_VALUES = 100_000
-IN_BATCH_NULL_MIN_PAIRS = 8  # local_fdr, loss_mixture: B (B - 1) off-diagonal pairs make the null: 56 at 8, 4,032 at 64
 
 
 class _Strict(BaseModel):
@@ -98,11 +97,7 @@ class TrainConfig(_Strict):
                     raise ValueError(f"data.{key}={data_value} differs from model.audio.{key}={model_value}; "
                                      f"remove data.{key} (it follows the model)")
                 setattr(self.data, key, model_value)
-        pairs_per_step = self.data.batch_size * self.train.accumulation_steps
-        if self.noise.method in ("local_fdr", "loss_mixture") and pairs_per_step < IN_BATCH_NULL_MIN_PAIRS:
-            raise ValueError(f"noise.method {self.noise.method} compares each pair with the other pairs of its "
-                             f"process's batch: data.batch_size x train.accumulation_steps = {pairs_per_step} is "
-                             f"too few; raise it to at least {IN_BATCH_NULL_MIN_PAIRS} or choose noise.method: teacher")
+        self.noise.check_pairs_per_step(self.data.batch_size * self.train.accumulation_steps)
         if self.noise.soft_target_alpha and self.loss.kind == "siglip":
             raise ValueError("noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)")
         if self.eval.every_steps and not (self.eval.zero_shot or self.eval.retrieval):

@@ -444,6 +444,7 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         resume: Mapping[str, Any] | None = None,
         handler: Handler = log_and_continue,
+        sources: list[Source] | None = None,
     ) -> None:
         super().__init__()
         if modality not in ("image", "audio"):
@@ -459,8 +460,10 @@ class TrainStream(IterableDataset):
         self.world_size = world_size
         self.num_workers = max(cfg.workers, 1)
         self.handler = handler
-        self.sources = resolve_sources(cfg, modality)
-        check_shard_counts(self.sources, world_size * self.num_workers, cfg.resampled)
+        if sources is None:
+            sources = resolve_sources(cfg, modality)
+            check_shard_counts(sources, world_size * self.num_workers, cfg.resampled)
+        self.sources = sources
         self.resume_state = self.new_state()
         if resume:
             self.resume_state.load_state_dict(resume)
@@ -529,13 +532,16 @@ def build_train_stream(
     world_size: int = 1,
     resume: Mapping[str, Any] | None = None,
     handler: Handler = log_and_continue,
+    sources: list[Source] | None = None,
 ) -> TrainStream:
     """The endless batch stream for one rank (checks sources, shard counts and `resume` up front).
 
     `media_transform`: the model's per-sample transform (PIL image -> [3, H, W]; for audio an optional
     waveform -> waveform step after the crop). `tokenizer`: list[str] -> LongTensor [N, context].
     `rank`/`world_size` are explicit (no environment lookups). `resume`: a `StreamState.state_dict()`.
-    `handler` gets every bad sample and unreadable shard; returning True skips it.
+    `handler` gets every bad sample and unreadable shard; returning True skips it. `sources`: cfg's sources
+    as `resolve_sources` gives them, already checked against `check_shard_counts` for this world size (what
+    the trainer's preflight did); None resolves and checks them here.
     """
     return TrainStream(
         cfg,
@@ -546,6 +552,7 @@ def build_train_stream(
         world_size=world_size,
         resume=resume,
         handler=handler,
+        sources=sources,
     )
 
 
@@ -560,6 +567,7 @@ def build_loader(
     resume: Mapping[str, Any] | None = None,
     handler: Handler = log_and_continue,
     pin_memory: bool = False,
+    sources: list[Source] | None = None,
 ) -> DataLoader:
     """A DataLoader over `build_train_stream(...)` with data.workers processes and batch_size=None
     (the workers batch). Keep it out of `accelerator.prepare`: the stream is already split by rank."""
@@ -572,5 +580,6 @@ def build_loader(
         world_size=world_size,
         resume=resume,
         handler=handler,
+        sources=sources,
     )
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory)

@@ -24,8 +24,8 @@ class MomentumTeacher:
 
     Batch statistics, as the momentum encoders of MoCo and BYOL use: running statistics gathered under
     other weights than the averaged ones shift the teacher's features until its losses no longer tell
-    matched from mismatched pairs (with a ResNet tower at 50% noise the eval-mode teacher's AUROC fell to
-    0.5-0.7 and training collapsed). BatchNorms the student keeps in eval mode (a frozen tower) stay so.
+    matched from mismatched pairs, and weighting by them collapses training. BatchNorms the student keeps in
+    eval mode (a frozen tower) stay so.
     """
 
     def __init__(self, model: nn.Module, momentum: float) -> None:

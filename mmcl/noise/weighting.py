@@ -1,4 +1,8 @@
-"""PairWeighter: per-pair weights in [floor, 1] from a streaming estimate of which pairs are mismatched.
+"""The weighting: per-pair weights in [floor, 1] from a streaming estimate of which pairs are mismatched.
+
+`NoiseWeighting` is what the trainer holds: one `weigh` per optimizer step, `after_update` after each
+applied update, and one state for checkpoints. It gets each step's signal from the noise.method's class
+(mmcl.noise.methods) and turns it into weights with `PairWeighter`.
 
 Estimators (noise.method), none of which needs epochs, a full pass or an external model:
   local_fdr        each pair's loss against the batch's own mismatched (off-diagonal) pairs -> p-value ->
@@ -11,22 +15,95 @@ Estimators (noise.method), none of which needs epochs, a full pass or an externa
                    match, from any existing model), mapped linearly by noise.score_range or by the mixture
 loss_mixture and teacher weight only while local_fdr's gate on the same model's in-batch p-values is open (the
 null test): a mixture always finds two components, and where the model cannot yet tell matched pairs (high
-noise, early training) they split the losses the wrong way (at 80% noise on 6,000 images the teacher weighted
-from step 360 on a fit that read the noise as 0.17, detection AUROC 0.72, and lost 6 points of top-1 to off).
+noise, early training) they split the losses the wrong way.
 Weights start uniform (noise.warmup_steps: the model must learn before its losses mean anything), then blend
 in over noise.ramp_steps, and never go below noise.floor, so weighting cannot collapse training.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from mmcl.losses.distributed import gather_no_grad
 from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr
-from mmcl.noise.metrics import auroc, detection_metrics
+from mmcl.noise.methods import METHODS, LossFn, Method, Outputs
+from mmcl.noise.metrics import auroc, detection_metrics, plot_weights
 from mmcl.noise.mixture import OnlineMixture
+
+
+class NoiseWeighting:
+    """noise.method for one training run: the method's signal, the weights made from it, their metrics, and
+    the state a checkpoint keeps. With method none, `weigh` returns (None, None) and nothing is estimated."""
+
+    def __init__(self, cfg: NoiseConfig, model: nn.Module, loss: LossFn) -> None:
+        """`model`: the unwrapped model being trained (the teacher starts as a copy of it); `loss`: the
+        training loss without weights (LossFn)."""
+        self.cfg = cfg
+        self.method: Method | None = METHODS[cfg.method](cfg, model, loss) if cfg.method != "none" else None
+        self.pair_weighter = PairWeighter(cfg)
+
+    def weigh(
+        self, step: int, batches: list[dict], outputs: Outputs
+    ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+        """(per-pair weights, soft targets or None) for the pairs of `batches`, or (None, None) when off.
+        `outputs`: the model's forward outputs for those pairs; they are detached here, as the estimate must
+        not be trained through. Every rank calls it (the estimate is fitted on every rank's signal)."""
+        if self.method is None:
+            return None, None
+        outputs = {name: None if value is None else value.detach() for name, value in outputs.items()}
+        signal = self.method.signal(batches, outputs)
+        values, pvalues = signal.values, signal.pvalues
+        global_values = gather_no_grad(values.float())  # every rank's, so every rank fits the same estimate
+        global_pvalues = None if pvalues is None else gather_no_grad(pvalues)
+        weights = self.pair_weighter.weights(step, values.float(), global_values, pvalues, global_pvalues)
+        noisy = [b["noisy"] for b in batches]
+        truth = None if any(n is None for n in noisy) else torch.cat(noisy)
+        self.pair_weighter.record(weights, values, truth)
+        return weights.to(outputs["media_features"].device), signal.soft_targets
+
+    def to(self, device: torch.device) -> None:
+        if self.method is not None:
+            self.method.to(device)
+
+    def after_update(self, model: nn.Module) -> None:
+        """After each applied optimizer step (the teacher's EMA)."""
+        if self.method is not None:
+            self.method.after_update(model)
+
+    @property
+    def recent_weights(self) -> np.ndarray:
+        return self.pair_weighter.recent_weights
+
+    def metrics(self) -> dict[str, float]:
+        return self.pair_weighter.metrics()
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        return {"noise/weights": self.recent_weights} if len(self.recent_weights) else {}
+
+    def plot(self, path: Path, step: int) -> None:
+        """The recent weights, clean vs noisy pairs where the shards carry the truth (nothing before any)."""
+        if len(self.recent_weights):
+            noisy = self.pair_weighter.recent_noisy if self.pair_weighter.has_truth else None
+            plot_weights(
+                self.recent_weights, noisy, path, title=f"pair weights at step {step} ({self.cfg.method})"
+            )
+
+    def state_dict(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able state, tensors): a checkpoint's `extra` (state.json) and `extra_tensors`
+        (extra.safetensors, the teacher's weights)."""
+        tensors = self.method.tensors() if self.method is not None else {}
+        return {"noise": self.pair_weighter.state_dict()}, tensors
+
+    def load_state_dict(self, extra: dict, tensors: dict[str, Tensor]) -> None:
+        if "noise" in extra:
+            self.pair_weighter.load_state_dict(extra["noise"])
+        if self.method is not None and tensors:
+            self.method.load_tensors(tensors)
 
 
 class PairWeighter:
@@ -48,7 +125,7 @@ class PairWeighter:
         elif uses_mixture:
             self.estimator = OnlineMixture(cfg.window, cfg.mixture)
         self.recent_weights = np.zeros(0)
-        self.recent_signal = np.zeros(0)  # nan where not recorded (a checkpoint from before it was kept)
+        self.recent_signal = np.zeros(0)
         self.recent_noisy = np.zeros(0, dtype=bool)
         self.has_truth = False
 
@@ -78,7 +155,9 @@ class PairWeighter:
         gate_open, start = True, None
         if self.null_test is not None:
             if pvalues is None or global_pvalues is None:
-                raise ValueError(f"noise.method {self.cfg.method} needs the pairs' in-batch p-values (null_pvalues)")
+                raise ValueError(
+                    f"noise.method {self.cfg.method} needs the pairs' in-batch p-values (null_pvalues)"
+                )
             gate_open = self.null_test.gate_open
             if self.cfg.method == "loss_mixture" and gate_open and self.estimator.params is None:
                 # read before this batch's add/refit below: the weights come from the state of earlier batches
@@ -106,6 +185,7 @@ class PairWeighter:
     def record(self, weights: Tensor, signal: Tensor, noisy: Tensor | None) -> None:
         """Keep the last `window` weights and signals (and ground-truth flags when the shards have them) for
         metrics."""
+
         def keep_last(recent: np.ndarray, values: np.ndarray) -> np.ndarray:
             return np.concatenate([recent, values])[-self.cfg.window :]
 
@@ -127,7 +207,8 @@ class PairWeighter:
         gate_shut = self.null_test is not None and not self.null_test.gate_open
         order = (self.null_test, self.estimator) if gate_shut else (self.estimator, self.null_test)
         estimators = [e for e in order if e is not None and e.noise_rate is not None]
-        if estimators:  # the mixture's once it has two modes and the null test lets it weight, else the null test's
+        # the mixture's once it has two modes and the null test lets it weight, else the null test's
+        if estimators:
             result["noise_rate_estimate"] = estimators[0].noise_rate
         if isinstance(self.estimator, OnlineMixture) and self.estimator.params is not None:
             result["noise_separation"] = float(self.estimator.params["separation"])
@@ -137,8 +218,13 @@ class PairWeighter:
             result["noise_implied_auroc"] = fdr.params["implied_auroc"]
             result["noise_implied_auroc_low"] = fdr.params["implied_auroc_low"]
         if self.has_truth:
-            result.update({f"noise_{k}": v for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()})
-            known = np.isfinite(self.recent_signal)
+            result.update(
+                {
+                    f"noise_{k}": v
+                    for k, v in detection_metrics(self.recent_weights, self.recent_noisy).items()
+                }
+            )
+            known = np.isfinite(self.recent_signal)  # a diverged step's losses are not ranked
             result["noise_signal_auroc"] = auroc(self.recent_signal[known], self.recent_noisy[known])
         return result
 
@@ -153,12 +239,12 @@ class PairWeighter:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if self.estimator is not None and state.get("estimator") is not None:
+        """Restore `state_dict()`; an estimator the checkpoint's method did not have starts afresh."""
+        if self.estimator is not None and state["estimator"] is not None:
             self.estimator.load_state_dict(state["estimator"])
-        null_test = state.get("null_test", state.get("starter"))  # "starter": saved before the teacher had one
-        if self.null_test is not None and null_test is not None:
-            self.null_test.load_state_dict(null_test)
+        if self.null_test is not None and state["null_test"] is not None:
+            self.null_test.load_state_dict(state["null_test"])
         self.recent_weights = np.asarray(state["recent_weights"], dtype=np.float64)
-        self.recent_signal = np.asarray(state.get("recent_signal", [np.nan] * len(self.recent_weights)), dtype=np.float64)
+        self.recent_signal = np.asarray(state["recent_signal"], dtype=np.float64)
         self.recent_noisy = np.asarray(state["recent_noisy"], dtype=bool)
         self.has_truth = bool(state["has_truth"])

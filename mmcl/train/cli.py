@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 TRAIN_EXAMPLE = """example:
@@ -23,7 +22,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "Resumes from the latest checkpoint in run.output_dir unless train.resume=never.\n\n" + TRAIN_EXAMPLE,
     )
     p.add_argument("--config", type=Path, help="YAML recipe (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. optim.lr=1e-3")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. optim.lr=1e-3"
+    )
     p.add_argument("--check", action="store_true", help="validate the config and the shards, then exit")
     p.set_defaults(run=_run_train, prog_name="mmcl train")
 
@@ -32,28 +33,16 @@ def _run_train(args: argparse.Namespace) -> int:
     from mmcl.config import load_train_config
 
     config = load_train_config(args.config, args.overrides)
-    from mmcl.data import resolve_sources
+    if args.check:  # what a run checks first (mmcl.train.preflight), without building anything
+        from mmcl.train.preflight import launch_world_size, preflight
 
-    # missing shards, too few shards for the readers, a bad resume folder: all fail before a model is built
-    sources = resolve_sources(config.data, config.model.modality)
-    from mmcl.data.pipeline import check_shard_counts
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
-    check_shard_counts(sources, world_size * max(config.data.workers, 1), config.data.resampled)
-    if config.train.resume not in ("auto", "never"):
-        from mmcl.train.checkpoint import check_resume_path
-
-        check_resume_path(config.train.resume)
-    if config.eval.every_steps:
-        from mmcl.data.pipeline import read_options
-        from mmcl.eval.periodic import check_eval_data
-
-        check_eval_data(config.eval, config.model.modality, read_options(config.data))
-    if args.check:
+        preflight(config, launch_world_size())
         print(f"config OK: {args.config}")
         return 0
     from mmcl.train.trainer import run_training
 
     state = run_training(config)
-    print(f"trained {state.step} steps ({state.samples_seen} samples); checkpoints in {config.run.output_dir}/checkpoints")
+    print(
+        f"trained {state.step} steps ({state.samples_seen} samples); checkpoints in {config.run.output_dir}/checkpoints"
+    )
     return 0

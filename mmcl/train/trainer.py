@@ -10,7 +10,6 @@ learning rate is a pure function of the step.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -23,30 +22,27 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
+from mmcl.checkpoint_folder import CHECKPOINTS
 from mmcl.config import TrainConfig
 from mmcl.data import build_loader
 from mmcl.data.pipeline import read_options
 from mmcl.errors import RunFailed, UsageError, describe_load_error
 from mmcl.losses import contrastive_loss, sigmoid_loss
-from mmcl.losses.distributed import gather_no_grad, rank_and_world_size
 from mmcl.models import build_model
 from mmcl.models.weights import load_weights
-from mmcl.noise.local_fdr import null_pvalues
-from mmcl.noise.metrics import plot_weights
-from mmcl.noise.teacher import MomentumTeacher
-from mmcl.noise.weighting import PairWeighter
+from mmcl.noise.weighting import NoiseWeighting
 from mmcl.train.checkpoint import (
-    check_resume_path,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from mmcl.train.metrics_sink import METRICS, TENSORBOARD, MetricsSink
 from mmcl.train.optim import lr_at, param_groups, set_lr
+from mmcl.train.preflight import preflight
 from mmcl.train.state import TrainState
 from mmcl.train.threads import set_cpu_threads
-from shards_tools.writer import open_new
 
 
 class Trainer:
@@ -62,19 +58,23 @@ class Trainer:
         self.state = TrainState()
         self.stop_requested = False
         self._previous_handlers: dict = {}
-        self.tb = None
+        self.metrics: MetricsSink | None = None
         self._last_loss = float("nan")
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
-        """Build model, optimizer and data stream; restore a checkpoint when resuming."""
+        """Check the config's data and paths (preflight), then build model, optimizer and data stream;
+        restore a checkpoint when resuming."""
         cfg, acc = self.cfg, self.accelerator
+        sources = preflight(cfg, acc.num_processes)
         if acc.device.type == "cpu":
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
             threads = set_cpu_threads(cfg.data.workers, local_processes)
             if threads is not None:
-                acc.print(f"OMP_NUM_THREADS unset: {threads} torch thread(s) per process beside "
-                          f"{cfg.data.workers} loader worker(s); set OMP_NUM_THREADS to choose")
+                acc.print(
+                    f"OMP_NUM_THREADS unset: {threads} torch thread(s) per process beside "
+                    f"{cfg.data.workers} loader worker(s); set OMP_NUM_THREADS to choose"
+                )
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
         optimizer = torch.optim.AdamW(
@@ -88,15 +88,10 @@ class Trainer:
             load_weights(self.model, checkpoint.model_state)
             optimizer.load_state_dict(checkpoint.optimizer_state)
             self.state = checkpoint.train_state
-        self.weighter = PairWeighter(cfg.noise)
-        self.teacher = MomentumTeacher(self.model, cfg.noise.teacher_momentum) if cfg.noise.method == "teacher" else None
+        self.weighter = NoiseWeighting(cfg.noise, self.model, loss=self._loss)
         if checkpoint is not None:
-            if "noise" in checkpoint.extra:
-                self.weighter.load_state_dict(checkpoint.extra["noise"])
-            if self.teacher is not None and checkpoint.extra_tensors:
-                self.teacher.load_state_dict(checkpoint.extra_tensors)
-        if self.teacher is not None:
-            self.teacher.model.to(acc.device)
+            self.weighter.load_state_dict(checkpoint.extra, checkpoint.extra_tensors)
+        self.weighter.to(acc.device)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         set_seed(cfg.run.seed + acc.process_index)  # different augmentations per rank
@@ -121,6 +116,7 @@ class Trainer:
             rank=acc.process_index,
             world_size=acc.num_processes,
             resume=data_resume,
+            sources=sources,
         )
         self.data_state = self.loader.dataset.new_state()
         if data_resume is not None:
@@ -129,15 +125,13 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             if cfg.train.resume == "never":
                 _set_aside_earlier_run(self.output, acc.print)
-            else:
-                _keep_metrics_until(self.output / "metrics.jsonl", self.state.step)
             (self.output / "config.json").write_text(cfg.model_dump_json(indent=1))
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(self.output / "tensorboard")
+        self.metrics = MetricsSink(self.output, start_step=self.state.step, main_process=acc.is_main_process)
         # restored by cleanup(): a process that trains in-process (a notebook, a test) and later forks
         # workers must not leave them a SIGTERM that only sets a flag (multiprocessing.Pool.terminate hangs)
-        self._previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous_handlers = {
+            sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -147,20 +141,27 @@ class Trainer:
         if resume == "never":
             return None
         if resume == "auto":
-            return latest_checkpoint(self.output / "checkpoints", warn=self.accelerator.print)
-        check_resume_path(resume)
-        try:
+            return latest_checkpoint(self.output / CHECKPOINTS, warn=self.accelerator.print)
+        try:  # a complete checkpoint folder (preflight checked)
             return load_checkpoint(Path(resume))
         except Exception as err:  # unreadable or refused file (e.g. a pickle that weights_only rejects)
             raise UsageError(f"train.resume={resume}: cannot load it: {describe_load_error(err)}") from None
 
     # ----------------------------------------------------------------- the step
-    def _loss(self, media_features, text_features, logit_scale, logit_bias, weights=None, soft_targets=None) -> dict:
+    def _loss(
+        self, media_features, text_features, logit_scale, logit_bias, weights=None, soft_targets=None
+    ) -> dict:
         cfg = self.cfg.loss
         unlearn = self.cfg.noise.unlearn_weight if weights is not None else 0.0
         if cfg.kind == "siglip":
             return sigmoid_loss(
-                media_features, text_features, logit_scale, logit_bias, weights, gather=cfg.gather, unlearn_weight=unlearn
+                media_features,
+                text_features,
+                logit_scale,
+                logit_bias,
+                weights,
+                gather=cfg.gather,
+                unlearn_weight=unlearn,
             )
         return contrastive_loss(
             media_features,
@@ -173,46 +174,10 @@ class Trainer:
             unlearn_weight=unlearn,
         )
 
-    def _pair_weights(self, batches: list[dict], media, text, logit_scale, logit_bias):
-        """Per-pair weights (and teacher soft targets) for the pairs of `batches`; (None, None) when off.
-        Features here carry no graph: the estimate must not be trained through."""
-        if not self.weighter.active:
-            return None, None
-        method, soft, pvalues = self.cfg.noise.method, None, None
-        if method == "local_fdr":
-            signal = null_pvalues(media, text, logit_scale)
-        elif method == "loss_mixture":
-            with torch.no_grad():
-                signal = self._loss(media, text, logit_scale, logit_bias)["per_sample_loss"]
-            pvalues = null_pvalues(media, text, logit_scale).float()
-        elif method == "teacher":
-            device = self.accelerator.device
-            media_in = torch.cat([b["media"] for b in batches]).to(device)
-            text_in = torch.cat([b["text"] for b in batches]).to(device)
-            alpha = self.cfg.noise.soft_target_alpha
-            judged = self.teacher.judge(media_in, text_in, soft_targets=alpha > 0)
-            signal, pvalues = judged["per_sample_loss"], judged["pvalues"].float()
-            if alpha > 0:
-                soft = tuple(_mix_one_hot(t, alpha) for t in judged["soft_targets"])
-        else:
-            scores = [b["alignment_score"] for b in batches]
-            if any(s is None for s in scores):
-                raise RunFailed(
-                    "noise.method alignment_score needs an 'alignment_score' in every sample's .json; "
-                    "add it when sharding (a manifest column) or choose another noise.method"
-                )
-            signal = -torch.cat(scores).to(media.device)
-        weights = self.weighter.weights(
-            self.state.step, signal.float(), gather_no_grad(signal.float()),
-            pvalues, None if pvalues is None else gather_no_grad(pvalues),
-        )
-        noisy = [b["noisy"] for b in batches]
-        self.weighter.record(weights, signal, None if any(n is None for n in noisy) else torch.cat(noisy))
-        return weights.to(media.device), soft
-
     def _optimizer_step(self, batches: list[dict]) -> tuple[torch.Tensor, int, bool]:
         """One update: forward and backward over the accumulated batches, then, when every rank's loss is
-        finite, gradient clipping, the optimizer step and the teacher's EMA; gradients are cleared either way.
+        finite, gradient clipping, the optimizer step and the weighting's after_update (the teacher's EMA);
+        gradients are cleared either way.
         Returns (loss, negatives per pair, whether the update was applied)."""
         cfg, acc = self.cfg, self.accelerator
         loss, negatives = self._train_step(batches)
@@ -222,8 +187,7 @@ class Trainer:
             if cfg.optim.grad_clip is not None:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
-            if self.teacher is not None:
-                self.teacher.update(acc.unwrap_model(self.model))
+            self.weighter.after_update(acc.unwrap_model(self.model))
         self.optimizer.zero_grad(set_to_none=True)
         return loss, negatives, all_finite
 
@@ -235,15 +199,14 @@ class Trainer:
             batch = batches[0]
             with self.accelerator.autocast():
                 out = self.forward(batch["media"].to(device), batch["text"].to(device))
-                weights, soft = self._pair_weights(
-                    batches,
-                    out["media_features"].detach(),
-                    out["text_features"].detach(),
-                    out["logit_scale"].detach(),
-                    None if out["logit_bias"] is None else out["logit_bias"].detach(),
-                )
+                weights, soft = self.weighter.weigh(self.state.step, batches, out)
                 loss = self._loss(
-                    out["media_features"], out["text_features"], out["logit_scale"], out["logit_bias"], weights, soft
+                    out["media_features"],
+                    out["text_features"],
+                    out["logit_scale"],
+                    out["logit_bias"],
+                    weights,
+                    soft,
                 )
             self.accelerator.backward(loss["loss"])
             return loss["loss"].detach(), loss["logits_per_media"].shape[1] - 1
@@ -267,9 +230,8 @@ class Trainer:
         scale = out["logit_scale"].detach().float().requires_grad_(True)
         bias = out["logit_bias"]
         bias = bias.detach().float().requires_grad_(True) if bias is not None else None
-        weights, soft = self._pair_weights(
-            batches, media.detach(), text.detach(), scale.detach(), None if bias is None else bias.detach()
-        )
+        features = {"media_features": media, "text_features": text, "logit_scale": scale, "logit_bias": bias}
+        weights, soft = self.weighter.weigh(self.state.step, batches, features)
         loss = self._loss(media, text, scale, bias, weights, soft)
         leaves = [media, text, scale] + ([bias] if bias is not None else [])
         grads = torch.autograd.grad(loss["loss"], leaves)
@@ -302,7 +264,8 @@ class Trainer:
             desc="train",
             disable=not acc.is_main_process,
             dynamic_ncols=True,
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
+            # a log file gets a line every 30 s, not every step
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
         bad_in_a_row = 0
@@ -352,7 +315,8 @@ class Trainer:
                 window = {"loss": 0.0, "count": 0, "samples": 0, "wait": 0.0, "start": time.perf_counter()}
                 bar.set_postfix(loss=f"{self._last_loss:.4f}", lr=f"{lr:.2e}")
 
-            stop = acc.reduce(torch.tensor(float(self.stop_requested), device=acc.device), reduction="sum").item() > 0
+            asked = torch.tensor(float(self.stop_requested), device=acc.device)
+            stop = acc.reduce(asked, reduction="sum").item() > 0  # any rank's signal stops every rank
             at_end = self.state.step in (total, stop_at)
             every = cfg.eval.every_steps
             if every and (self.state.step % every == 0 or self.state.step == total):
@@ -378,7 +342,6 @@ class Trainer:
         elapsed = time.perf_counter() - window["start"]
         logit_scale, _ = acc.unwrap_model(self.model).logit_params()
         record = {
-            "step": self.state.step,
             "loss": mean_loss,
             "lr": lr,
             # 1 / exp(scale) without dividing: a diverged scale underflows exp() to 0 (inf is logged, not raised)
@@ -390,14 +353,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             **self.weighter.metrics(),
         }
-        if acc.is_main_process:
-            with open(self.output / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if key != "step" and math.isfinite(value):
-                    self.tb.add_scalar(f"train/{key}", value, self.state.step)
-            if len(self.weighter.recent_weights):
-                self.tb.add_histogram("noise/weights", self.weighter.recent_weights, self.state.step)
+        self.metrics.log(self.state.step, record, histograms=self.weighter.histograms())
 
     def evaluate(self) -> dict[str, float]:
         """Periodic zero-shot evaluation on the main process (others wait); logged to metrics.jsonl as
@@ -407,13 +363,15 @@ class Trainer:
         if acc.is_main_process:
             from mmcl.eval.periodic import evaluate_during_training
 
-            results = evaluate_during_training(acc.unwrap_model(self.model), self.cfg.eval, read_options(self.cfg.data))
-            record = {"step": self.state.step, **{f"eval/{k}": v for k, v in results.items()}}
-            with open(self.output / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            for key, value in results.items():
-                self.tb.add_scalar(f"eval/{key}", value, self.state.step)
-            acc.print("eval step {}: {}".format(self.state.step, ", ".join(f"{k} {v:.3f}" for k, v in results.items())))
+            results = evaluate_during_training(
+                acc.unwrap_model(self.model), self.cfg.eval, read_options(self.cfg.data)
+            )
+            self.metrics.log(self.state.step, {f"eval/{k}": v for k, v in results.items()})
+            acc.print(
+                "eval step {}: {}".format(
+                    self.state.step, ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+                )
+            )
         acc.wait_for_everyone()
         return results
 
@@ -426,34 +384,34 @@ class Trainer:
         path = None
         if acc.is_main_process:
             self.state.data = {str(rank): entry["data"] for rank, entry in enumerate(per_rank)}
+            extra, extra_tensors = self.weighter.state_dict()
             path = save_checkpoint(
-                self.output / "checkpoints",
+                self.output / CHECKPOINTS,
                 model_state=acc.unwrap_model(self.model).export_state_dict(full_state),
                 model_config=self.cfg.model.model_dump(mode="json", exclude_defaults=True),
                 optimizer_state=self.optimizer.state_dict(),
                 train_state=self.state,
                 rng=[entry["rng"] for entry in per_rank],
-                extra={"noise": self.weighter.state_dict()},
-                extra_tensors=self.teacher.state_dict() if self.teacher is not None else None,
+                extra=extra,
+                extra_tensors=extra_tensors,
                 keep_last=self.cfg.train.keep_last,
             )
         acc.wait_for_everyone()
         return path
 
     def cleanup(self) -> None:
-        if self.accelerator.is_main_process and len(self.weighter.recent_weights):
-            noisy = self.weighter.recent_noisy if self.weighter.has_truth else None
-            plot_weights(self.weighter.recent_weights, noisy, self.output / "noise_weights.png",
-                         title=f"pair weights at step {self.state.step} ({self.cfg.noise.method})")
-        if self.tb is not None:
-            self.tb.close()
+        if self.accelerator.is_main_process:
+            self.weighter.plot(self.output / NOISE_PLOT, self.state.step)
+        if self.metrics is not None:
+            self.metrics.close()
         self.accelerator.end_training()
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "tensorboard", "noise_weights.png")
+NOISE_PLOT = "noise_weights.png"
+RUN_OUTPUTS = (METRICS, CHECKPOINTS, TENSORBOARD, NOISE_PLOT)
 
 
 def _set_aside_earlier_run(output: Path, say) -> None:
@@ -471,35 +429,6 @@ def _set_aside_earlier_run(output: Path, say) -> None:
     for path in found:
         os.replace(path, target / path.name)
     say(f"train.resume=never: moved the earlier run's {', '.join(p.name for p in found)} to {target}")
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Keep the complete rows of metrics.jsonl up to `step`, where this run starts: a run killed after its
-    last checkpoint logged steps that are now redone, and may have left a torn last line."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open_new(tmp) as handle:  # never through a link planted in a shared run folder
-        handle.write("".join(kept).encode("utf-8"))
-    os.replace(tmp, path)
-
-
-def _mix_one_hot(teacher_rows: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * one-hot labels + alpha * the teacher's rows; row i's positive sits at global column
-    rank * local_batch + i."""
-    rank, _ = rank_and_world_size()
-    rows = teacher_rows.shape[0]
-    one_hot = torch.zeros_like(teacher_rows)
-    one_hot[torch.arange(rows), rank * rows + torch.arange(rows)] = 1.0
-    return (1.0 - alpha) * one_hot + alpha * teacher_rows
 
 
 def run_training(config: TrainConfig) -> TrainState:
