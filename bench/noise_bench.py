@@ -300,7 +300,7 @@ def training_config(setting: Setting, shards: Path, run_dir: Path) -> dict:
         config["optim"]["lr"] = setting.lr
     warmup, ramp = WEIGHTING_SCHEDULE[setting.modality]
     config["noise"] = {"method": setting.method, "warmup_steps": warmup, "ramp_steps": ramp,
-                       "window": setting.window or WINDOW, "floor": setting.floor or 0.0, "log_every": 20}  # fmt: skip
+                       "window": setting.window or WINDOW, "floor": setting.floor or 0.0}  # fmt: skip
     config["noise"].update(VARIANTS.get(setting.method, {}))
     if setting.method == ORACLE:
         config["noise"].update(method="alignment_score", score_range=[0.0, 1.0])

@@ -453,7 +453,7 @@ def noisy_run_config(path: Path, shards: Path, output: Path, method: str, steps:
         "model": {"open_clip_name": "mmcl-micro-vit"},
         "data": {"sources": [{"urls": str(shards)}], "batch_size": 32, "workers": 1, "shuffle_buffer": 500},
         "optim": {"lr": 2e-3, "warmup_steps": 20},
-        "noise": {"method": method, "warmup_steps": 60, "ramp_steps": 40, "window": 1024, "log_every": 20},
+        "noise": {"method": method, "warmup_steps": 60, "ramp_steps": 40, "window": 1024},
         "train": {"steps": steps, "log_every": 20, "checkpoint_every": 1000},
     }
     path.write_text(yaml.safe_dump(config))

@@ -44,7 +44,6 @@ class NoiseConfig(BaseModel):
         None,
         description="alignment_score: scores mapped linearly to weights 0..1 (None: fit the mixture on them)",
     )
-    log_every: int = Field(50, ge=1, description="steps between weight histograms and detection metrics")
 
     @model_validator(mode="after")
     def _check(self) -> NoiseConfig:
