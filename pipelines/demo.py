@@ -261,7 +261,6 @@ def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps:
     config["optim"]["warmup_steps"] = max(1, steps // 10)
     config["noise"] = {
         "method": method, "warmup_steps": steps // 4, "ramp_steps": steps // 10, "window": 2048,
-        "log_every": max(1, steps // 25),
     }
     config["eval"] = {
         "every_steps": max(1, steps // 5),
