@@ -34,8 +34,11 @@ sysdeps:
 test: $(STAMP) sysdeps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+LINT_PATHS := mmcl shards_tools pipelines tests bench
+
 lint: $(STAMP)
-	$(PY) -m ruff check mmcl shards_tools pipelines tests bench
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 demo: $(STAMP) sysdeps
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mmcl demo

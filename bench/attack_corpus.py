@@ -2,9 +2,9 @@
 
 Run from the repository root with the project venv:
 
-    .venv/bin/python bench/attack_corpus.py --keep-going          # every case (~10 min on 2 cores)
-    .venv/bin/python bench/attack_corpus.py --only shard verify    # some groups; stops at the first failure
-    .venv/bin/python bench/attack_corpus.py --self-check           # only prove the builders make what they claim
+    .venv/bin/python bench/attack_corpus.py --keep-going       # every case (~10 min on 2 cores)
+    .venv/bin/python bench/attack_corpus.py --only shard verify # some groups; stops at the first failure
+    .venv/bin/python bench/attack_corpus.py --self-check        # only prove the builders make what they claim
 
 The inputs come from tests/hostile_inputs.py (tar bombs, odd audio, disguised and oversized images, deep JSON,
 bad labels, a YAML alias bomb, hostile manifest.json / sizes.json / part records / options.json, `pipe:`
@@ -18,28 +18,28 @@ files), `eval zero-shot|retrieval` (with checkpoints trained first), `shard veri
 Outcomes (any but `failure` is a pass):
   skipped  exit 0 (verify: 1) and the hostile item counted: shard, an _errors.jsonl entry naming it (and
            errors_by_reason not empty); train, metrics.jsonl's last bad_samples >= the hostile samples, or a
-           warning naming the hostile shard or URL; eval, results.json "skipped" >= the hostile samples, or such a
-           warning; verify, a problem line naming the sample or shard; stats, "unreadable" >= 1 in --json
-           output; merge, never (a hostile part record must be refused)
+           warning naming the hostile shard or URL; eval, results.json "skipped" >= the hostile samples, or
+           such a warning; verify, a problem line naming the sample or shard; stats, "unreadable" >= 1 in
+           --json output; merge, never (a hostile part record must be refused)
   refused  exit 2 (a bad argument, config or index file), or for train exit 1 (a run that cannot go on, e.g.
            every sample unusable), with an `mmcl ...: error:` message on stderr, no traceback; stderr names
            the hostile input
   accepted exit 0 and nothing else wrong, for a control case (a well-behaved server, a shard file merely named
            like a pipe: URL: everything written or read) or where the input is valid for that entry point and
-           handling it quietly is right (e.g. verify on a 44,101 Hz WAV; stats, which reads no media, on a shard
-           with a sparse .jpg): the table gives the reason (HARMLESS)
+           handling it quietly is right (e.g. verify on a 44,101 Hz WAV; stats, which reads no media, on a
+           shard with a sparse .jpg): the table gives the reason (HARMLESS)
   failure  anything else: a traceback, another exit status, a hang (killed after the case's cap), a process
-           tree above 2 GiB of RSS (killed above --memory-cap), a canary file created (a `pipe:` string run by a
-           shell, or Ghostscript run on an EPS: a fake `gs` first on PATH creates one), a file written outside
-           the case's output folder, an intended option the command does not know yet, a hostile item
+           tree above 2 GiB of RSS (killed above --memory-cap), a canary file created (a `pipe:` string run by
+           a shell, or Ghostscript run on an EPS: a fake `gs` first on PATH creates one), a file written
+           outside the case's output folder, an intended option the command does not know yet, a hostile item
            written or trained on without a word
 
 Cases pass the options they rely on: `--url-deadline 5 --retries 0` against the slow servers (the per-read
 --timeout stays at its 10 s default, above the slowloris' 9 s trickle, so only the deadline can end it) and
 `data.http_timeout: 5` for http training shards; size caps stay at their defaults (64 MiB), which every bomb
 exceeds. Options: --only GROUP..., --keep-going, --slow-interval S (the slowloris' byte interval, 9 s),
---memory-cap GiB (3), --work-dir, --self-check. Results: a Markdown table on stdout, a line per case as it goes,
-WORK_DIR/results.json and every command's output under WORK_DIR/logs/; exit status 1 if any case failed.
+--memory-cap GiB (3), --work-dir, --self-check. Results: a Markdown table on stdout, a line per case as it
+goes, WORK_DIR/results.json and every command's output under WORK_DIR/logs/; exit status 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -87,8 +87,14 @@ HARMLESS = {  # input -> why processing it without a word is right (where no ent
     "manifest-count-huge": "an integer count: only a size estimate is wrong",
 }
 STATS_HARMLESS = {"sparse-8gib": "stats reads .json members only: the sparse .jpg is never extracted"}
-AUDIO_TOWER = {"tower": "cnn", "sample_rate": 16000, "clip_seconds": 0.5, "n_mels": 32, "cnn_channels": [8, 16],
-               "spec_augment": {"time_masks": 1, "time_mask_width": 5}}  # fmt: skip
+AUDIO_TOWER = {
+    "tower": "cnn",
+    "sample_rate": 16000,
+    "clip_seconds": 0.5,
+    "n_mels": 32,
+    "cnn_channels": [8, 16],
+    "spec_augment": {"time_masks": 1, "time_mask_width": 5},
+}
 
 
 # ================================================================================================ cases
@@ -140,8 +146,14 @@ def mmcl_command() -> list[str]:
 
 
 BOMBS = ("sparse-8gib", "header-claims-8gib", "gzip-256mib-zeros", "pax-header-huge", "gnu-longname-huge")
-TRAIN_INDEX_KINDS = ("manifest-count-string", "manifest-count-list", "manifest-count-negative", "manifest-count-huge",
-                     "manifest-is-a-list", "sizes-count-string")  # fmt: skip
+TRAIN_INDEX_KINDS = (
+    "manifest-count-string",
+    "manifest-count-list",
+    "manifest-count-negative",
+    "manifest-count-huge",
+    "manifest-is-a-list",
+    "sizes-count-string",
+)
 EVAL_INDEX_KINDS = (
     "manifest-count-string",
     "manifest-count-negative",
@@ -181,8 +193,8 @@ class Corpus:
         return self.inputs / "src" / modality
 
     def media_folder(self, modality: str, name: str, samples: list[dict]) -> Path:
-        """A shard folder with its manifest.json and sizes.json: a shard of 8 good samples, and a shard of 2 good,
-        the given samples, 2 good."""
+        """A shard folder with its manifest.json and sizes.json: a shard of 8 good samples, and a shard of 2
+        good, the given samples, 2 good."""
         folder = self.inputs / f"{modality}-shards" / name
         if folder not in self._built:
             src = self.source(modality)
@@ -223,8 +235,9 @@ class Corpus:
         return self.media_folder("image", f"deep-json-member{'-captioned' if caption else ''}", [deep])
 
     def bomb_folder(self, name: str) -> tuple[Path, str, str]:
-        """A shard folder whose second shard holds tar bomb `name` among good samples (the bombs that swallow the
-        rest of the archive end it); returns the folder, the bomb shard's file name and the hostile key."""
+        """A shard folder whose second shard holds tar bomb `name` among good samples (the bombs that swallow
+        the rest of the archive end it); returns the folder, the bomb shard's file name and the hostile
+        key."""
         key, folder = hostile_key(name), self.inputs / "image-bombs" / name
         shard = "shard-000001.tar.gz" if name == "gzip-256mib-zeros" else "shard-000001.tar"
         if folder in self._built:
@@ -240,8 +253,11 @@ class Corpus:
         elif name == "sparse-8gib":
             data = hostile.shard_with(src, "image", hostile.sparse_member(f"{key}.jpg"), rest, first=8)
         else:
-            bomb = {"header-claims-8gib": lambda: hostile.oversized_member(f"{key}.jpg"),
-                    "pax-header-huge": hostile.pax_header_bomb, "gnu-longname-huge": hostile.gnu_longname_bomb}[name]()  # fmt: skip
+            bomb = {
+                "header-claims-8gib": lambda: hostile.oversized_member(f"{key}.jpg"),
+                "pax-header-huge": hostile.pax_header_bomb,
+                "gnu-longname-huge": hostile.gnu_longname_bomb,
+            }[name]()
             data = hostile.shard_with(src, "image", bomb, first=8, after=0, end=False)
         count = 5 if name in ("gzip-256mib-zeros", "sparse-8gib") else 3  # 2 good, the bomb (, 2 good)
         good = hostile.samples_tar(hostile.good_samples(src, "image", 8))
@@ -270,8 +286,8 @@ class Corpus:
         return manifest
 
     def pipe_named_tar_folder(self) -> Path:
-        """A copy of the good image shards plus one more named `pipe:touch CANARY-cwd.tar` (a shell would create
-        CANARY-cwd.tar in the working directory)."""
+        """A copy of the good image shards plus one more named `pipe:touch CANARY-cwd.tar` (a shell would
+        create CANARY-cwd.tar in the working directory)."""
         folder = self.inputs / "image-pipe-named-tar"
         if folder not in self._built:
             shutil.copytree(self.good_folder("image"), folder)
@@ -289,7 +305,8 @@ class Corpus:
 
     # ------------------------------------------------------------------------------------ command lines
     def train_args(self, case_dir: Path, modality: str, urls: object, **data: object) -> list:
-        """`mmcl train` of a micro model for TRAIN_STEPS steps over `urls` with one loader worker, into OUT."""
+        """`mmcl train` of a micro model for TRAIN_STEPS steps over `urls` with one loader worker, into
+        OUT."""
         model = {"modality": "audio", "audio": AUDIO_TOWER} if modality == "audio" else {}
         sections = {"sources": [{"urls": urls}], "workers": 1, "shuffle_buffer": 20, **data}
         config = train_config(case_dir / "train.yaml", "", case_dir / "out", model=model, data=sections,
@@ -297,10 +314,24 @@ class Corpus:
         return ["train", "--config", config]
 
     def eval_args(self, task: str, modality: str, data: object, case: Case, classes: bool = False) -> list:
-        """`mmcl eval TASK` of the set-up checkpoint, in-process decoding; `classes` for data without a manifest."""
+        """`mmcl eval TASK` of the set-up checkpoint, in-process decoding; `classes` for data without a
+        manifest."""
         checkpoint = self.work / "checkpoints" / modality / "out"
-        args = ["eval", task, "--checkpoint", checkpoint, "--data", data, "--output", case.out, "--workers", "0",
-                "--batch-size", "8", "--quiet"]  # fmt: skip
+        args = [
+            "eval",
+            task,
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            data,
+            "--output",
+            case.out,
+            "--workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ]
         if task == "zero-shot":
             args += ["--format", "shards"]  # a lone .tar.gz is not auto-detected
         if classes and task == "zero-shot":
@@ -319,8 +350,14 @@ class Corpus:
 
         for name, samples in self.image_inputs().items():
             files = {f"{s['__key__']}.jpg": s["jpg"] for s in samples}
-            self.add("shard", name, "shard image-text (CSV)", tuple(files), shard("image", self.csv_manifest("image", name, files)),
-                     expect=len(files))  # fmt: skip
+            self.add(
+                "shard",
+                name,
+                "shard image-text (CSV)",
+                tuple(files),
+                shard("image", self.csv_manifest("image", name, files)),
+                expect=len(files),
+            )
             keys = tuple(s["__key__"] for s in samples)
             folder = self.media_folder("image", name, samples)
             self.add("shard", name, "shard image-text --format webdataset", keys,
@@ -347,12 +384,31 @@ class Corpus:
             shard("image", manifest),
         )
         # pipe: strings where a path is accepted: a manifest cell, --input, a tar's file name
-        self.add("shard", "pipe-in-csv-cell", "shard image-text (CSV)", ("pipe:",), lambda c: shard(
-            "image", self.csv_manifest("image", "pipe-cell", {}, rows=(hostile.pipe_string(c.canary),)))(c))  # fmt: skip
-        self.add("shard", "pipe-as-input", "shard image-text --format webdataset", ("pipe:",),
-                 lambda c: shard("image", hostile.pipe_string(c.canary), "--format", "webdataset")(c))  # fmt: skip
-        self.add("shard", "tar-named-pipe:touch", "shard image-text --format webdataset", ("pipe:",),
-                 shard("image", self.pipe_named_tar_folder(), "--format", "webdataset"), control=True, control_samples=16)  # fmt: skip
+        self.add(
+            "shard",
+            "pipe-in-csv-cell",
+            "shard image-text (CSV)",
+            ("pipe:",),
+            lambda c: shard(
+                "image", self.csv_manifest("image", "pipe-cell", {}, rows=(hostile.pipe_string(c.canary),))
+            )(c),
+        )
+        self.add(
+            "shard",
+            "pipe-as-input",
+            "shard image-text --format webdataset",
+            ("pipe:",),
+            lambda c: shard("image", hostile.pipe_string(c.canary), "--format", "webdataset")(c),
+        )
+        self.add(
+            "shard",
+            "tar-named-pipe:touch",
+            "shard image-text --format webdataset",
+            ("pipe:",),
+            shard("image", self.pipe_named_tar_folder(), "--format", "webdataset"),
+            control=True,
+            control_samples=16,
+        )
         # a resumed run into a folder whose _progress/options.json is garbage
 
         def resume(case: Case) -> list:
@@ -371,9 +427,16 @@ class Corpus:
                 {},
                 rows=(f"{base}/{'good' if server == 'control' else 'hostile'}.jpg",),
             )
-            self.add("shard", f"http-{server}", "shard image-text (CSV of URLs)", (base,),
-                     shard("image", manifest, "--url-deadline", "5", "--retries", "0"), cap_s=HTTP_CAPS["shard"],
-                     control=server == "control", control_samples=3)  # fmt: skip
+            self.add(
+                "shard",
+                f"http-{server}",
+                "shard image-text (CSV of URLs)",
+                (base,),
+                shard("image", manifest, "--url-deadline", "5", "--retries", "0"),
+                cap_s=HTTP_CAPS["shard"],
+                control=server == "control",
+                control_samples=3,
+            )
 
     def train_cases(self) -> None:
         def train(modality: str, urls: object, **data: object) -> Callable[[Case], list]:
@@ -381,8 +444,14 @@ class Corpus:
 
         for name, samples in self.image_inputs().items():
             folder = self.media_folder("image", name, samples)
-            self.add("train", name, "train (image micro)", tuple(s["__key__"] for s in samples), train("image", str(folder)),
-                     expect=len(samples))  # fmt: skip
+            self.add(
+                "train",
+                name,
+                "train (image micro)",
+                tuple(s["__key__"] for s in samples),
+                train("image", str(folder)),
+                expect=len(samples),
+            )
         for name, samples in self.audio_inputs().items():
             folder = self.media_folder("audio", name, samples)
             self.add(
@@ -394,8 +463,17 @@ class Corpus:
             self.add("train", name, "train (image micro)", (shard_name, key), train("image", urls))
         self.add("train", "deep-json-member", "train (image micro)", ("hostile_deep_json",),
                  train("image", str(self.deep_json_folder())))  # fmt: skip
-        self.add("train", "yaml-alias-bomb", "train (model.open_clip_config)", ("train.yaml", "alias", "open_clip_config"),
-                 lambda c: ["train", "--config", hostile.alias_bomb_config(c.dir / "train.yaml", self.good_folder("image"), c.out)])  # fmt: skip
+        self.add(
+            "train",
+            "yaml-alias-bomb",
+            "train (model.open_clip_config)",
+            ("train.yaml", "alias", "open_clip_config"),
+            lambda c: [
+                "train",
+                "--config",
+                hostile.alias_bomb_config(c.dir / "train.yaml", self.good_folder("image"), c.out),
+            ],
+        )
         for kind in TRAIN_INDEX_KINDS:
 
             def index(case: Case, kind: str = kind) -> list:
@@ -415,9 +493,15 @@ class Corpus:
         good = str(self.good_folder("image") / "shard-000000.tar")
         for server in ("huge-length", "chunked", "slowloris-headers", "control"):
             base = self.servers[server]
-            self.add("train", f"http-{server}", "train (image micro, a local + an http shard, data.http_timeout 5)",
-                     (f"{base}/shard-",), train("image", [good, f"{base}/shard-000001.tar"], http_timeout=5),
-                     cap_s=HTTP_CAPS["train"], control=server == "control")  # fmt: skip
+            self.add(
+                "train",
+                f"http-{server}",
+                "train (image micro, a local + an http shard, data.http_timeout 5)",
+                (f"{base}/shard-",),
+                train("image", [good, f"{base}/shard-000001.tar"], http_timeout=5),
+                cap_s=HTTP_CAPS["train"],
+                control=server == "control",
+            )
         base = self.servers["chunked"]
         self.add("train", "http-chunked", "train (image micro, only http shards, data.http_timeout 5)",
                  (f"{base}/shard-",), train("image", f"{base}/shard-{{000000..000001}}.tar", http_timeout=5),
@@ -429,8 +513,14 @@ class Corpus:
 
         for name, samples in self.image_inputs().items():
             keys = tuple(s["__key__"] for s in samples)
-            self.add("eval", name, "eval zero-shot (image)", keys,
-                     evaluate("zero-shot", "image", self.media_folder("image", name, samples)), expect=len(keys))  # fmt: skip
+            self.add(
+                "eval",
+                name,
+                "eval zero-shot (image)",
+                keys,
+                evaluate("zero-shot", "image", self.media_folder("image", name, samples)),
+                expect=len(keys),
+            )
         for name, samples in self.audio_inputs().items():
             self.add("eval", name, "eval zero-shot (audio)", (samples[0]["__key__"],),
                      evaluate("zero-shot", "audio", self.media_folder("audio", name, samples)))  # fmt: skip
@@ -454,10 +544,24 @@ class Corpus:
                 self.add(
                     "eval", name, f"eval {task} (image)", (shard_name, key), evaluate(task, "image", data)
                 )
-            self.add("eval", "pipe-as-data", f"eval {task} (image)", ("pipe",),
-                     lambda c, task=task: self.eval_args(task, "image", hostile.pipe_string(c.canary), c, classes=True))  # fmt: skip
-        self.add("eval", "tar-named-pipe:touch", "eval zero-shot (image)", ("pipe:",),
-                 evaluate("zero-shot", "image", self.pipe_named_tar_folder()), control=True, control_samples=16)  # fmt: skip
+            self.add(
+                "eval",
+                "pipe-as-data",
+                f"eval {task} (image)",
+                ("pipe",),
+                lambda c, task=task: self.eval_args(
+                    task, "image", hostile.pipe_string(c.canary), c, classes=True
+                ),
+            )
+        self.add(
+            "eval",
+            "tar-named-pipe:touch",
+            "eval zero-shot (image)",
+            ("pipe:",),
+            evaluate("zero-shot", "image", self.pipe_named_tar_folder()),
+            control=True,
+            control_samples=16,
+        )
         for kind in EVAL_INDEX_KINDS:
 
             def index(case: Case, kind: str = kind) -> list:
@@ -467,12 +571,18 @@ class Corpus:
             self.add("eval", kind, "eval zero-shot (image)", ("manifest.json", "shard-000000.tar"), index)
         for server in ("huge-length", "chunked", "slowloris-headers"):
             base = self.servers[server]
-            self.add("eval", f"http-{server}", "eval zero-shot (image, http shard)", (base.removeprefix("http://"),),
-                     evaluate("zero-shot", "image", f"{base}/shard-000000.tar", classes=True), cap_s=HTTP_CAPS["eval"])  # fmt: skip
+            self.add(
+                "eval",
+                f"http-{server}",
+                "eval zero-shot (image, http shard)",
+                (base.removeprefix("http://"),),
+                evaluate("zero-shot", "image", f"{base}/shard-000000.tar", classes=True),
+                cap_s=HTTP_CAPS["eval"],
+            )
 
     def inspect_cases(self, groups: set[str]) -> None:
-        """verify and stats on copies of hostile shard folders (the copy is the case's output), merge on hostile
-        part records."""
+        """verify and stats on copies of hostile shard folders (the copy is the case's output), merge on
+        hostile part records."""
         media = [(name, self.media_folder("image", name, s), tuple(x["__key__"] for x in s))
                  for name, s in self.image_inputs().items()]  # fmt: skip
         media += [
@@ -508,8 +618,13 @@ class Corpus:
                     return ["shard", tool, case.out, *extra]
 
                 self.add(tool, kind, f"shard {tool}", (), index)
-            self.add(tool, "pipe-as-folder", f"shard {tool}", ("pipe:",),
-                     lambda c, tool=tool, extra=extra: ["shard", tool, hostile.pipe_string(c.canary), *extra])  # fmt: skip
+            self.add(
+                tool,
+                "pipe-as-folder",
+                f"shard {tool}",
+                ("pipe:",),
+                lambda c, tool=tool, extra=extra: ["shard", tool, hostile.pipe_string(c.canary), *extra],
+            )
         if "merge" in groups:
             for kind in hostile.HOSTILE_PART_KINDS:
 
@@ -542,8 +657,14 @@ def run_case(case: Case, env: dict, inputs: Path, logs: Path, memory_cap: int) -
     cap = case.cap_s or CAPS[case.group]
     started = time.monotonic()
     with open(f"{log}.stdout", "wb") as out, open(f"{log}.stderr", "wb") as err:
-        proc = subprocess.Popen([*mmcl_command(), *case.args], cwd=cwd, stdout=out, stderr=err, start_new_session=True,
-                                env={**env, "ATTACK_GS_CANARY": str(case.canary) + "-ghostscript"})  # fmt: skip
+        proc = subprocess.Popen(
+            [*mmcl_command(), *case.args],
+            cwd=cwd,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            env={**env, "ATTACK_GS_CANARY": str(case.canary) + "-ghostscript"},
+        )
         with TreeMonitor(proc.pid, kill_above=memory_cap) as monitor:  # the tree's memory every 50 ms
             try:
                 code: int | None = proc.wait(timeout=cap)
@@ -557,8 +678,18 @@ def run_case(case: Case, env: dict, inputs: Path, logs: Path, memory_cap: int) -
     canaries = hostile.canaries(case.canary) + hostile.canaries(cwd / "CANARY")
     outcome, reason = classify(case, code, stdout, stderr, wall, monitor, new, canaries, memory_cap)
     reason = reason.replace(str(case.dir), "CASE").replace(str(inputs), "INPUTS")  # short table cells
-    return Result(case.group, case.input, case.entry, outcome, reason, code, round(monitor.tree_rss_peak / MiB, 1),
-                  round(wall, 1), "mmcl " + " ".join(case.args), str(log))  # fmt: skip
+    return Result(
+        case.group,
+        case.input,
+        case.entry,
+        outcome,
+        reason,
+        code,
+        round(monitor.tree_rss_peak / MiB, 1),
+        round(wall, 1),
+        "mmcl " + " ".join(case.args),
+        str(log),
+    )
 
 
 def classify(case: Case, code: int | None, stdout: str, stderr: str, wall: float, monitor: TreeMonitor,
@@ -578,8 +709,15 @@ def classify(case: Case, code: int | None, stdout: str, stderr: str, wall: float
     if "Traceback" in stderr:
         problems.append(f"traceback: {exception_line(stderr)}")
     errors = [line for line in lines_of(stderr) if line.startswith("mmcl") and "error:" in line]
-    missing = next((line for line in lines_of(stderr) if ("unrecognized arguments" in line or "unknown key" in line)
-                    and any(k in line for k in INTENDED)), None)  # fmt: skip
+    missing = next(
+        (
+            line
+            for line in lines_of(stderr)
+            if ("unrecognized arguments" in line or "unknown key" in line)
+            and any(k in line for k in INTENDED)
+        ),
+        None,
+    )
     if code == 2 and missing and not problems:
         problems.append(f"intended option missing: {missing.strip()[:200]}")
     if problems:
@@ -653,7 +791,8 @@ def shard_count(case: Case, stdout: str, stderr: str) -> tuple[int, str]:
         return 1, f"warning: {warned[0][:200]}"
     return (
         0,
-        f"errors_by_reason {manifest.get('errors_by_reason')}, samples {manifest.get('totals', {}).get('samples')}",
+        f"errors_by_reason {manifest.get('errors_by_reason')}, samples "
+        f"{manifest.get('totals', {}).get('samples')}",
     )
 
 
@@ -720,9 +859,13 @@ def merge_count(case: Case, stdout: str, stderr: str) -> tuple[int, str]:
 
 
 COUNTERS: dict[str, Callable[[Case, str, str], tuple[int, str]]] = {
-    "shard": shard_count, "train": train_count, "eval": eval_count, "verify": verify_count, "stats": stats_count,
+    "shard": shard_count,
+    "train": train_count,
+    "eval": eval_count,
+    "verify": verify_count,
+    "stats": stats_count,
     "merge": merge_count,
-}  # fmt: skip
+}
 
 
 def control_count(case: Case) -> tuple[int, str]:
@@ -781,10 +924,17 @@ def train_checkpoint(corpus: Corpus, modality: str, env: dict) -> None:
     run = corpus.work / "checkpoints" / modality
     args = corpus.train_args(run, modality, str(corpus.good_folder(modality)))
     started = time.monotonic()
-    result = subprocess.run([*mmcl_command(), *map(str, args)], capture_output=True, text=True, env=env, timeout=600,
-                            cwd=corpus.work)  # fmt: skip
+    result = subprocess.run(
+        [*mmcl_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=corpus.work,
+    )
     log(
-        f"set-up: {modality} checkpoint for the eval cases: exit {result.returncode} in {time.monotonic() - started:.0f} s"
+        f"set-up: {modality} checkpoint for the eval cases: exit {result.returncode} in "
+        f"{time.monotonic() - started:.0f} s"
     )
     if result.returncode != 0:
         log(result.stderr[-1500:])
@@ -816,7 +966,10 @@ def table(results: list[Result]) -> str:
 
 def totals(results: list[Result]) -> str:
     counts = Counter(r.outcome for r in results)
-    line = f"{len(results)} cases: {counts['skipped']} skipped, {counts['refused']} refused, {counts['failure']} failures"
+    line = (
+        f"{len(results)} cases: {counts['skipped']} skipped, {counts['refused']} refused, "
+        f"{counts['failure']} failures"
+    )
     return line + (f", {counts['accepted']} accepted (controls and harmless)" if counts["accepted"] else "")
 
 
@@ -870,8 +1023,10 @@ def main(argv: list[str] | None = None) -> int:
         for index, case in enumerate(corpus.cases, 1):
             result = run_case(case, env, corpus.inputs, work / "logs", int(args.memory_cap * 1024 * MiB))
             results.append(result)
-            log(f"[{index}/{len(corpus.cases)}] {case.group} | {case.input} | {case.entry}: {result.outcome} "
-                f"({result.wall_s:.1f} s, {result.peak_rss_mib:.0f} MiB) {cell(result.reason, 140)}")  # fmt: skip
+            log(
+                f"[{index}/{len(corpus.cases)}] {case.group} | {case.input} | {case.entry}: {result.outcome} "
+                f"({result.wall_s:.1f} s, {result.peak_rss_mib:.0f} MiB) {cell(result.reason, 140)}"
+            )
             if result.outcome == "failure" and not args.keep_going:
                 log("stopping at the first failure (--keep-going runs every case)")
                 break

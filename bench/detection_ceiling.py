@@ -55,7 +55,9 @@ from mmcl.noise.local_fdr import LocalFdr, null_pvalues  # noqa: E402
 from mmcl.noise.metrics import auroc  # noqa: E402
 
 
-def read_pairs(shards: Path, max_shards: int | None) -> tuple[list[bytes], list[str], np.ndarray, np.ndarray | None]:
+def read_pairs(
+    shards: Path, max_shards: int | None
+) -> tuple[list[bytes], list[str], np.ndarray, np.ndarray | None]:
     """Image bytes, captions, ground-truth noisy flags and class labels (None unless every .json has a
     "label_index") of the samples in `shards`' tar files."""
     images, captions, noisy, labels = [], [], [], []
@@ -93,7 +95,9 @@ def score(
         texts = [captions[i] for i in rows]
         out = model(media, model.tokenizer(texts))
         media_features, text_features, scale = out["media_features"], out["text_features"], out["logit_scale"]
-        signals["symmetric loss"] += contrastive_loss(media_features, text_features, scale)["per_sample_loss"].tolist()
+        signals["symmetric loss"] += contrastive_loss(media_features, text_features, scale)[
+            "per_sample_loss"
+        ].tolist()
         signals["p-value"] += null_pvalues(media_features, text_features, scale).tolist()
         logits = scale * media_features @ text_features.T
         eye = torch.eye(len(rows), dtype=torch.bool)
@@ -107,7 +111,9 @@ def score(
         signals["p-value without dups"] += pvalues.tolist()
         bank_logits = scale * media_features @ bank.T
         own = torch.tensor([bank_index[t] for t in texts])
-        signals["caption bank"] += (torch.logsumexp(bank_logits, 1) - bank_logits[torch.arange(len(rows)), own]).tolist()
+        signals["caption bank"] += (
+            torch.logsumexp(bank_logits, 1) - bank_logits[torch.arange(len(rows)), own]
+        ).tolist()
         kept += rows
     return {name: np.asarray(values) for name, values in signals.items()}, np.asarray(kept)
 
@@ -123,11 +129,13 @@ def calibration(pvalues: np.ndarray, noisy: np.ndarray) -> list[str]:
     fdr.add(pvalues)
     params = fdr.fit()
     weights = fdr.fitted_clean_probability(pvalues)
-    lines = [f"  local_fdr on all {len(pvalues)} p-values: noise rate estimate {params['pi0']:.3f}, implied AUROC "
-             f"{params['implied_auroc']:.3f} (bound {params['implied_auroc_low']:.3f}), gate "
-             f"{'open' if params['gate_open'] else 'shut'}; mean weight of matched pairs {weights[~noisy].mean():.3f}, "
-             f"of mismatched ones {weights[noisy].mean():.3f}",
-             "  p-value bin      pairs  matched share  mean weight"]  # fmt: skip
+    lines = [
+        f"  local_fdr on all {len(pvalues)} p-values: noise rate estimate {params['pi0']:.3f}, implied AUROC "
+        f"{params['implied_auroc']:.3f} (bound {params['implied_auroc_low']:.3f}), gate "
+        f"{'open' if params['gate_open'] else 'shut'}; mean weight of matched pairs "
+        f"{weights[~noisy].mean():.3f}, of mismatched ones {weights[noisy].mean():.3f}",
+        "  p-value bin      pairs  matched share  mean weight",
+    ]
     for low, high in itertools.pairwise(CALIBRATION_EDGES):
         inside = (pvalues >= low) & ((pvalues < high) if high < 1.0 else (pvalues <= high))
         if inside.any():
@@ -142,14 +150,20 @@ def null_class_matches(pvalues: np.ndarray, noisy: np.ndarray, labels: np.ndarra
     counts = np.bincount(labels)
     q = float((counts * (counts - 1)).sum() / (len(labels) * (len(labels) - 1)))
     ranking = 1.0 - float(pvalues[~noisy].mean())
-    return [f"  null's same-class share q {q:.3f}; matched pairs' 1 - E[p] {ranking:.4f} (what the implied AUROC "
-            f"estimates); predicted AUROC (1 - E[p] - q/2) / (1 - q) = {(ranking - q / 2) / (1 - q):.4f}, "
-            f"measured {auroc(pvalues, noisy):.4f}"]
+    return [
+        f"  null's same-class share q {q:.3f}; matched pairs' 1 - E[p] {ranking:.4f} (what the implied AUROC "
+        f"estimates); predicted AUROC (1 - E[p] - q/2) / (1 - q) = {(ranking - q / 2) / (1 - q):.4f}, "
+        f"measured {auroc(pvalues, noisy):.4f}"
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="an mmcl run folder or checkpoint folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="an mmcl run folder or checkpoint folder"
+    )
     parser.add_argument("--shards", type=Path, required=True, help="image shards written with --noise-rate")
     parser.add_argument("--max-shards", type=int, help="score only the first N shards")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -17,7 +17,8 @@ from shards_tools.encode import REDUCING_GAP, RESAMPLE
 
 
 def image_limit(data: bytes, image_size: int, quality: int = 95) -> bytes:
-    """Open, draft (reduced-size JPEG decode), convert to RGB, resize the largest side to image_size, save JPEG."""
+    """Open, draft (reduced-size JPEG decode), convert to RGB, resize the largest side to image_size, save
+    JPEG."""
     img = Image.open(io.BytesIO(data))
     scale = image_size / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))

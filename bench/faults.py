@@ -12,19 +12,23 @@ Every scenario runs the real `mmcl` commands in subprocesses, as a user would, o
             skipped with the expected reason in manifest.json's errors_by_reason and _errors.jsonl, and every
             good item must be in the shards (the `source` of every sample's .json is compared, as a multiset,
             with the good inputs). Then kill -9 at random points of a sharding run, re-run the same command:
-            manifest.json, sizes.json, _errors.jsonl and every tar must equal an uninterrupted run's, byte for byte.
-  training  a truncated and a corrupted shard in the stream (training completes, warnings, bad_samples counted,
-            every readable good sample of the epoch trained on); kill -9 at random steps (and once while a
-            checkpoint is being written) then resume: final model.safetensors equal to an uninterrupted run's
-            (torch.equal, every tensor) and metrics.jsonl with each step once; SIGTERM: exit 0, saved, resumes
-            identically; a damaged newest checkpoint (no COMPLETE, truncated weights, a pickle bomb as
-            optimizer.pt, garbage state.json): the previous one is used and the result is still identical.
-  loading   a pickle bomb is never executed (auto resume, train.resume, model.pretrained); pipe: shard URLs are
-            refused unless data.allow_pipe, also when a shard *file name* starts with pipe: (folder listing).
+            manifest.json, sizes.json, _errors.jsonl and every tar must equal an uninterrupted run's, byte for
+            byte.
+  training  a truncated and a corrupted shard in the stream (training completes, warnings, bad_samples
+            counted, every readable good sample of the epoch trained on); kill -9 at random steps (and once
+            while a checkpoint is being written) then resume: final model.safetensors equal to an
+            uninterrupted run's (torch.equal, every tensor) and metrics.jsonl with each step once; SIGTERM:
+            exit 0, saved, resumes identically; a damaged newest checkpoint (no COMPLETE, truncated weights, a
+            pickle bomb as optimizer.pt, garbage state.json): the previous one is used and the result is still
+            identical.
+  loading   a pickle bomb is never executed (auto resume, train.resume, model.pretrained); pipe: shard URLs
+            are refused unless data.allow_pipe, also when a shard *file name* starts with pipe: (folder
+            listing).
   config    a matrix of invalid configs: exit code 2, one message per problem naming the key, no traceback.
 
-Results: a table on stdout and WORK_DIR/results.json (every trial with where its kill landed). The exit status is
-1 when any check failed. Training runs use OMP_NUM_THREADS=1 (CPU, deterministic, and fair to a shared machine).
+Results: a table on stdout and WORK_DIR/results.json (every trial with where its kill landed). The exit status
+is 1 when any check failed. Training runs use OMP_NUM_THREADS=1 (CPU, deterministic, and fair to a shared
+machine).
 
 The corpora and their checks are tests/fault_corpora.py (sharding) and tests/fault_training.py (training),
 which tests/test_faults.py runs the cheap, deterministic parts of.
@@ -227,8 +231,11 @@ def bench_sharding_kills(work: Path, trials: int, rng: random.Random, images: in
         row.survived += not trial_problems
         row.problems += [f"trial {trial}: {p}" for p in trial_problems]
         row.details.append({"trial": trial, "kills": landed, "identical": not trial_problems})
-        log(f"sharding kill trial {trial}: kills {[(k['delay_after_start_s'], k['shards_recorded_at_kill']) for k in landed]}"
-            f" -> {'identical' if not trial_problems else trial_problems}")  # fmt: skip
+        kills = [(k["delay_after_start_s"], k["shards_recorded_at_kill"]) for k in landed]
+        log(
+            f"sharding kill trial {trial}: kills {kills}"
+            f" -> {'identical' if not trial_problems else trial_problems}"
+        )
         shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -366,7 +373,8 @@ def kill_training_run(
     proc: subprocess.Popen, run: Path, step_s: float, rng: random.Random, during_save: bool, whole_group: bool
 ) -> dict:
     """kill -9 the training run `proc` (writing to `run`) while it writes a checkpoint (`during_save`), else
-    within the step after a random one it has not logged yet, else during start-up; returns where it landed."""
+    within the step after a random one it has not logged yet, else during start-up; returns where it
+    landed."""
     if during_save:  # the moment a checkpoint folder is being written
         target = "while a checkpoint is written"
         hit = wait_for(lambda: any((run / "checkpoints").glob(".step-*")), proc, 600, poll=0.001)
@@ -438,7 +446,8 @@ def bench_sigterm(work: Path, shards: Path, reference: Path, env: dict, rng: ran
 
 
 def bench_damaged_checkpoints(work: Path, shards: Path, reference: Path, env: dict) -> Row:
-    """The reference run without its final checkpoint and its newest one damaged: resume uses the one before."""
+    """The reference run without its final checkpoint and its newest one damaged: resume uses the one
+    before."""
     row = Row("training", "damaged newest checkpoint: previous one used")
     newest, previous = (
         f"step-{TRAIN_STEPS - CHECKPOINT_EVERY:08d}",
@@ -526,7 +535,7 @@ def truncation_reported(shard: Path, scratch: Path) -> dict[str, bool]:
     return reported
 
 
-# ================================================================================================ loading, config
+# ============================================================================================ loading, config
 
 
 def _config_matrix_main(work: str) -> int:
@@ -554,8 +563,13 @@ def bench_loading_and_config(work: Path, env: dict) -> list[Row]:
 
 def bench_config_matrix(work: Path, env: dict, base: Path) -> Row:
     """The invalid-config matrix, in one process; then the real exit status of two of its cases."""
-    result = subprocess.run([sys.executable, __file__, "_config-matrix", str(work)], capture_output=True, text=True,
-                            env=env, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, __file__, "_config-matrix", str(work)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     cases = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else []
     row = Row("config", "invalid configs: exit 2, one message, no traceback", inputs=len(CONFIG_CASES),
               faults=len(CONFIG_CASES), runs=len(CONFIG_CASES), lost=None)  # fmt: skip
@@ -595,13 +609,26 @@ def bench_loading(work: Path, env: dict, base: Path, shards4: Path) -> Row:
     (bomb_dir / "state.json").write_text("{}")
     (bomb_dir / "COMPLETE").write_text("ok\n")
     checks = {
-        "model.pretrained=<pickle bomb .pt>": mmcl("train", "--config", base, f"model.pretrained={bomb}",
-                                                   f"run.output_dir={bombs / 'run-a'}", env=env),
-        "train.resume=<checkpoint with pickle bombs>": mmcl("train", "--config", base, f"train.resume={bomb_dir}",
-                                                            f"run.output_dir={bombs / 'run-b'}", env=env),
-        "pipe: URL without data.allow_pipe": mmcl("train", "--config", base, "--check",
-                                                  f"data.sources=[{{urls: 'pipe:touch {marker}'}}]", env=env),
-    }  # fmt: skip
+        "model.pretrained=<pickle bomb .pt>": mmcl(
+            "train",
+            "--config",
+            base,
+            f"model.pretrained={bomb}",
+            f"run.output_dir={bombs / 'run-a'}",
+            env=env,
+        ),
+        "train.resume=<checkpoint with pickle bombs>": mmcl(
+            "train",
+            "--config",
+            base,
+            f"train.resume={bomb_dir}",
+            f"run.output_dir={bombs / 'run-b'}",
+            env=env,
+        ),
+        "pipe: URL without data.allow_pipe": mmcl(
+            "train", "--config", base, "--check", f"data.sources=[{{urls: 'pipe:touch {marker}'}}]", env=env
+        ),
+    }
     for name, res in checks.items():
         load.runs += 1
         load.faults += 1
@@ -636,8 +663,13 @@ def pipe_named_shard(load: Row, bombs: Path, shards4: Path, env: dict) -> None:
     load.faults += 1
     fine = res.returncode == 0 and not (folder / f"{PWNED}.tar").exists() and "skipped" not in res.stderr
     load.survived += fine
-    load.details.append({"case": "shard file named 'pipe:touch PWNED.tar' in folder source '.'", "exit": res.returncode,
-                         "command_ran": (folder / f"{PWNED}.tar").exists()})  # fmt: skip
+    load.details.append(
+        {
+            "case": "shard file named 'pipe:touch PWNED.tar' in folder source '.'",
+            "exit": res.returncode,
+            "command_ran": (folder / f"{PWNED}.tar").exists(),
+        }
+    )
     if not fine:
         load.problems.append(
             f"pipe: file name: exit {res.returncode}, ran: {(folder / f'{PWNED}.tar').exists()}"

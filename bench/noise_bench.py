@@ -2,17 +2,19 @@
 
 For each modality, noise rate, weighting method and seed: shard the training pairs with
 `mmcl shard --noise-rate R --seed S`, train a micro model with `mmcl train` (same steps, data, schedule and
-seed for every method), evaluate zero-shot top-1 on held-out items (1,000 Fashion-MNIST test images; 600
-clips of 12 espeak-ng voices no training clip has), and read the detection AUROC, the noise-rate estimate
-and samples/s from the run's metrics.jsonl. Results are cached per run (JSON in the work folder), so an interrupted bench continues
-where it stopped.
+seed for every method), evaluate zero-shot top-1 on held-out items (1,000 Fashion-MNIST test images; 600 clips
+of 12 espeak-ng voices no training clip has), and read the detection AUROC, the noise-rate estimate and
+samples/s from the run's metrics.jsonl. Results are cached per run (JSON in the work folder), so an
+interrupted bench continues where it stopped.
 
     .venv/bin/python bench/noise_bench.py --modality image      # 32 runs, ~110 min on 2 idle cores
     .venv/bin/python bench/noise_bench.py --modality audio      # 32 runs, ~45 min
     .venv/bin/python bench/noise_bench.py --modality image --rates 0.2 0.5 0.8 --methods oracle
     .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --seeds 0
-    .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods local_fdr --seeds 0 --steps 3000
-    .venv/bin/python bench/noise_bench.py --modality audio --rates 0.5 0 --methods loss_mixture_unlearn --seeds 0 1 2 3
+    .venv/bin/python bench/noise_bench.py --modality image --rates 0 0.5 --methods local_fdr --seeds 0 \
+        --steps 3000
+    .venv/bin/python bench/noise_bench.py --modality audio --rates 0.5 0 --methods loss_mixture_unlearn \
+        --seeds 0 1 2 3
 
 Fewer passes over more pairs (closer to a stream; cached under their own names, e.g. image30000-...):
 
@@ -25,32 +27,34 @@ e.g. 32 voices x 10 clips per word = 3,200 clips, cached as audio3200v32-...; an
     .venv/bin/python bench/noise_bench.py --modality audio --audio-voices 32 --audio-repeats 10 --rates 0 0.5
     .venv/bin/python bench/noise_bench.py --modality audio --audio-recipe my_audio.yaml --rates 0 0.5
 
-Image runs scored on all 10,000 Fashion-MNIST test images instead of the 1,000 (a run's top-1 on 1,000 images has
-a standard error of ~1 point, as large as the gaps the targets ask about; cached per test set, and a run already
-trained is only scored again):
+Image runs scored on all 10,000 Fashion-MNIST test images instead of the 1,000 (a run's top-1 on 1,000 images
+has a standard error of ~1 point, as large as the gaps the targets ask about; cached per test set, and a run
+already trained is only scored again):
 
-    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 2400 --rates 0 0.5 --image-test full
+    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 2400 --rates 0 0.5 \
+        --image-test full
 
 Twice the steps (10 passes; ~13-15 min a run):
 
     .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --steps 4800 --rates 0 0.5 \
         --methods local_fdr none oracle --image-test full
 
-Another learning rate for every run (cached as image-micro_resnet-lr0.0005-...): the image recipe's 2e-3 collapses at
-80% noise (the loss stays at log 64), a quarter of it learns there:
+Another learning rate for every run (cached as image-micro_resnet-lr0.0005-...): the image recipe's 2e-3
+collapses at 80% noise (the loss stays at log 64), a quarter of it learns there:
 
-    .venv/bin/python bench/noise_bench.py --modality image --lr 5e-4 --rates 0.8 0.5 0 --methods none local_fdr oracle \
-        --image-test full
+    .venv/bin/python bench/noise_bench.py --modality image --lr 5e-4 --rates 0.8 0.5 0 \
+        --methods none local_fdr oracle --image-test full
 
 Another noise.floor (cached as ...-f0.1-...; no pair weighs less than it; the library's default is 0):
 
-    .venv/bin/python bench/noise_bench.py --modality image --floor 0.1 --rates 0.5 --methods local_fdr --image-test full
+    .venv/bin/python bench/noise_bench.py --modality image --floor 0.1 --rates 0.5 --methods local_fdr \
+        --image-test full
 
-Another noise.window (cached as ...-w4096-...; the bench's 2,048 p-values or losses are 32 steps, the library's
-default is 4,096):
+Another noise.window (cached as ...-w4096-...; the bench's 2,048 p-values or losses are 32 steps, the
+library's default is 4,096):
 
-    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --lr 5e-4 --steps 2400 --window 4096 \
-        --rates 0.8 --methods local_fdr none --image-test full
+    .venv/bin/python bench/noise_bench.py --modality image --image-pairs 30000 --lr 5e-4 --steps 2400 \
+        --window 4096 --rates 0.8 --methods local_fdr none --image-test full
 """
 
 from __future__ import annotations
@@ -90,14 +94,16 @@ AUDIO_REPEATS = 8  # clips per word and training voice: 640 clips, as `mmcl demo
 IMAGE_TEST_PER_CLASS = 100  # the bench's 1,000 test images; --image-test full: all 10,000 (1,000 per class)
 FULL_TEST_PER_CLASS = 1000
 STEPS = {"image": 1200, "audio": 250}  # image: 12.8 epochs of 6,000 pairs; audio: 25 epochs of 640 clips
-# uniform weights for the first steps, then blended in (noise.warmup_steps, noise.ramp_steps); the same for every method
+# uniform weights for the first steps, then blended in (noise.warmup_steps, noise.ramp_steps); the same for
+# every method
 WEIGHTING_SCHEDULE = {"image": (150, 60), "audio": (62, 25)}
 WINDOW = 2048  # noise.window: the per-pair signals each estimate is fitted on (32 steps of 64 pairs)
-# image: the micro ResNet learns these pairs to 88-89% zero-shot at 1,200 steps (the micro ViT of micro.yaml: ~75%)
+# image: the micro ResNet learns these pairs to 88-89% zero-shot at 1,200 steps (the micro ViT of micro.yaml:
+# ~75%)
 RECIPES = {"image": "image_text/micro_resnet.yaml", "audio": "audio_text/micro.yaml"}
 METHODS = ["none", "local_fdr", "loss_mixture", "teacher"]
-# further settings of a method, run with --methods NAME: the teacher with soft targets (noise.soft_target_alpha);
-# loss_mixture with negative learning on the pairs it doubts (noise.unlearn_weight)
+# further settings of a method, run with --methods NAME: the teacher with soft targets
+# (noise.soft_target_alpha); loss_mixture with negative learning on the pairs it doubts (noise.unlearn_weight)
 VARIANTS = {
     "teacher_soft": {"method": "teacher", "soft_target_alpha": 0.3},
     "loss_mixture_unlearn": {"method": "loss_mixture", "unlearn_weight": 1.0},
@@ -105,13 +111,15 @@ VARIANTS = {
 }
 FULL_TEST_TAG = "-test10000"
 CAPTION_PROMPTS_TAG = "-captions"
-# result-file suffixes: the default test sets and prompts, all 10,000 Fashion-MNIST test images, the audio runs
-# scored with prompts in their training captions' wording
+# result-file suffixes: the default test sets and prompts, all 10,000 Fashion-MNIST test images, the audio
+# runs scored with prompts in their training captions' wording
 TEST_TAGS = ["", FULL_TEST_TAG, CAPTION_PROMPTS_TAG]
-# zero-shot prompts: a built-in set of `mmcl eval`, or "captions": the training captions' phrasings, each a template
+# zero-shot prompts: a built-in set of `mmcl eval`, or "captions": the training captions' phrasings, each a
+# template
 PROMPTS = {"image": "short", "audio": "captions"}
 CAPTION_PROMPTS_FILE = "caption-prompts.txt"  # under the work folder's data/: AUDIO_CAPTIONS, one per line
-ORACLE = "oracle"  # not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
+# not an estimator: the weights every estimator aims at (1 clean, 0 noisy), the ceiling of weighting
+ORACLE = "oracle"
 
 
 def oracle_shards(shards: Path, out: Path) -> Path:
@@ -150,15 +158,17 @@ def run(command: list, log: Path) -> None:
 
 
 def label_of_test_set(data: dict) -> str:
-    """How a result names what it was scored on: the test set's data folder and the class folders' parent,
-    and the prompts when they are the training captions' (a label without prompts: a built-in set of `mmcl eval`)."""
+    """How a result names what it was scored on: the test set's data folder and the class folders' parent, and
+    the prompts when they are the training captions' (a label without prompts: a built-in set of
+    `mmcl eval`)."""
     label = f"{data['test'].parent.name}/{data['test'].name}"
     return f"{label}, caption prompts" if data["prompts"] == "captions" else label
 
 
 def zero_shot(work: Path, name: str, run_dir: Path, data: dict) -> dict:
     """Zero-shot top-1 of the run's final checkpoint on the held-out class folders `data["test"]`, with the
-    prompts `data["templates"]` (a built-in set or a file); report in eval/NAME, NAME tagged by test set and prompts."""
+    prompts `data["templates"]` (a built-in set or a file); report in eval/NAME, NAME tagged by test set and
+    prompts."""
     eval_dir = work / "eval" / name
     run(
         [
@@ -210,8 +220,10 @@ class Setting:
         lr_tag = "" if self.lr is None else f"-lr{self.lr:g}"
         window_tag = "" if self.window is None else f"-w{self.window}"
         floor_tag = "" if self.floor is None else f"-f{self.floor:g}"
-        return (f"{self.dataset}-{self.recipe.stem}{lr_tag}{window_tag}{floor_tag}-r{self.rate:g}-{self.method}"
-                f"-s{self.seed}-n{self.steps}")  # fmt: skip
+        return (
+            f"{self.dataset}-{self.recipe.stem}{lr_tag}{window_tag}{floor_tag}-r{self.rate:g}-{self.method}"
+            f"-s{self.seed}-n{self.steps}"
+        )
 
 
 def one_run(work: Path, setting: Setting, data: dict) -> dict:
@@ -236,17 +248,29 @@ def one_run(work: Path, setting: Setting, data: dict) -> dict:
     train_rows = [r for r in rows if "loss" in r]
     steady = [r["samples_per_s"] for r in train_rows[len(train_rows) // 4 :]]
     result = {
-        "modality": setting.modality, "dataset": setting.dataset, "recipe": setting.recipe.stem,
-        "lr": config["optim"]["lr"], "window": config["noise"]["window"], "floor": config["noise"]["floor"],
-        "rate": setting.rate, "method": setting.method, "seed": setting.seed, "steps": setting.steps,
-        **zero_shot(work, f"{name}{own_tag}", run_dir, data), "train_seconds": round(train_seconds, 1),
+        "modality": setting.modality,
+        "dataset": setting.dataset,
+        "recipe": setting.recipe.stem,
+        "lr": config["optim"]["lr"],
+        "window": config["noise"]["window"],
+        "floor": config["noise"]["floor"],
+        "rate": setting.rate,
+        "method": setting.method,
+        "seed": setting.seed,
+        "steps": setting.steps,
+        **zero_shot(work, f"{name}{own_tag}", run_dir, data),
+        "train_seconds": round(train_seconds, 1),
         "samples_per_s": statistics.median(steady),
         "auroc": train_rows[-1].get("noise_auroc"),
-        "signal_auroc": train_rows[-1].get("noise_signal_auroc"),  # the estimator's signal itself, gate open or shut
+        "signal_auroc": train_rows[-1].get(
+            "noise_signal_auroc"
+        ),  # the estimator's signal itself, gate open or shut
         "noise_rate_estimate": train_rows[-1].get("noise_rate_estimate"),
         # the first logged step at which weighting was in use (the mixture found two modes), None if never
-        "weighting_from_step": next((r["step"] for r in train_rows if r.get("noise_mean_weight", 1.0) < 1.0), None),
-    }  # fmt: skip
+        "weighting_from_step": next(
+            (r["step"] for r in train_rows if r.get("noise_mean_weight", 1.0) < 1.0), None
+        ),
+    }
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result))
     return result
@@ -279,10 +303,31 @@ def noisy_shards(work: Path, setting: Setting, data: dict) -> Path:
         if setting.modality == "audio"
         else ["--image-format", "png"]
     )
-    run([sys.executable, "-m", "mmcl", "shard", f"{setting.modality}-text", "--input", data["train"], "--output", shards,
-         "--shard-size", max(8, pairs // 16), "--shuffle", "--seed", setting.seed, "--noise-rate", setting.rate,
-         "--label-column", "label", "--quiet", *media],
-        work / "logs" / f"shard-{shards.name}.log")  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "mmcl",
+            "shard",
+            f"{setting.modality}-text",
+            "--input",
+            data["train"],
+            "--output",
+            shards,
+            "--shard-size",
+            max(8, pairs // 16),
+            "--shuffle",
+            "--seed",
+            setting.seed,
+            "--noise-rate",
+            setting.rate,
+            "--label-column",
+            "label",
+            "--quiet",
+            *media,
+        ],
+        work / "logs" / f"shard-{shards.name}.log",
+    )
     if setting.method == ORACLE:
         shards = oracle_shards(shards, work / "shards" / f"{shards.name}-oracle")
     return shards
@@ -333,8 +378,8 @@ def paired_with_off(runs: list[dict], off_runs: list[dict]) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| modality | noise | method | top-1 (mean of seeds) | seeds | kept vs 0% | vs off, same seed | detection AUROC "
-        "| noise rate estimate | weighting from step | samples/s |",
+        "| modality | noise | method | top-1 (mean of seeds) | seeds | kept vs 0% | vs off, same seed | "
+        "detection AUROC | noise rate estimate | weighting from step | samples/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
@@ -357,8 +402,8 @@ def table(results: list[dict]) -> str:
         started = "" if method == "none" else started
         paired = "" if method == "none" else paired_with_off(runs, groups.get((modality, rate, "none"), []))
         lines.append(
-            f"| {modality} | {rate:.0%} | {method} | {100 * acc:.1f}% | {seeds} | {kept} | {paired} | {auroc} | {estimate} "
-            f"| {started} | {speed:.0f} |"
+            f"| {modality} | {rate:.0%} | {method} | {100 * acc:.1f}% | {seeds} | {kept} | {paired} | "
+            f"{auroc} | {estimate} | {started} | {speed:.0f} |"
         )
     return "\n".join(lines)
 
@@ -501,8 +546,18 @@ def main() -> None:
                     if method == ORACLE and rate == 0:
                         continue  # the true weights of clean data are all 1: weighting off's run
                     recipe = args.image_recipe if modality == "image" else args.audio_recipe
-                    setting = Setting(modality, recipe.resolve(), datasets[modality], rate, method, seed,
-                                      args.steps or STEPS[modality], args.lr, args.window, args.floor)  # fmt: skip
+                    setting = Setting(
+                        modality,
+                        recipe.resolve(),
+                        datasets[modality],
+                        rate,
+                        method,
+                        seed,
+                        args.steps or STEPS[modality],
+                        args.lr,
+                        args.window,
+                        args.floor,
+                    )
                     r = one_run(work, setting, data[modality])
                     print(json.dumps(r), flush=True)
                     results.append(r)

@@ -10,7 +10,8 @@ method's ratio to `none` measured in the same rounds.
     .venv/bin/python bench/noise_overhead.py --shards bench/out/noise/shards/audio-r0.5-s0 \\
         --recipe configs/audio_text/micro.yaml
 
-Besides the methods, the noise bench's variants run too (e.g. `--methods none loss_mixture loss_mixture_unlearn`).
+Besides the methods, the noise bench's variants run too
+(e.g. `--methods none loss_mixture loss_mixture_unlearn`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ def build_trainer(recipe: Path, shards: Path, noise: dict, output: Path):
     from mmcl.train.trainer import Trainer
 
     overrides = [
-        f"run.output_dir={output}", f"data.sources=[{{urls: '{shards}'}}]", "data.workers=1",
-        *(f"noise.{key}={value}" for key, value in noise.items()), "noise.warmup_steps=0", "noise.ramp_steps=0",
-        "noise.window=2048", "train.steps=100000", "train.resume=never",
+        f"run.output_dir={output}",
+        f"data.sources=[{{urls: '{shards}'}}]",
+        "data.workers=1",
+        *(f"noise.{key}={value}" for key, value in noise.items()),
+        "noise.warmup_steps=0",
+        "noise.ramp_steps=0",
+        "noise.window=2048",
+        "train.steps=100000",
+        "train.resume=never",
     ]
     trainer = Trainer(load_train_config(recipe, overrides))
     trainer.setup()
@@ -56,13 +63,17 @@ def run_block(trainer, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shards", type=Path, required=True, help="a folder of training shards (with noise)")
     parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "image_text" / "micro_resnet.yaml")
     from noise_bench import VARIANTS  # bench/noise_bench.py
 
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, *VARIANTS])
-    parser.add_argument("--warmup", type=int, default=40, help="steps per method before timing (fills the window)")
+    parser.add_argument(
+        "--warmup", type=int, default=40, help="steps per method before timing (fills the window)"
+    )
     parser.add_argument("--block", type=int, default=20, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None)
@@ -75,8 +86,12 @@ def main() -> None:
     from host import host_facts  # bench/host.py
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {m: build_trainer(args.recipe, args.shards.resolve(), {"method": m, **VARIANTS.get(m, {})}, Path(tmp) / m)
-                    for m in args.methods}
+        trainers = {
+            m: build_trainer(
+                args.recipe, args.shards.resolve(), {"method": m, **VARIANTS.get(m, {})}, Path(tmp) / m
+            )
+            for m in args.methods
+        }
         for trainer in trainers.values():
             run_block(trainer, args.warmup)
         per_round: dict[str, list[tuple[float, float]]] = {m: [] for m in args.methods}
@@ -87,8 +102,16 @@ def main() -> None:
                 per_round[method].append((cpu / args.block, wall / args.block))
     rows = {}
     for method, samples in per_round.items():
-        cpu_ratio = [c / b[0] for (c, _), b in zip(samples, per_round["none"], strict=True)] if "none" in per_round else []
-        wall_ratio = [w / b[1] for (_, w), b in zip(samples, per_round["none"], strict=True)] if "none" in per_round else []
+        cpu_ratio = (
+            [c / b[0] for (c, _), b in zip(samples, per_round["none"], strict=True)]
+            if "none" in per_round
+            else []
+        )
+        wall_ratio = (
+            [w / b[1] for (_, w), b in zip(samples, per_round["none"], strict=True)]
+            if "none" in per_round
+            else []
+        )
         rows[method] = {
             "cpu_ms_per_step": 1000 * statistics.median(c for c, _ in samples),
             "wall_ms_per_step": 1000 * statistics.median(w for _, w in samples),
@@ -98,9 +121,17 @@ def main() -> None:
     print(f"{'method':<22} {'CPU ms/step':>12} {'wall ms/step':>13} {'CPU vs none':>12} {'wall vs none':>13}")
     for method, row in rows.items():
         ratios = [f"{row[k]:.3f}" if row[k] is not None else "" for k in ("cpu_vs_none", "wall_vs_none")]
-        print(f"{method:<22} {row['cpu_ms_per_step']:12.1f} {row['wall_ms_per_step']:13.1f} {ratios[0]:>12} {ratios[1]:>13}")
-    result = {"host": host_facts(), "argv": sys.argv, "load_at_end": os.getloadavg(), "rows": rows,
-              "rounds": {m: [list(s) for s in v] for m, v in per_round.items()}}
+        print(
+            f"{method:<22} {row['cpu_ms_per_step']:12.1f} {row['wall_ms_per_step']:13.1f} {ratios[0]:>12} "
+            f"{ratios[1]:>13}"
+        )
+    result = {
+        "host": host_facts(),
+        "argv": sys.argv,
+        "load_at_end": os.getloadavg(),
+        "rows": rows,
+        "rounds": {m: [list(s) for s in v] for m, v in per_round.items()},
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -371,9 +371,25 @@ class Bench:
             print(f"!! sanity check failed: {message}", file=sys.stderr)
 
     def mmcl_image(self, manifest: Path, out: Path, image_size: int = IMAGE_SIZE) -> list[str]:
-        return [*self.mmcl, "shard", "image-text", "--input", str(manifest), "--output", str(out),
-                "--image-size", str(image_size), "--resize-mode", "keep-ratio-largest", "--quality", str(QUALITY),
-                "--workers", str(self.options.workers), "--shard-size", str(self.options.shard_size)]  # fmt: skip
+        return [
+            *self.mmcl,
+            "shard",
+            "image-text",
+            "--input",
+            str(manifest),
+            "--output",
+            str(out),
+            "--image-size",
+            str(image_size),
+            "--resize-mode",
+            "keep-ratio-largest",
+            "--quality",
+            str(QUALITY),
+            "--workers",
+            str(self.options.workers),
+            "--shard-size",
+            str(self.options.shard_size),
+        ]
 
     def mmcl_samples(self, out: Path) -> int | None:
         try:
@@ -425,7 +441,8 @@ class Bench:
                 round_runs[i] = run
                 every[i].append(run)
                 print(
-                    f"   {run.label:<28} {run.wall_s:7.2f} s  {run.tree_cpu_s:6.2f} CPU s  {describe_load(run)}",
+                    f"   {run.label:<28} {run.wall_s:7.2f} s  {run.tree_cpu_s:6.2f} CPU s  "
+                    f"{describe_load(run)}",
                     flush=True,
                 )
             rounds += 1
@@ -475,8 +492,8 @@ class Bench:
         mmcl_label: str,
         unit: str,
     ) -> None:
-        """Alternate the library limit and `mmcl shard` (`command(out)`) on the same files, verify mmcl's output
-        and record both and their ratio (target 0.70) under results[name]."""
+        """Alternate the library limit and `mmcl shard` (`command(out)`) on the same files, verify mmcl's
+        output and record both and their ratio (target 0.70) under results[name]."""
 
         def limit_side(r: int) -> Run:
             return self.limit(name, files, limit_args, f"{name}-limit-{r}")
@@ -509,12 +526,20 @@ class Bench:
         self.check_limit_equals_reference(files[0])
         manifest = write_manifest(self.work / f"img512-{count}.csv", [str(p) for p in files])
         print(
-            f"== image: {count} local 512x512 JPEGs -> {IMAGE_SIZE}, q{QUALITY}, {self.options.workers} processes"
+            f"== image: {count} local 512x512 JPEGs -> {IMAGE_SIZE}, q{QUALITY}, "
+            f"{self.options.workers} processes"
         )
 
-        self.versus_limit("image", files, [IMAGE_SIZE, QUALITY], lambda out: self.mmcl_image(manifest, out), count,
-                          "library limit (Pillow draft pipeline, Pool(2))", "mmcl shard image-text (local files)",
-                          "images/s")  # fmt: skip
+        self.versus_limit(
+            "image",
+            files,
+            [IMAGE_SIZE, QUALITY],
+            lambda out: self.mmcl_image(manifest, out),
+            count,
+            "library limit (Pillow draft pipeline, Pool(2))",
+            "mmcl shard image-text (local files)",
+            "images/s",
+        )
 
     def check_limit_equals_reference(self, sample: Path) -> None:
         """The inline image limit must do exactly what bench/encode_limits.image_limit does."""
@@ -554,24 +579,58 @@ class Bench:
 
             def mmcl_side(r: int) -> Run:
                 out = self.fresh_dir("url-mmcl")
-                run = timed_run(f"url-mmcl-{r}", self.mmcl_image(manifest, out), self.log(f"url-mmcl-{r}"), self.options,
-                                server_pid=server.pid)  # fmt: skip
+                run = timed_run(
+                    f"url-mmcl-{r}",
+                    self.mmcl_image(manifest, out),
+                    self.log(f"url-mmcl-{r}"),
+                    self.options,
+                    server_pid=server.pid,
+                )
                 run.count = self.mmcl_samples(out)
                 self.check(run.count == count, f"url-mmcl-{r}: {run.count} samples, expected {count}")
                 return run
 
             def i2d_side(r: int) -> Run:
                 out = self.fresh_dir("url-img2dataset")
-                command = [str(self.img2dataset), "--url_list", str(manifest), "--input_format", "csv",
-                           "--url_col", "url", "--caption_col", "caption", "--output_folder", str(out),
-                           "--output_format", "webdataset", "--image_size", str(IMAGE_SIZE),
-                           "--resize_mode", "keep_ratio_largest", "--encode_quality", str(QUALITY),
-                           "--processes_count", str(self.options.workers), "--thread_count", str(self.options.thread_count),
-                           "--number_sample_per_shard", "1000", "--enable_wandb", "False"]  # fmt: skip
+                command = [
+                    str(self.img2dataset),
+                    "--url_list",
+                    str(manifest),
+                    "--input_format",
+                    "csv",
+                    "--url_col",
+                    "url",
+                    "--caption_col",
+                    "caption",
+                    "--output_folder",
+                    str(out),
+                    "--output_format",
+                    "webdataset",
+                    "--image_size",
+                    str(IMAGE_SIZE),
+                    "--resize_mode",
+                    "keep_ratio_largest",
+                    "--encode_quality",
+                    str(QUALITY),
+                    "--processes_count",
+                    str(self.options.workers),
+                    "--thread_count",
+                    str(self.options.thread_count),
+                    "--number_sample_per_shard",
+                    "1000",
+                    "--enable_wandb",
+                    "False",
+                ]
                 # no albumentations update check over the (absent) network at import time
                 env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-                run = timed_run(f"url-img2dataset-{r}", command, self.log(f"url-img2dataset-{r}"), self.options, env=env,
-                                server_pid=server.pid)  # fmt: skip
+                run = timed_run(
+                    f"url-img2dataset-{r}",
+                    command,
+                    self.log(f"url-img2dataset-{r}"),
+                    self.options,
+                    env=env,
+                    server_pid=server.pid,
+                )
                 run.count = count_tar_members(out, ".jpg")
                 self.check(run.count == count, f"url-img2dataset-{r}: {run.count} images, expected {count}")
                 return run
@@ -608,7 +667,8 @@ class Bench:
         files = ensure_dataset(self.data, "wav", count, pool)
         manifest = write_manifest(self.work / f"wav-{count}.csv", [str(p) for p in files])
         print(
-            f"== audio: {count} WAVs (5 s, stereo, 44.1 kHz) -> mono {SAMPLE_RATE} Hz FLAC, {self.options.workers} processes"
+            f"== audio: {count} WAVs (5 s, stereo, 44.1 kHz) -> mono {SAMPLE_RATE} Hz FLAC, "
+            f"{self.options.workers} processes"
         )
 
         def command(out: Path) -> list[str]:
@@ -616,9 +676,16 @@ class Bench:
                     "--sample-rate", str(SAMPLE_RATE), "--workers", str(self.options.workers),
                     "--shard-size", str(self.options.shard_size)]  # fmt: skip
 
-        self.versus_limit("audio", files, [SAMPLE_RATE], command, count,
-                          "library limit (soundfile+torchaudio, Pool(2))", "mmcl shard audio-text (local files)",
-                          "clips/s")  # fmt: skip
+        self.versus_limit(
+            "audio",
+            files,
+            [SAMPLE_RATE],
+            command,
+            count,
+            "library limit (soundfile+torchaudio, Pool(2))",
+            "mmcl shard audio-text (local files)",
+            "clips/s",
+        )
 
     def memory_section(self, pool) -> None:
         small, large = self.options.count, 10 * self.options.count
@@ -631,9 +698,12 @@ class Bench:
             run = timed_run(f"memory-mmcl-{n}", self.mmcl_image(manifest, out), self.log(f"memory-mmcl-{n}"),
                             self.options)  # fmt: skip
             run.count = self.mmcl_samples(out)
-            print(f"   {run.label:<28} {run.wall_s:7.2f} s  main {run.main_peak_rss / MiB:.0f} MiB, tree "
-                  f"{run.tree_peak_rss / MiB:.0f} MiB, largest worker {run.largest_child_peak_rss / MiB:.0f} MiB; "
-                  f"{describe_load(run)}", flush=True)  # fmt: skip
+            print(
+                f"   {run.label:<28} {run.wall_s:7.2f} s  main {run.main_peak_rss / MiB:.0f} MiB, tree "
+                f"{run.tree_peak_rss / MiB:.0f} MiB, largest worker {run.largest_child_peak_rss / MiB:.0f} "
+                f"MiB; {describe_load(run)}",
+                flush=True,
+            )
             summary = self.summarise(f"mmcl shard image-text, {n} 64x64 images", [run], n, "images/s")
             summary["verify"] = self.verify(out, n, f"memory-{n}")
             section[str(n)] = summary
@@ -673,7 +743,8 @@ def start_server(
     (work / "nginx.conf").write_text(f"""{user} worker_processes 1; daemon off; pid {work}/nginx.pid;
 error_log {work}/error.log;
 events {{ worker_connections 1024; }}
-http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000; default_type image/jpeg; {temp}
+http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000; \
+default_type image/jpeg; {temp}
   server {{ listen 127.0.0.1:{port}; root {folder}; }} }}
 """)
     server = subprocess.Popen([*pin, "nginx", "-p", str(work), "-c", str(work / "nginx.conf")])
@@ -694,7 +765,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 DELAY = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
 class Quiet(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as web servers and CDNs allow (clients may still close)
-    disable_nagle_algorithm = True  # TCP_NODELAY, as nginx's default tcp_nodelay (else kept-alive replies stall)
+    # TCP_NODELAY, as nginx's default tcp_nodelay (else kept-alive replies stall)
+    disable_nagle_algorithm = True
     def log_message(self, *args):
         pass
     def do_GET(self):
@@ -741,9 +813,15 @@ def machine_info(options: Options) -> dict:
     pyc = os.environ.get("PYTHONDONTWRITEBYTECODE")
     info["PYTHONDONTWRITEBYTECODE"] = pyc
     if options.img2dataset.exists():
-        out = subprocess.run([str(options.img2dataset.parent / "python"), "-c",
-                              "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)"],
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [
+                str(options.img2dataset.parent / "python"),
+                "-c",
+                "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)",
+            ],
+            capture_output=True,
+            text=True,
+        )
         info["img2dataset_opencv"] = out.stdout.strip() or out.stderr.strip()[-200:]
     return info
 
@@ -773,15 +851,35 @@ def fmt_mib(value: float) -> str:
 
 
 def table(results: dict) -> str:
-    rows = [("side", "median s", "rate/s (best)", "ratio", "target", "CPU s", "main peak MiB", "tree peak MiB",
-             "others' cores")]  # fmt: skip
+    rows = [
+        (
+            "side",
+            "median s",
+            "rate/s (best)",
+            "ratio",
+            "target",
+            "CPU s",
+            "main peak MiB",
+            "tree peak MiB",
+            "others' cores",
+        )
+    ]
 
     def row(s: dict, ratio: str = "", target: str = "") -> None:
         loads = s["other_load_cores"]
-        rows.append((
-            s["name"], f"{s['median_s']:.2f}", f"{s['rate_median']:,.0f} ({s['rate_best']:,.0f})", ratio, target,
-            f"{s['tree_cpu_median_s']:.2f}", fmt_mib(s["main_peak_rss_mib"]), fmt_mib(s["tree_peak_rss_mib"]), f"{min(loads):.2f}-{max(loads):.2f}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                s["name"],
+                f"{s['median_s']:.2f}",
+                f"{s['rate_median']:,.0f} ({s['rate_best']:,.0f})",
+                ratio,
+                target,
+                f"{s['tree_cpu_median_s']:.2f}",
+                fmt_mib(s["main_peak_rss_mib"]),
+                fmt_mib(s["tree_peak_rss_mib"]),
+                f"{min(loads):.2f}-{max(loads):.2f}",
+            )
+        )
 
     for key, reference in (("image", "limit"), ("audio", "limit"), ("url", "img2dataset")):
         if key not in results:
@@ -799,8 +897,20 @@ def table(results: dict) -> str:
             if key != "growth":
                 row(s)
         g = mem["growth"]
-        rows.append((f"memory growth for 10x input: main x{g['main_peak_rss']:.2f}, tree x{g['tree_peak_rss']:.2f}",
-                     "", "", "", "", "", "", "", ""))  # fmt: skip
+        rows.append(
+            (
+                f"memory growth for 10x input: main x{g['main_peak_rss']:.2f}, tree "
+                f"x{g['tree_peak_rss']:.2f}",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, r in enumerate(rows):
@@ -842,8 +952,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--count", type=int, default=2000, help="512x512 JPEGs for the image and url sections; "
-                        "the memory section uses COUNT and 10 x COUNT 64x64 JPEGs")  # fmt: skip
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=2000,
+        help="512x512 JPEGs for the image and url sections; "
+        "the memory section uses COUNT and 10 x COUNT 64x64 JPEGs",
+    )
     parser.add_argument("--audio-count", type=int, default=500, help="5 s stereo 44.1 kHz WAV files")
     parser.add_argument(
         "--work-dir", type=Path, default=REPO / "bench" / "out", help="generated data, outputs, logs"
@@ -860,19 +975,34 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--thread-count", type=int, default=16, help="img2dataset --thread_count")
     parser.add_argument("--img2dataset", default=str(REPO / ".bench-venv" / "bin" / "img2dataset"))
     parser.add_argument("--skip-img2dataset", action="store_true", help="url section: mmcl only")
-    parser.add_argument("--url-server", choices=["auto", "nginx", "python"], default="auto",
-                        help="url section: the web server on 127.0.0.1 (auto: nginx when installed)")  # fmt: skip
-    parser.add_argument("--url-latency-ms", type=float, default=0.0,
-                        help="url section: the server waits this long before each answer (default 0: plain loopback)")  # fmt: skip
-    parser.add_argument("--server-cpus", help="url section: run the server under `taskset -c SERVER_CPUS`, e.g. 1 "
-                        "(with --client-cpus 0: the server off the sides' cores, as on another machine)")  # fmt: skip
+    parser.add_argument(
+        "--url-server",
+        choices=["auto", "nginx", "python"],
+        default="auto",
+        help="url section: the web server on 127.0.0.1 (auto: nginx when installed)",
+    )
+    parser.add_argument(
+        "--url-latency-ms",
+        type=float,
+        default=0.0,
+        help="url section: the server waits this long before each answer (default 0: plain loopback)",
+    )
+    parser.add_argument(
+        "--server-cpus",
+        help="url section: run the server under `taskset -c SERVER_CPUS`, e.g. 1 "
+        "(with --client-cpus 0: the server off the sides' cores, as on another machine)",
+    )
     parser.add_argument(
         "--client-cpus", help="run every timed side under `taskset -c CLIENT_CPUS`, e.g. 0 or 0,1"
     )
     parser.add_argument("--only", nargs="+", choices=["image", "url", "audio", "memory"],
                         default=["image", "url", "audio", "memory"])  # fmt: skip
-    parser.add_argument("--quiet-threshold", type=float, default=0.15,
-                        help="a round is repeated when other processes used more cores than this during a run")  # fmt: skip
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.15,
+        help="a round is repeated when other processes used more cores than this during a run",
+    )
     parser.add_argument("--max-rounds", type=int, default=12,
                         help="most rounds per section when disturbed rounds are repeated")  # fmt: skip
     parser.add_argument("--max-wait", type=float, default=60.0,
@@ -887,8 +1017,10 @@ def main() -> int:
     options = parse_options()
     bench = Bench(options)
     info = machine_info(options)
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; Python {info['python']}, "
-          f"Pillow {info['pillow']}; load average at start {info['load_at_start'][0]:.2f}")  # fmt: skip
+    print(
+        f"machine: {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; Python "
+        f"{info['python']}, Pillow {info['pillow']}; load average at start {info['load_at_start'][0]:.2f}"
+    )
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         for section in options.only:
             getattr(bench, f"{section}_section")(pool)
@@ -909,8 +1041,8 @@ def main() -> int:
     ]
     if shared:
         print(
-            "\nnote: other processes used more than --quiet-threshold cores during some reported runs (shared machine): "
-            + "; ".join(shared)
+            "\nnote: other processes used more than --quiet-threshold cores during some reported runs "
+            "(shared machine): " + "; ".join(shared)
         )
     if bench.problems:
         print("\nSANITY CHECKS FAILED:\n  " + "\n  ".join(bench.problems))

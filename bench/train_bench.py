@@ -235,8 +235,16 @@ MODEL_NAME = "mmcl-micro-vit"
 MODEL_JSON = ROOT / "configs" / "models" / f"{MODEL_NAME}.json"
 FMNIST_LABELS = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                  "bag", "ankle boot"]  # fmt: skip
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
-           "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (235, 235, 235), "teal": (30, 160, 160)}  # fmt: skip
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+    "white": (235, 235, 235),
+    "teal": (30, 160, 160),
+}
 TEMPLATES = ["a photo of a {c} {l}.", "a {c} {l} on a black background.", "{c} {l}",
              "a low resolution photo of a {c} {l}."]  # fmt: skip
 SHAPES = ["circle", "square", "triangle", "cross"]
@@ -326,7 +334,8 @@ def make_images(work: Path, count: int) -> tuple[Path, str]:
 
 
 def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: str) -> dict:
-    """The first COUNT rows of the manifest as shards of SHARD_SIZE (cached); returns the set's description."""
+    """The first COUNT rows of the manifest as shards of SHARD_SIZE (cached); returns the set's
+    description."""
     out = work / "shards" / name
     sub_manifest = work / f"{name}.csv"
     done = out / "manifest.json"
@@ -376,8 +385,8 @@ def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: s
 
 # ------------------------------------------------------------------------------------------ monitoring
 def last_step(path: Path, pattern: re.Pattern, batch_size: int | None = None):
-    """A progress() for processes.TreeMonitor: the step of the last match of PATTERN in PATH (group 1: the step, or
-    the sample count when BATCH_SIZE is given)."""
+    """A progress() for processes.TreeMonitor: the step of the last match of PATTERN in PATH (group 1: the
+    step, or the sample count when BATCH_SIZE is given)."""
 
     def progress() -> int | None:
         try:
@@ -394,7 +403,8 @@ def last_step(path: Path, pattern: re.Pattern, batch_size: int | None = None):
 
 
 def bench_clock(events: list, exclude_steps: int, batch_size: int) -> dict:
-    """Steady state by the bench's clock: from the first log event at or after step EXCLUDE_STEPS to the last."""
+    """Steady state by the bench's clock: from the first log event at or after step EXCLUDE_STEPS to the
+    last."""
     start = next((e for e in events if e[1] >= exclude_steps), None)
     end = events[-1] if events else None
     if start is None or end is None or end[1] <= start[1]:
@@ -413,7 +423,8 @@ def bench_clock(events: list, exclude_steps: int, batch_size: int) -> dict:
 
 
 def run_process(cmd: list[str], env: dict, log: Path, timeout: float, progress=None) -> dict:
-    """Run CMD (its own session), watch its tree; wall time, CPU of the tree and of the rest of the machine."""
+    """Run CMD (its own session), watch its tree; wall time, CPU of the tree and of the rest of the
+    machine."""
     load_before = os.getloadavg()
     busy0 = busy_cpu_seconds()
     t0 = time.perf_counter()
@@ -452,7 +463,8 @@ def run_process(cmd: list[str], env: dict, log: Path, timeout: float, progress=N
 
 # ------------------------------------------------------------------------------------------------ runs
 def thread_env(threads: int) -> dict:
-    """The environment of a run: threads > 0 pins OMP/MKL threads; 0 leaves them unset (each tool's default)."""
+    """The environment of a run: threads > 0 pins OMP/MKL threads; 0 leaves them unset (each tool's
+    default)."""
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         if threads > 0:
@@ -519,13 +531,51 @@ def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     oc_args = [
-        "--train-data", shards["pattern"], "--train-num-samples", str(options.steps * options.batch_size),
-        "--dataset-type", "webdataset", "--batch-size", str(options.batch_size), "--workers", str(options.workers),
-        "--model", MODEL_NAME, "--device", "cpu", "--precision", "fp32", "--epochs", "1",
-        "--lr", "5e-4", "--warmup", "10", "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-        "--grad-clip-norm", "1.0", "--seed", "0", "--save-frequency", "0", "--zeroshot-frequency", "0",
-        "--logs", str(logs), "--name", tag, "--log-every-n-steps", "10",
-    ]  # fmt: skip
+        "--train-data",
+        shards["pattern"],
+        "--train-num-samples",
+        str(options.steps * options.batch_size),
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        str(options.batch_size),
+        "--workers",
+        str(options.workers),
+        "--model",
+        MODEL_NAME,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--epochs",
+        "1",
+        "--lr",
+        "5e-4",
+        "--warmup",
+        "10",
+        "--wd",
+        "0.1",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--grad-clip-norm",
+        "1.0",
+        "--seed",
+        "0",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        tag,
+        "--log-every-n-steps",
+        "10",
+    ]
     cmd = [
         str(VENV / "bin" / "python"),
         str(Path(__file__).resolve()),
@@ -797,7 +847,8 @@ def run_all(options: Options, sets: dict[str, dict]) -> list[dict]:
             runs.append(res)
             print(
                 f"{tag:22s} rc={res['returncode']} waited {waited:3.0f} s wall {res['wall_s']:6.1f} s  "
-                f"{describe_run(tool, res)}  others {res['others_cpu_cores']:.2f} cores  load {res['load_before']:.2f}",
+                f"{describe_run(tool, res)}  others {res['others_cpu_cores']:.2f} cores  load "
+                f"{res['load_before']:.2f}",
                 flush=True,
             )
     return runs
@@ -807,7 +858,8 @@ def describe_run(tool: str, res: dict) -> str:
     if tool == "ab":
         return (
             f"step CPU mmcl {fmt(res.get('ab_mmcl_cpu_ms_per_step'))} ms, open_clip "
-            f"{fmt(res.get('ab_open_clip_cpu_ms_per_step'))} ms, ratio {fmt(res.get('ab_ratio_median_of_pairs'), '.3f')}"
+            f"{fmt(res.get('ab_open_clip_cpu_ms_per_step'))} ms, ratio "
+            f"{fmt(res.get('ab_ratio_median_of_pairs'), '.3f')}"
         )
     return (
         f"steady {fmt(res['steady_samples_per_s'])} samples/s  "
@@ -816,11 +868,26 @@ def describe_run(tool: str, res: dict) -> str:
     )
 
 
-SUMMARY_KEYS = ["steady_samples_per_s", "steady_step_ms", "wall_s", "steady_data_wait_fraction",
-                "max_window_data_wait_fraction", "first_window_data_wait_fraction", "peak_tree_rss_mib",
-                "peak_tree_pss_mib", "peak_main_rss_mib", "others_cpu_cores", "others_cores_at_start", "cpu_s",
-                "final_loss", "bench_samples_per_s", "bench_main_cpu_ms_per_step", "bench_tree_cpu_ms_per_step",
-                "first_log_s", "after_last_log_s"]  # fmt: skip
+SUMMARY_KEYS = [
+    "steady_samples_per_s",
+    "steady_step_ms",
+    "wall_s",
+    "steady_data_wait_fraction",
+    "max_window_data_wait_fraction",
+    "first_window_data_wait_fraction",
+    "peak_tree_rss_mib",
+    "peak_tree_pss_mib",
+    "peak_main_rss_mib",
+    "others_cpu_cores",
+    "others_cores_at_start",
+    "cpu_s",
+    "final_loss",
+    "bench_samples_per_s",
+    "bench_main_cpu_ms_per_step",
+    "bench_tree_cpu_ms_per_step",
+    "first_log_s",
+    "after_last_log_s",
+]
 SUMMARY_LISTS = ("steady_samples_per_s", "bench_samples_per_s", "wall_s", "peak_tree_rss_mib",
                  "bench_main_cpu_ms_per_step", "bench_tree_cpu_ms_per_step", "others_cpu_cores")  # fmt: skip
 
@@ -910,8 +977,9 @@ def open_clip_verdict(options: Options, runs: list[dict], ml: dict, oc: dict) ->
 def print_report(options: Options, summary: dict, verdict: dict) -> None:
     print()
     print(
-        f"{options.steps} steps, batch {options.batch_size}, {options.workers} loader workers, {options.threads} torch threads, "
-        f"fp32 CPU; medians of {options.repeats} repeat(s); steady state = log windows after step {options.exclude_steps}"
+        f"{options.steps} steps, batch {options.batch_size}, {options.workers} loader workers, "
+        f"{options.threads} torch threads, fp32 CPU; medians of {options.repeats} repeat(s); steady state = "
+        f"log windows after step {options.exclude_steps}"
     )
     header = (
         f"{'run':20s} {'samples/s':>9s} {'(bench)':>8s} {'step ms':>8s} {'main CPU':>8s} {'tree CPU':>8s} "
@@ -930,7 +998,8 @@ def print_report(options: Options, summary: dict, verdict: dict) -> None:
             f"{fmt(v['steady_step_ms']):>8s} {fmt(v['bench_main_cpu_ms_per_step'], '.0f'):>8s} "
             f"{fmt(v['bench_tree_cpu_ms_per_step'], '.0f'):>8s} {fmt(v['wall_s']):>7s} "
             f"{fmt(wait if wait is None else 100 * wait, '.1f') + '%':>9s} "
-            f"{fmt(v['peak_tree_rss_mib'], '.0f') + ' MiB':>9s} {fmt(v['peak_tree_pss_mib'], '.0f') + ' MiB':>9s} "
+            f"{fmt(v['peak_tree_rss_mib'], '.0f') + ' MiB':>9s} "
+            f"{fmt(v['peak_tree_pss_mib'], '.0f') + ' MiB':>9s} "
             f"{fmt(v['others_cpu_cores'], '.2f'):>6s}"
         )
     print()

@@ -47,7 +47,11 @@ def _message_lines(err: Exception) -> list[str]:
     text = str(err)
     if "\nOriginal Traceback" in text:
         last = text.rstrip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
+        text = (
+            last.split(": ", 1)[1]
+            if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ")
+            else last
+        )
     return text.splitlines() or [""]
 
 

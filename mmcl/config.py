@@ -54,7 +54,9 @@ class OptimConfig(_Strict):
 class TrainLoopConfig(_Strict):
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
     accumulation_steps: int = Field(
-        1, ge=1, description="micro-batches per step; every accumulated sample stays a negative (feature cache)"
+        1,
+        ge=1,
+        description="micro-batches per step; every accumulated sample stays a negative (feature cache)",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     compile: bool = False
@@ -88,24 +90,34 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check_combination(self) -> TrainConfig:
         if self.loss.kind == "siglip" and not self.model.siglip:
-            raise ValueError("loss.kind is siglip but model.siglip is false: set model.siglip: true "
-                             "(it adds the logit bias SigLIP needs)")
+            raise ValueError(
+                "loss.kind is siglip but model.siglip is false: set model.siglip: true "
+                "(it adds the logit bias SigLIP needs)"
+            )
         if self.model.modality == "audio":
             for key in ("sample_rate", "clip_seconds"):
                 model_value, data_value = getattr(self.model.audio, key), getattr(self.data, key)
                 if key in self.data.model_fields_set and data_value != model_value:
-                    raise ValueError(f"data.{key}={data_value} differs from model.audio.{key}={model_value}; "
-                                     f"remove data.{key} (it follows the model)")
+                    raise ValueError(
+                        f"data.{key}={data_value} differs from model.audio.{key}={model_value}; "
+                        f"remove data.{key} (it follows the model)"
+                    )
                 setattr(self.data, key, model_value)
         self.noise.check_pairs_per_step(self.data.batch_size * self.train.accumulation_steps)
         if self.noise.soft_target_alpha and self.loss.kind == "siglip":
-            raise ValueError("noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)")
+            raise ValueError(
+                "noise.soft_target_alpha works with loss.kind: clip only (SigLIP has no softmax targets)"
+            )
         if self.eval.every_steps and not (self.eval.zero_shot or self.eval.retrieval):
-            raise ValueError("eval.every_steps is set but eval has no zero_shot or retrieval tasks; add one "
-                             "(e.g. zero_shot: [{name: heldout, data: PATH}]) or set every_steps: 0")
+            raise ValueError(
+                "eval.every_steps is set but eval has no zero_shot or retrieval tasks; add one "
+                "(e.g. zero_shot: [{name: heldout, data: PATH}]) or set every_steps: 0"
+            )
         if self.optim.warmup_steps >= self.train.steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} >= train.steps={self.train.steps}: "
-                             "lower warmup_steps or train longer")
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} >= train.steps={self.train.steps}: "
+                "lower warmup_steps or train longer"
+            )
         return self
 
 
@@ -127,7 +139,11 @@ def _format_error(err: ValidationError, source: str) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; remove it (see the config reference in README.md)"
+            hint = (
+                f"; did you mean {close[0]}?"
+                if close
+                else "; remove it (see the config reference in README.md)"
+            )
             lines.append(f"{source}: unknown key {key}{hint}")
         elif problem["type"] == "missing":
             lines.append(f"{source}: {key} is required")
@@ -150,8 +166,10 @@ def load_yaml(text: str, where: str) -> Any:
             return None
         size = _expanded_size(node)
         if size > MAX_CONFIG_VALUES:
-            raise UsageError(f"{where}: the YAML expands to {size:,} values through its aliases (&anchor / *alias), "
-                             f"more than the {MAX_CONFIG_VALUES:,} a config may hold; write the values out")
+            raise UsageError(
+                f"{where}: the YAML expands to {size:,} values through its aliases (&anchor / *alias), "
+                f"more than the {MAX_CONFIG_VALUES:,} a config may hold; write the values out"
+            )
         return loader.construct_document(node)
     except RecursionError:
         raise UsageError(f"{where}: the YAML is nested too deeply to read") from None
@@ -199,7 +217,9 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
     try:
         node[parts[-1]] = load_yaml(raw, f"override {assignment!r}") if raw else ""
     except yaml.YAMLError as err:
-        raise UsageError(f"override {assignment!r}: the value is not valid YAML ({err.problem}); quote it") from None
+        raise UsageError(
+            f"override {assignment!r}: the value is not valid YAML ({err.problem}); quote it"
+        ) from None
 
 
 def load_train_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:

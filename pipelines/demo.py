@@ -49,16 +49,20 @@ class DemoSize:
 SIZES = {
     "tiny": DemoSize(images=640, test_per_class=20, spoken_repeats=1, image_steps=40, audio_steps=40),
     "small": DemoSize(images=6000, test_per_class=100, spoken_repeats=8, image_steps=500, audio_steps=250),
-    "medium": DemoSize(images=20000, test_per_class=300, spoken_repeats=6, image_steps=2000, audio_steps=1000),
+    "medium": DemoSize(
+        images=20000, test_per_class=300, spoken_repeats=6, image_steps=2000, audio_steps=1000
+    ),
 }
 
-DEMO_EXAMPLE = """example:
-  mmcl demo                                   # both modalities, small size, 30% caption noise (~5 min on 2 cores)
-  mmcl demo --modality audio --noise-rate 0.5 --noise-method teacher
-  mmcl demo --modality image --noise-rate 0.5 --noise-method local_fdr
-  mmcl demo --size tiny --processes 1         # a quick smoke run
-  mmcl demo --size medium --output runs/demo-medium
-"""
+DEMO_EXAMPLE = (
+    "example:\n"
+    "  mmcl demo                                   "
+    "# both modalities, small size, 30% caption noise (~5 min on 2 cores)\n"
+    "  mmcl demo --modality audio --noise-rate 0.5 --noise-method teacher\n"
+    "  mmcl demo --modality image --noise-rate 0.5 --noise-method local_fdr\n"
+    "  mmcl demo --size tiny --processes 1         # a quick smoke run\n"
+    "  mmcl demo --size medium --output runs/demo-medium\n"
+)
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -73,9 +77,13 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--modality", choices=["both", "image", "audio"], default="both")
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="dataset size and training steps")
-    p.add_argument("--noise-rate", type=float, default=0.3, help="fraction of pairs whose captions are swapped")
     p.add_argument(
-        "--noise-method", choices=["loss_mixture", "local_fdr", "teacher", "none"], default="loss_mixture",
+        "--noise-rate", type=float, default=0.3, help="fraction of pairs whose captions are swapped"
+    )
+    p.add_argument(
+        "--noise-method",
+        choices=["loss_mixture", "local_fdr", "teacher", "none"],
+        default="loss_mixture",
         help="noise-aware weighting (none: the plain contrastive loss)",
     )
     p.add_argument("--processes", type=int, choices=[1, 2], default=2, help="training processes (accelerate)")
@@ -98,8 +106,8 @@ def _say(message: str) -> None:
 def _run(
     command: list[str], log: Path, env: dict | None = None, progress: TrainingProgress | None = None
 ) -> None:
-    """Run one stage as its own process, streaming its output into `log` (and failing loudly); with `progress`,
-    its console line is refreshed while the process runs and finished when it ends."""
+    """Run one stage as its own process, streaming its output into `log` (and failing loudly); with
+    `progress`, its console line is refreshed while the process runs and finished when it ends."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(log, "w") as handle,
@@ -231,10 +239,28 @@ def _shard(modality: str, manifest: Path, out: Path, noise_rate: float, seed: in
     At least 16 shards, so that every process and loader worker gets its own."""
     pairs = sum(1 for _ in open(manifest)) - 1
     command = _mmcl(
-        "shard", f"{modality}-text", "--input", manifest, "--output", out, "--shard-size", max(8, pairs // 16),
-        "--shuffle", "--seed", seed, "--noise-rate", noise_rate, "--label-column", "label", "--quiet",
+        "shard",
+        f"{modality}-text",
+        "--input",
+        manifest,
+        "--output",
+        out,
+        "--shard-size",
+        max(8, pairs // 16),
+        "--shuffle",
+        "--seed",
+        seed,
+        "--noise-rate",
+        noise_rate,
+        "--label-column",
+        "label",
+        "--quiet",
     )
-    command += ["--sample-rate", "16000", "--max-seconds", "1.5"] if modality == "audio" else ["--image-format", "png"]
+    command += (
+        ["--sample-rate", "16000", "--max-seconds", "1.5"]
+        if modality == "audio"
+        else ["--image-format", "png"]
+    )
     _run(command, logs / f"shard-{modality}.log")
     return json.loads((out / "manifest.json").read_text())
 
@@ -249,8 +275,17 @@ def _zero_shot_prompts(modality: str, data_dir: Path) -> str:
     return str(write_caption_prompts(data_dir / "audio-caption-prompts.txt"))
 
 
-def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps: int, method: str,
-                  seed: int, processes: int, prompts: str) -> dict:
+def _train_config(
+    modality: str,
+    shards: Path,
+    test: Path,
+    run_dir: Path,
+    steps: int,
+    method: str,
+    seed: int,
+    processes: int,
+    prompts: str,
+) -> dict:
     recipe = REPO / "configs" / ("image_text/micro.yaml" if modality == "image" else "audio_text/micro.yaml")
     config = yaml.safe_load(recipe.read_text())
     config["run"] = {"output_dir": str(run_dir), "seed": seed}
@@ -260,7 +295,10 @@ def _train_config(modality: str, shards: Path, test: Path, run_dir: Path, steps:
     config["train"].update({"steps": steps, "log_every": max(1, steps // 25), "checkpoint_every": steps})
     config["optim"]["warmup_steps"] = max(1, steps // 10)
     config["noise"] = {
-        "method": method, "warmup_steps": steps // 4, "ramp_steps": steps // 10, "window": 2048,
+        "method": method,
+        "warmup_steps": steps // 4,
+        "ramp_steps": steps // 10,
+        "window": 2048,
     }
     config["eval"] = {
         "every_steps": max(1, steps // 5),
@@ -277,17 +315,32 @@ def _train(config: dict, config_path: Path, processes: int, logs: Path, modality
     metrics = Path(config["run"]["output_dir"]) / "metrics.jsonl"
     steps = config["train"]["steps"]
     if processes == 1:
-        _run(_mmcl("train", "--config", config_path), log, env, TrainingProgress(f"{modality}-text", metrics, steps))  # fmt: skip
+        _run(
+            _mmcl("train", "--config", config_path),
+            log,
+            env,
+            TrainingProgress(f"{modality}-text", metrics, steps),
+        )
         return
-    # accelerate takes the rendezvous port as a number and torchrun's store binds it later, so a port found free
-    # a moment ago may be taken by then (another launch on this machine; accelerate itself only sidesteps a port
-    # that already answers): the store then fails with EADDRINUSE before any worker starts, and exactly that
-    # failure is retried on a fresh port, as the tests' accelerate_launch does
+    # accelerate takes the rendezvous port as a number and torchrun's store binds it later, so a port found
+    # free a moment ago may be taken by then (another launch on this machine; accelerate itself only sidesteps
+    # a port that already answers): the store then fails with EADDRINUSE before any worker starts, and exactly
+    # that failure is retried on a fresh port, as the tests' accelerate_launch does
     for attempt in range(1, LAUNCH_ATTEMPTS + 1):
         port = _free_port()
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
-            "--main_process_port", str(port), "-m", "mmcl", "train", "--config", str(config_path),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ACCELERATE_CPU),
+            "--main_process_port",
+            str(port),
+            "-m",
+            "mmcl",
+            "train",
+            "--config",
+            str(config_path),
         ]
         try:
             _run(command, log, env, TrainingProgress(f"{modality}-text", metrics, steps))
@@ -298,12 +351,41 @@ def _train(config: dict, config_path: Path, processes: int, logs: Path, modality
             _say(f"port {port} was taken before the launch could use it: retrying on another")
 
 
-def _evaluate(modality: str, run_dir: Path, test: Path, prompts: str, retrieval_shards: Path, out: Path,
-              logs: Path) -> dict:
-    _run(_mmcl("eval", "zero-shot", "--checkpoint", run_dir, "--data", test, "--format", "class-folder",
-               "--templates", prompts, "--output", out / "zero-shot", "--quiet"), logs / f"eval-zs-{modality}.log")
-    _run(_mmcl("eval", "retrieval", "--checkpoint", run_dir, "--data", retrieval_shards, "--output",
-               out / "retrieval", "--quiet"), logs / f"eval-ret-{modality}.log")
+def _evaluate(
+    modality: str, run_dir: Path, test: Path, prompts: str, retrieval_shards: Path, out: Path, logs: Path
+) -> dict:
+    _run(
+        _mmcl(
+            "eval",
+            "zero-shot",
+            "--checkpoint",
+            run_dir,
+            "--data",
+            test,
+            "--format",
+            "class-folder",
+            "--templates",
+            prompts,
+            "--output",
+            out / "zero-shot",
+            "--quiet",
+        ),
+        logs / f"eval-zs-{modality}.log",
+    )
+    _run(
+        _mmcl(
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            run_dir,
+            "--data",
+            retrieval_shards,
+            "--output",
+            out / "retrieval",
+            "--quiet",
+        ),
+        logs / f"eval-ret-{modality}.log",
+    )
     return {
         "zero_shot": json.loads((out / "zero-shot" / "results.json").read_text()),
         "retrieval": json.loads((out / "retrieval" / "results.json").read_text()),
@@ -311,8 +393,8 @@ def _evaluate(modality: str, run_dir: Path, test: Path, prompts: str, retrieval_
 
 
 def _plot_training(metrics_file: Path, path: Path, title: str, held_out: int) -> None:
-    """Loss and held-out zero-shot accuracy over steps, from the run's metrics.jsonl; the accuracy is scored on
-    all `held_out` items, the set of the report's headline."""
+    """Loss and held-out zero-shot accuracy over steps, from the run's metrics.jsonl; the accuracy is scored
+    on all `held_out` items, the set of the report's headline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +408,9 @@ def _plot_training(metrics_file: Path, path: Path, title: str, held_out: int) ->
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("weighted contrastive loss")
     ax_loss.set_title("training loss")
-    ax_acc.plot([r["step"] for r in evals], [100 * r["eval/heldout/acc1"] for r in evals], "o-", color="#228833")
+    ax_acc.plot(
+        [r["step"] for r in evals], [100 * r["eval/heldout/acc1"] for r in evals], "o-", color="#228833"
+    )
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("zero-shot top-1 (%)")
     ax_acc.set_title(f"held-out zero-shot accuracy (all {held_out} items)")
@@ -344,29 +428,59 @@ def _demo_modality(modality: str, args: argparse.Namespace, size: DemoSize, root
         data = build_fashion_mnist(data_dir / "fashion-mnist", size.images, size.test_per_class, args.seed)
         steps = size.image_steps
     else:
-        _say(f"speaking words with espeak-ng ({size.spoken_repeats} clips per word and training voice; "
-             f"{len(AUDIO_TEST_VOICES)} held-out voices at {len(AUDIO_TEST_SETTINGS)} speeds and pitches)")
-        data = {"train": build_spoken_words(data_dir / "spoken-words", size.spoken_repeats, args.seed),
-                "test": build_held_out_speech(data_dir / "spoken-words-test600" / "test", AUDIO_TEST_VOICES,
-                                              AUDIO_TEST_SETTINGS)}
+        _say(
+            f"speaking words with espeak-ng ({size.spoken_repeats} clips per word and training voice; "
+            f"{len(AUDIO_TEST_VOICES)} held-out voices at {len(AUDIO_TEST_SETTINGS)} speeds and pitches)"
+        )
+        data = {
+            "train": build_spoken_words(data_dir / "spoken-words", size.spoken_repeats, args.seed),
+            "test": build_held_out_speech(
+                data_dir / "spoken-words-test600" / "test", AUDIO_TEST_VOICES, AUDIO_TEST_SETTINGS
+            ),
+        }
         steps = size.audio_steps
     shards = root / "shards" / f"{modality}-train"
     _say(f"sharding {modality}-text pairs with {args.noise_rate:.0%} caption noise -> {shards}")
     manifest = _shard(modality, data["train"], shards, args.noise_rate, args.seed, logs)
     retrieval = root / "shards" / f"{modality}-heldout"
     template = "a photo of a {label}." if modality == "image" else "a person saying {label}."
-    _run(_mmcl("shard", f"{modality}-text", "--input", data["test"], "--format", "class-folder", "--output",
-               retrieval, "--template", template, "--quiet", *(["--sample-rate", "16000"] if modality == "audio" else [])),
-         logs / f"shard-{modality}-heldout.log")
+    _run(
+        _mmcl(
+            "shard",
+            f"{modality}-text",
+            "--input",
+            data["test"],
+            "--format",
+            "class-folder",
+            "--output",
+            retrieval,
+            "--template",
+            template,
+            "--quiet",
+            *(["--sample-rate", "16000"] if modality == "audio" else []),
+        ),
+        logs / f"shard-{modality}-heldout.log",
+    )
 
     run_dir = root / "runs" / modality
     prompts = _zero_shot_prompts(modality, data_dir)
     if not (run_dir / "checkpoints" / f"step-{steps:08d}" / "COMPLETE").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
-        _say(f"training a micro {modality}-text model: {steps} steps, {args.processes} process(es), "
-             f"noise weighting: {args.noise_method} (log: {logs / f'train-{modality}.log'})")
-        config = _train_config(modality, shards, data["test"], run_dir, steps, args.noise_method, args.seed,
-                               args.processes, prompts)
+        _say(
+            f"training a micro {modality}-text model: {steps} steps, {args.processes} process(es), "
+            f"noise weighting: {args.noise_method} (log: {logs / f'train-{modality}.log'})"
+        )
+        config = _train_config(
+            modality,
+            shards,
+            data["test"],
+            run_dir,
+            steps,
+            args.noise_method,
+            args.seed,
+            args.processes,
+            prompts,
+        )
         started = time.perf_counter()
         _train(config, root / f"train-{modality}.yaml", args.processes, logs, modality)
         _say(f"trained in {time.perf_counter() - started:.0f} s")
@@ -386,7 +500,9 @@ def _demo_modality(modality: str, args: argparse.Namespace, size: DemoSize, root
         "classes": len(results["zero_shot"]["class_names"]),
         "held_out": held_out,
         "steps": steps,
-        "prompts": "the built-in `short` set" if prompts == "short" else f"the training captions' phrasings ({prompts})",
+        "prompts": "the built-in `short` set"
+        if prompts == "short"
+        else f"the training captions' phrasings ({prompts})",
         "zero_shot": results["zero_shot"]["metrics"],
         "retrieval": results["retrieval"]["metrics"],
         "noise": {k: v for k, v in last_train.items() if k.startswith("noise_")},
@@ -408,37 +524,43 @@ def _write_report(root: Path, summaries: list[dict], args: argparse.Namespace) -
         lines += [
             f"## {s['modality']}-text",
             "",
-            f"{s['train_pairs']} training pairs ({s['noisy_pairs']} with swapped captions), {s['steps']} steps; "
-            f"evaluated on held-out {'images' if media == 'image' else 'voices'} ({s['classes']} classes, "
-            f"chance {100 / s['classes']:.0f}%), zero-shot prompts: {s['prompts']}.",
+            f"{s['train_pairs']} training pairs ({s['noisy_pairs']} with swapped captions), {s['steps']} "
+            f"steps; evaluated on held-out {'images' if media == 'image' else 'voices'} ({s['classes']} "
+            f"classes, chance {100 / s['classes']:.0f}%), zero-shot prompts: {s['prompts']}.",
             "",
             "| metric | value |",
             "| --- | --- |",
             f"| zero-shot top-1 | {100 * zs['acc1']:.1f}% |",
             *([f"| zero-shot top-5 | {100 * zs['acc5']:.1f}% |"] if "acc5" in zs else []),
             f"| mean per-class recall | {100 * zs['mean_per_class_recall']:.1f}% |",
-            f"| {media} retrieval R@1 / R@5 (text -> {media}) | {100 * ret[f'{media}_retrieval_recall@1']:.1f}% / "
+            f"| {media} retrieval R@1 / R@5 (text -> {media}) | "
+            f"{100 * ret[f'{media}_retrieval_recall@1']:.1f}% / "
             f"{100 * ret[f'{media}_retrieval_recall@5']:.1f}% |",
             f"| text retrieval R@1 / R@5 ({media} -> text) | {100 * ret['text_retrieval_recall@1']:.1f}% / "
             f"{100 * ret['text_retrieval_recall@5']:.1f}% |",
         ]
         if "noise_auroc" in noise:
             lines.append(f"| noisy-pair detection AUROC | {noise['noise_auroc']:.3f} |")
-            lines.append(f"| mean weight clean / noisy pairs | {noise['noise_mean_weight_clean']:.2f} / "
-                         f"{noise['noise_mean_weight_noisy']:.2f} |")
+            lines.append(
+                f"| mean weight clean / noisy pairs | {noise['noise_mean_weight_clean']:.2f} / "
+                f"{noise['noise_mean_weight_noisy']:.2f} |"
+            )
         lines += [
             "",
             f"![training]({s['modality']}/training.png)",
             "",
-            f"The accuracy curve scores the same {s['held_out']} held-out items as the table, during training; "
-            "its last point is the final model.",
+            f"The accuracy curve scores the same {s['held_out']} held-out items as the table, during "
+            "training; its last point is the final model.",
             "",
         ]
         if (s["report_dir"] / "noise_weights.png").exists():
             lines += [f"![weights]({s['modality']}/noise_weights.png)", ""]
         lines += [f"![confusion]({s['modality']}/zero-shot/confusion_matrix.png)", ""]
-        lines += ["Retrieval captions of the held-out set come from one template per class, so many captions are "
-                  "identical and recall is bounded well below 100%; zero-shot accuracy is the headline.", ""]
+        lines += [
+            "Retrieval captions of the held-out set come from one template per class, so many captions are "
+            "identical and recall is bounded well below 100%; zero-shot accuracy is the headline.",
+            "",
+        ]
     path = root / "report" / "REPORT.md"
     path.write_text("\n".join(lines))
     return path
@@ -458,7 +580,10 @@ def _keep_one_configuration(root: Path, args: argparse.Namespace) -> None:
         previous = None
     if previous != settings:
         if previous is not None or any((root / name).exists() for name in DERIVED_FOLDERS):
-            _say(f"settings differ from the last run in this folder: starting {', '.join(DERIVED_FOLDERS)} afresh")
+            _say(
+                "settings differ from the last run in this folder: "
+                f"starting {', '.join(DERIVED_FOLDERS)} afresh"
+            )
         for name in DERIVED_FOLDERS:
             shutil.rmtree(root / name, ignore_errors=True)
         marker.write_text(json.dumps(settings) + "\n")
@@ -484,7 +609,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
     for s in summaries:
         zs = s["zero_shot"]
-        detection = f", noisy-pair AUROC {s['noise']['noise_auroc']:.3f}" if "noise_auroc" in s["noise"] else ""
-        print(f"  {s['modality']}-text: zero-shot top-1 {100 * zs['acc1']:.1f}% on held-out data "
-              f"({s['classes']} classes, chance {100 / s['classes']:.0f}%){detection}")
+        detection = (
+            f", noisy-pair AUROC {s['noise']['noise_auroc']:.3f}" if "noise_auroc" in s["noise"] else ""
+        )
+        print(
+            f"  {s['modality']}-text: zero-shot top-1 {100 * zs['acc1']:.1f}% on held-out data "
+            f"({s['classes']} classes, chance {100 / s['classes']:.0f}%){detection}"
+        )
     return 0

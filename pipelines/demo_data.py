@@ -25,27 +25,76 @@ from mmcl.errors import UsageError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 ]
 IMAGE_CAPTIONS = [
-    "a photo of a {}.", "a {}.", "a picture of a {}.", "a black and white photo of a {}.",
-    "a product photo of a {}.", "a small {}.", "an image of a {}.",
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "a black and white photo of a {}.",
+    "a product photo of a {}.",
+    "a small {}.",
+    "an image of a {}.",
 ]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 AUDIO_CAPTIONS = ["a person saying {}.", "the spoken word {}.", "someone says {}.", "a voice saying {}."]
 TRAIN_VOICES = ["en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2", "en+m5", "en+f4"]
 HELD_OUT_VOICES = ["en-us+m4", "en+f2", "en+m7"]
 # more training speakers (espeak-ng's named variants; none is a test voice of the demo or the noise bench)
-EXTRA_TRAIN_VOICES = [f"en+{name}" for name in [
-    "adam", "anika", "announcer", "aunty", "belinda", "benjamin", "boris", "caleb", "david", "edward", "grandma",
-    "grandpa", "iven", "john", "linda", "max", "michel", "norbert", "paul", "pedro", "quincy", "rob", "steph", "travis",
-]]
+EXTRA_TRAIN_VOICES = [
+    f"en+{name}"
+    for name in [
+        "adam",
+        "anika",
+        "announcer",
+        "aunty",
+        "belinda",
+        "benjamin",
+        "boris",
+        "caleb",
+        "david",
+        "edward",
+        "grandma",
+        "grandpa",
+        "iven",
+        "john",
+        "linda",
+        "max",
+        "michel",
+        "norbert",
+        "paul",
+        "pedro",
+        "quincy",
+        "rob",
+        "steph",
+        "travis",
+    ]
+]
 HELD_OUT_SETTINGS = [(140, 40), (175, 60)]  # (words per minute, pitch) of each held-out clip
-# the audio test set of the demo and the noise bench: the 3 held-out voices and 9 more that no training clip has
-# (5 of them other accents), each at 5 speeds and pitches: 600 clips (the 60 of the 3 voices at HELD_OUT_SETTINGS
-# alone saturate at ~100%)
-AUDIO_TEST_VOICES = [*HELD_OUT_VOICES, "en+m2", "en+m6", "en+f5", "en-us+m6", "en-gb-scotland+m4", "en-029+f1",
-                     "en-us-nyc+m2", "en-gb-x-rp+f2", "en-gb-x-gbclan+m7"]
+# the audio test set of the demo and the noise bench: the 3 held-out voices and 9 more that no training clip
+# has (5 of them other accents), each at 5 speeds and pitches: 600 clips (the 60 of the 3 voices at
+# HELD_OUT_SETTINGS alone saturate at ~100%)
+AUDIO_TEST_VOICES = [
+    *HELD_OUT_VOICES,
+    "en+m2",
+    "en+m6",
+    "en+f5",
+    "en-us+m6",
+    "en-gb-scotland+m4",
+    "en-029+f1",
+    "en-us-nyc+m2",
+    "en-gb-x-rp+f2",
+    "en-gb-x-gbclan+m7",
+]
 AUDIO_TEST_SETTINGS = sorted({*HELD_OUT_SETTINGS, (120, 30), (160, 50), (200, 70)})
 
 
@@ -76,7 +125,10 @@ def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed:
     params = {"train_count": train_count, "test_per_class": test_per_class, "seed": seed}
     if not _done(root, params):
         if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-            raise UsageError(f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist (make sysdeps)")
+            raise UsageError(
+                f"Fashion-MNIST not found in {FASHION_DIR}: "
+                "apt-get install dataset-fashion-mnist (make sysdeps)"
+            )
         shutil.rmtree(root, ignore_errors=True)
         rng = random.Random(seed)
         images = read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz")
@@ -86,7 +138,13 @@ def build_fashion_mnist(root: Path, train_count: int, test_per_class: int, seed:
         for i in sorted(rng.sample(range(len(images)), train_count)):
             name = FASHION_CLASSES[labels[i]]
             Image.fromarray(images[i]).save(root / "train" / f"{i:05d}.png")
-            rows.append({"path": f"train/{i:05d}.png", "caption": rng.choice(IMAGE_CAPTIONS).format(name), "label": name})
+            rows.append(
+                {
+                    "path": f"train/{i:05d}.png",
+                    "caption": rng.choice(IMAGE_CAPTIONS).format(name),
+                    "label": name,
+                }
+            )
         with open(root / "train.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
             writer.writeheader()
@@ -112,13 +170,14 @@ def _require_espeak() -> None:
 def _speak(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
     subprocess.run(
         ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
 
 
 def write_caption_prompts(path: Path) -> Path:
-    """AUDIO_CAPTIONS as a zero-shot templates file (one per line) at `path`: a text tower trained from scratch on
-    these captions knows only their words, so its zero-shot prompts must use their phrasing."""
+    """AUDIO_CAPTIONS as a zero-shot templates file (one per line) at `path`: a text tower trained from
+    scratch on these captions knows only their words, so its zero-shot prompts must use their phrasing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{caption}\n" for caption in AUDIO_CAPTIONS))
@@ -126,8 +185,8 @@ def write_caption_prompts(path: Path) -> Path:
 
 
 def write_held_out_speech(folder: Path, voices: list[str], settings: list[tuple[int, int]]) -> None:
-    """Every word of WORDS spoken by each voice at each (speed, pitch), as class folders (`folder/WORD/*.wav`):
-    a zero-shot test set of speakers the training clips never had."""
+    """Every word of WORDS spoken by each voice at each (speed, pitch), as class folders
+    (`folder/WORD/*.wav`): a zero-shot test set of speakers the training clips never had."""
     for word in WORDS:
         (folder / word).mkdir(parents=True, exist_ok=True)
         for voice in voices:
@@ -136,7 +195,8 @@ def write_held_out_speech(folder: Path, voices: list[str], settings: list[tuple[
 
 
 def build_held_out_speech(root: Path, voices: list[str], settings: list[tuple[int, int]]) -> Path:
-    """`write_held_out_speech` into `root` once (reused while voices and settings stay the same); returns `root`."""
+    """`write_held_out_speech` into `root` once (reused while voices and settings stay the same); returns
+    `root`."""
     root = Path(root)
     params = {"voices": voices, "settings": [list(s) for s in settings]}
     if not _done(root, params):
@@ -164,7 +224,13 @@ def build_spoken_words(root: Path, repeats: int, seed: int = 0, voices: list[str
                 for r in range(repeats):
                     name = f"{word}-{voice.replace('+', '_')}-{r}.wav"
                     _speak(word, voice, rng.randint(120, 200), rng.randint(30, 70), root / "train" / name)
-                    rows.append({"path": f"train/{name}", "caption": rng.choice(AUDIO_CAPTIONS).format(word), "label": word})
+                    rows.append(
+                        {
+                            "path": f"train/{name}",
+                            "caption": rng.choice(AUDIO_CAPTIONS).format(word),
+                            "label": word,
+                        }
+                    )
         rng.shuffle(rows)
         with open(root / "train.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])

@@ -10,11 +10,13 @@ from pathlib import Path
 from shards_tools.config import build_config
 from shards_tools.errors import UsageError
 
-IMAGE_EXAMPLE = """example:
-  mmcl shard image-text --input captions.csv --output shards/cc --image-size 256 --shard-size 10000
-  mmcl shard image-text --input train2017_captions.json --format coco --media-root train2017 --output shards/coco
-  mmcl shard image-text --input imagenet/train --output shards/inet --template "a photo of a {label}."
-"""
+IMAGE_EXAMPLE = (
+    "example:\n"
+    "  mmcl shard image-text --input captions.csv --output shards/cc --image-size 256 --shard-size 10000\n"
+    "  mmcl shard image-text --input train2017_captions.json --format coco --media-root train2017"
+    " --output shards/coco\n"
+    '  mmcl shard image-text --input imagenet/train --output shards/inet --template "a photo of a {label}."\n'
+)
 AUDIO_EXAMPLE = """example:
   mmcl shard audio-text --input clotho_captions_development.csv --output shards/clotho --sample-rate 48000
   mmcl shard audio-text --input ESC-50-master --output shards/esc50 --folds 5 --sample-rate 16000
@@ -112,7 +114,9 @@ def add_max_bytes(group: argparse._ActionsContainer, help_text: str) -> None:
     """The --max-bytes flag (one cap on what a single file, URL body or tar member may make mmcl read)."""
     from shards_tools.config import DEFAULT_MAX_BYTES
 
-    group.add_argument("--max-bytes", type=_positive_int("--max-bytes"), default=DEFAULT_MAX_BYTES, help=help_text)
+    group.add_argument(
+        "--max-bytes", type=_positive_int("--max-bytes"), default=DEFAULT_MAX_BYTES, help=help_text
+    )
 
 
 def _positive_int(flag: str):
@@ -134,33 +138,55 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     formats = InputSpec.model_fields["format"].annotation.__args__
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, type=Path, help="manifest file, media folder or dataset root")
-    g.add_argument("--format", default="auto", choices=formats, help="input layout (auto-detected by default)")
-    g.add_argument("--media-root", type=Path, help="media folder for layouts that keep it apart (COCO, Clotho, ...)")
+    g.add_argument(
+        "--format", default="auto", choices=formats, help="input layout (auto-detected by default)"
+    )
+    g.add_argument(
+        "--media-root", type=Path, help="media folder for layouts that keep it apart (COCO, Clotho, ...)"
+    )
     g.add_argument("--url-column", help="manifest column with the path or URL")
     g.add_argument("--caption-column", action="append", help="manifest caption column (repeat for several)")
     g.add_argument("--label-column", help="manifest column with a class label")
     g.add_argument("--template", action="append", help="caption template for labelled inputs, with {label}")
     g.add_argument("--folds", type=int, nargs="+", help="ESC-50/UrbanSound8K folds to keep")
-    g.add_argument("--allow-outside-root", action="store_true", help="accept manifest paths outside its folder")
+    g.add_argument(
+        "--allow-outside-root", action="store_true", help="accept manifest paths outside its folder"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output", required=True, type=Path, help="folder for the shards and manifest.json")
     g.add_argument("--prefix", default="shard", help="shard file name prefix: PREFIX-000000.tar")
     g.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    g.add_argument("--max-shard-bytes", type=int, help="also close a shard when its inputs reach this many bytes")
+    g.add_argument(
+        "--max-shard-bytes", type=int, help="also close a shard when its inputs reach this many bytes"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for --shuffle and --noise-rate")
     g.add_argument("--shuffle", action="store_true", help="shuffle items before sharding")
-    g.add_argument("--noise-rate", type=float, default=0.0,
-                   help="benchmark noise: this fraction of pairs get another label's (or other text's) caption")
-    g.add_argument("--max-error-rate", type=float, default=1.0, help="abort when more items than this are skipped")
+    g.add_argument(
+        "--noise-rate",
+        type=float,
+        default=0.0,
+        help="benchmark noise: this fraction of pairs get another label's (or other text's) caption",
+    )
+    g.add_argument(
+        "--max-error-rate", type=float, default=1.0, help="abort when more items than this are skipped"
+    )
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     g.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "ray"])
-    g.add_argument("--part", help="do part K of N (0-based), e.g. 3/16, for job arrays; then `mmcl shard merge`")
+    g.add_argument(
+        "--part", help="do part K of N (0-based), e.g. 3/16, for job arrays; then `mmcl shard merge`"
+    )
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per URL fetch")
     g.add_argument("--retries", type=int, default=2, help="retries per URL")
-    g.add_argument("--fetch-threads", type=int, default=16, help="concurrent URL downloads per worker process")
-    g.add_argument("--url-deadline", type=float, default=60.0,
-                   help="seconds per URL in all, retries included (a server that trickles bytes cannot hang a worker)")
+    g.add_argument(
+        "--fetch-threads", type=int, default=16, help="concurrent URL downloads per worker process"
+    )
+    g.add_argument(
+        "--url-deadline",
+        type=float,
+        default=60.0,
+        help="seconds per URL in all, retries included (a server that trickles bytes cannot hang a worker)",
+    )
     add_max_bytes(g, "skip any input file, URL body or tar member larger than this (reason too_large)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -269,8 +295,8 @@ def _run_shard(args: argparse.Namespace) -> int:
             print(f"skipped items and reasons: {config.output / '_errors.jsonl'}")
     else:
         print(
-            f"part {result['part']}/{result['parts']}: {result['samples']} samples in {result['shards']} shards; "
-            f"when every part is done: mmcl shard merge {config.output}"
+            f"part {result['part']}/{result['parts']}: {result['samples']} samples in {result['shards']} "
+            f"shards; when every part is done: mmcl shard merge {config.output}"
         )
     return 0
 

@@ -86,7 +86,9 @@ class FetchOptions(BaseModel):
     retries: int = Field(default=2, ge=0)
     deadline: float = Field(default=60.0, gt=0)  # seconds per URL in all, retries included
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)  # largest file, URL body or tar member read
-    threads: int = Field(default=16, ge=1)  # concurrent URL downloads per worker process (img2dataset's thread_count)
+    threads: int = Field(
+        default=16, ge=1
+    )  # concurrent URL downloads per worker process (img2dataset's thread_count)
 
 
 class ShardConfig(BaseModel):
@@ -143,7 +145,8 @@ class ShardConfig(BaseModel):
 
 
 def format_validation_error(err: ValidationError, flag_names: dict[str, str] | None = None) -> str:
-    """One line per problem, naming the option as the user typed it (``--shard-size``), not pydantic's path."""
+    """One line per problem, naming the option as the user typed it (``--shard-size``), not pydantic's
+    path."""
     flag_names = flag_names or {}
     lines = []
     for problem in err.errors():

@@ -63,7 +63,8 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def open_audio(data: bytes) -> soundfile.SoundFile:
-    """An open SoundFile over the bytes, its sample rate checked; DecodeError if unreadable or out of range."""
+    """An open SoundFile over the bytes, its sample rate checked; DecodeError if unreadable or out of
+    range."""
     try:
         handle = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as err:

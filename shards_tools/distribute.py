@@ -31,7 +31,8 @@ Task = ShardPlan | ShardPiece
 
 @dataclass
 class TaskDone:
-    """A finished task: the items it handled, those it skipped, and the shard's record once a shard is complete."""
+    """A finished task: the items it handled, those it skipped, and the shard's record once a shard is
+    complete."""
 
     items: int
     errors: list[dict]
@@ -43,7 +44,10 @@ def run_shard_tasks(
 ) -> Iterator[TaskDone]:
     """Write the `count` shards of `plans`; yields each task as it completes (completion order)."""
     joiner = PieceJoiner(job)
-    tasks = (joiner.sent(task) if isinstance(task, ShardPiece) else task for task in split_tail(plans, count, workers))
+    tasks = (
+        joiner.sent(task) if isinstance(task, ShardPiece) else task
+        for task in split_tail(plans, count, workers)
+    )
     if distributor == "ray":
         results = _run_ray(tasks, job, workers)
     elif workers == 1:
@@ -140,7 +144,9 @@ def init_ray(workers: int) -> None:
     try:
         import ray
     except ImportError:
-        raise UsageError("--distributor ray needs Ray: pip install 'mmcl[ray]' (or use --distributor multiprocessing)") from None
+        raise UsageError(
+            "--distributor ray needs Ray: pip install 'mmcl[ray]' (or use --distributor multiprocessing)"
+        ) from None
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

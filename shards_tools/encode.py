@@ -190,7 +190,8 @@ class _Decoded:
 
 
 def _truncated_wav(data: bytes) -> bool:
-    """libsndfile silently shortens a truncated WAV to the bytes present; its data chunk still says the size."""
+    """libsndfile silently shortens a truncated WAV to the bytes present; its data chunk still says the
+    size."""
     pos = 12
     while pos + 8 <= len(data):
         size = int.from_bytes(data[pos + 4 : pos + 8], "little")
@@ -213,7 +214,8 @@ def _truncated_ogg(data: bytes) -> bool:
 
 def _frames_to_keep(source_rate: int, options: AudioOptions) -> int | None:
     """Source frames needed for max_seconds of output, plus the resampling filter's reach past the cut so that
-    the cut is not resampled as an edge (torchaudio's kernel reaches 6 periods of the lower rate; 8 to spare)."""
+    the cut is not resampled as an edge (torchaudio's kernel reaches 6 periods of the lower rate; 8 to
+    spare)."""
     if options.max_seconds is None:
         return None
     frames = math.ceil(options.max_seconds * source_rate)

@@ -161,7 +161,9 @@ def _open_tar(tar_path: str) -> _OpenTar:
         tar = open_tarfile(handle, stream=False)
     except Exception as err:  # tarfile and its decompressors: a damaged or hostile archive
         handle.close()
-        raise ItemError("decode_error", f"{tar_path}: not a readable tar file ({type(err).__name__}: {err})") from None
+        raise ItemError(
+            "decode_error", f"{tar_path}: not a readable tar file ({type(err).__name__}: {err})"
+        ) from None
     tar._extfileobj = False  # the TarFile owns the handle: close() closes it
     members: dict[str, tarfile.TarInfo] = {}
     try:
@@ -185,7 +187,9 @@ def _read_tar_member(tar_path: str, member: str, max_bytes: int) -> bytes:
     if info is None:
         raise ItemError("missing_file", f"{tar_path}#{member}: no such member in the tar file")
     if info.issparse():
-        raise ItemError("decode_error", f"{tar_path}#{member}: a sparse member ({info.size:,} bytes when read back)")
+        raise ItemError(
+            "decode_error", f"{tar_path}#{member}: a sparse member ({info.size:,} bytes when read back)"
+        )
     if info.size > max_bytes:
         raise _too_large(f"{tar_path}#{member}", info.size, max_bytes)
     try:
@@ -194,7 +198,9 @@ def _read_tar_member(tar_path: str, member: str, max_bytes: int) -> bytes:
             assert extracted is not None  # regular members always have a file object
             return extracted.read()
     except Exception as err:  # tarfile and its decompressors on a damaged archive
-        raise ItemError("decode_error", f"{tar_path}#{member}: cannot read member ({type(err).__name__}: {err})") from None
+        raise ItemError(
+            "decode_error", f"{tar_path}#{member}: cannot read member ({type(err).__name__}: {err})"
+        ) from None
 
 
 # --- http(s) ---------------------------------------------------------------------------------------
@@ -214,7 +220,9 @@ def _fetch_url(url: str, options: FetchOptions) -> bytes:
                 return _get_once(url, options, deadline)
             except _Retryable as err:
                 if deadline.expired:
-                    raise ItemError("fetch_error", f"{url}: not done within --url-deadline {options.deadline:g}s") from None
+                    raise ItemError(
+                        "fetch_error", f"{url}: not done within --url-deadline {options.deadline:g}s"
+                    ) from None
                 failures += 1
                 if failures > options.retries:
                     tries = f" (after {failures} attempts)" if failures > 1 else ""
@@ -345,7 +353,8 @@ _CONNECTIONS = _ThreadConnections()
 def _get_via_urllib(
     url: str, options: FetchOptions, deadline: Deadline, proxies: dict[str, str]
 ) -> tuple[int, bytes]:
-    """Through the proxy the environment names now (urlopen's global opener keeps the ones of its first use)."""
+    """Through the proxy the environment names now (urlopen's global opener keeps the ones of its first
+    use)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with watched_opener(deadline, proxies).open(request, timeout=options.timeout) as response:

@@ -1,4 +1,5 @@
-"""HTTP against servers nobody vetted: a wall-clock deadline for a whole exchange, and bodies read under a cap.
+"""HTTP against servers nobody vetted: a wall-clock deadline for a whole exchange, and bodies read under a
+cap.
 
 A socket timeout bounds one wait, not a whole exchange: a server that trickles a byte every few seconds never
 trips it, through the headers or the body. A `Deadline` shuts down the sockets it watches when it passes, so

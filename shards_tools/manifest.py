@@ -44,7 +44,10 @@ def load_manifest(output: Path) -> dict:
     plain file name in OUT (not absolute, no folders, no ``..``)."""
     path = Path(output) / MANIFEST
     if not path.exists():
-        raise UsageError(f"{path} not found: is {output} a folder written by `mmcl shard`? (a --part run needs `mmcl shard merge {output}` first)")
+        raise UsageError(
+            f"{path} not found: is {output} a folder written by `mmcl shard`? "
+            f"(a --part run needs `mmcl shard merge {output}` first)"
+        )
     return read_checked(path, "manifest", manifest_problem, "re-run the sharding command to rewrite it")
 
 
@@ -74,7 +77,9 @@ def shard_list_problem(manifest: dict, fields: tuple[str, ...] = ("count",)) -> 
             return f"shard name {str(name)[:200]!r} is not a plain file name in the shard folder"
         for field in fields:
             if not _is_count(shard.get(field)):
-                return f"{shard['name']}: {field} {str(shard.get(field))[:100]!r} is not a non-negative integer"
+                return (
+                    f"{shard['name']}: {field} {str(shard.get(field))[:100]!r} is not a non-negative integer"
+                )
     return None
 
 
@@ -88,7 +93,9 @@ def manifest_problem(manifest: dict) -> str | None:
     if not all(isinstance(shard.get("sha256"), str) for shard in manifest["shards"]):
         return "a shard without its sha256"
     totals = manifest.get("totals")
-    if not isinstance(totals, dict) or not all(_is_count(totals.get(k)) for k in ("shards", "samples", "bytes", "skipped")):
+    if not isinstance(totals, dict) or not all(
+        _is_count(totals.get(k)) for k in ("shards", "samples", "bytes", "skipped")
+    ):
         return "totals are not non-negative integers"
     if not isinstance(manifest.get("errors_by_reason", {}), dict):
         return "errors_by_reason is not an object"
@@ -106,13 +113,21 @@ def read_sizes(path: Path) -> dict[str, int]:
 
 def sizes_problem(sizes: dict) -> str | None:
     """What makes a parsed sizes.json unusable, or None: every entry must map a shard name to a count."""
-    bad = next((name for name, count in sizes.items() if not is_shard_name(name) or not _is_count(count)), None)
-    return None if bad is None else f"entry {bad!r}: {str(sizes[bad])[:100]!r} is not a shard name with a sample count"
+    bad = next(
+        (name for name, count in sizes.items() if not is_shard_name(name) or not _is_count(count)), None
+    )
+    return (
+        None
+        if bad is None
+        else f"entry {bad!r}: {str(sizes[bad])[:100]!r} is not a shard name with a sample count"
+    )
 
 
 def _read_part(path: Path) -> dict:
     """One part record, checked for the fields merging relies on."""
-    return read_checked(path, "part record written by `mmcl shard`", _part_problem, "re-run that part (--part K/N)")
+    return read_checked(
+        path, "part record written by `mmcl shard`", _part_problem, "re-run that part (--part K/N)"
+    )
 
 
 def _part_problem(part: dict) -> str | None:
@@ -132,20 +147,28 @@ def merge_parts(output: Path) -> dict:
     output = Path(output)
     files = sorted((output / PARTS_DIR).glob("part-*-of-*.json"))
     if not files:
-        raise UsageError(f"no part records in {output / PARTS_DIR}: run `mmcl shard ... --output {output}` first")
+        raise UsageError(
+            f"no part records in {output / PARTS_DIR}: run `mmcl shard ... --output {output}` first"
+        )
     parts = [_read_part(f) for f in files]
     counts = {p["parts"] for p in parts}
     if len(counts) != 1:
-        raise UsageError(f"{output / PARTS_DIR} mixes runs split into {sorted(counts)} parts; remove the stale ones")
+        raise UsageError(
+            f"{output / PARTS_DIR} mixes runs split into {sorted(counts)} parts; remove the stale ones"
+        )
     total_parts = counts.pop()
     missing = sorted(set(range(total_parts)) - {p["part"] for p in parts})
     if missing:
         listed = ", ".join(f"{k}/{total_parts}" for k in missing)
-        raise UsageError(f"parts {listed} of {output} have not finished; run them (--part K/N), then merge again")
+        raise UsageError(
+            f"parts {listed} of {output} have not finished; run them (--part K/N), then merge again"
+        )
     first = parts[0]
     for other in parts[1:]:
         if other["options"] != first["options"]:
-            raise UsageError(f"part {other['part']} of {output} was written with other options than part {first['part']}")
+            raise UsageError(
+                f"part {other['part']} of {output} was written with other options than part {first['part']}"
+            )
     shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["index"])
     if len(shards) != first["planned_shards"]:
         raise UsageError(f"{output}: parts hold {len(shards)} shards, the plan has {first['planned_shards']}")
@@ -172,6 +195,8 @@ def merge_parts(output: Path) -> dict:
         "options": first["options"],
     }
     write_atomic(output / SIZES, _dump({s["name"]: s["count"] for s in shards}))
-    write_atomic(output / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode("utf-8"))
+    write_atomic(
+        output / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode("utf-8")
+    )
     write_atomic(output / MANIFEST, _dump(manifest))
     return manifest

@@ -42,13 +42,14 @@ def _check_options(config: ShardConfig) -> None:
         except (OSError, ValueError) as err:
             raise UsageError(
                 f"{path} is damaged ({err}): it records the options {config.output} was written with; delete "
-                f"{progress} to start that folder afresh (finished shards are then written again), or choose a new --output"
+                f"{progress} to start that folder afresh (finished shards are then written again), or choose "
+                "a new --output"
             ) from None
         if stored != wanted:
             changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise UsageError(
-                f"{config.output} holds shards written with other options (differs in: {', '.join(changed)}); "
-                "re-run with the original options to resume, or choose a new --output"
+                f"{config.output} holds shards written with other options (differs in: "
+                f"{', '.join(changed)}); re-run with the original options to resume, or choose a new --output"
             )
     else:
         write_atomic(path, json.dumps(wanted, indent=1).encode("utf-8"))
@@ -103,15 +104,21 @@ def _write_planned(config: ShardConfig, output: Path, planner: ShardPlanner, pro
         raise UsageError(f"{config.input.path} holds no items to shard (format: {config.input.format})")
     class_names = _class_index(config, planner)
     if len(planner.noise_permutation()) < planner.noise_requested:
-        print(f"warning: --noise-rate {config.noise_rate:g} asked for {planner.noise_requested} mismatched pairs; "
-              f"only {len(planner.noise_permutation())} can get a caption of another label or text (one label "
-              f"holds most of the items); the manifest records the pairs made", file=sys.stderr)
+        print(
+            f"warning: --noise-rate {config.noise_rate:g} asked for {planner.noise_requested} mismatched "
+            f"pairs; only {len(planner.noise_permutation())} can get a caption of another label or text (one "
+            "label holds most of the items); the manifest records the pairs made",
+            file=sys.stderr,
+        )
     if planner.unused_label_columns:
         column = sorted(planner.unused_label_columns)[0]
-        print(f"warning: --noise-rate without --label-column: a noisy pair gets a caption with other text, which "
-              f"can name its own class in other words (a matched pair recorded as noisy); column {column!r} looks "
-              f"like a class label: pass --label-column {column} so that every noisy pair gets another class's "
-              f"caption", file=sys.stderr)
+        print(
+            "warning: --noise-rate without --label-column: a noisy pair gets a caption with other text, "
+            "which can name its own class in other words (a matched pair recorded as noisy); column "
+            f"{column!r} looks like a class label: pass --label-column {column} so that every noisy pair "
+            "gets another class's caption",
+            file=sys.stderr,
+        )
     part, parts = config.part or (0, 1)
     mine = [index for index in range(len(planner)) if index % parts == part]
     _remove_stale_temporaries(output, [shard_name(config.prefix, index) for index in mine], part, parts)
@@ -151,8 +158,8 @@ def _write_planned(config: ShardConfig, output: Path, planner: ShardPlanner, pro
             if done_items and errors / done_items > config.max_error_rate:
                 raise ShardingAborted(
                     f"{errors} of {done_items} items skipped ({errors / done_items:.1%}) exceeds "
-                    f"--max-error-rate {config.max_error_rate:g}; reasons: {dict(reasons)}. Finished shards are "
-                    f"kept in {output}; fix the input or raise --max-error-rate, then re-run to resume"
+                    f"--max-error-rate {config.max_error_rate:g}; reasons: {dict(reasons)}. Finished shards "
+                    f"are kept in {output}; fix the input or raise --max-error-rate, then re-run to resume"
                 )
 
     header = {

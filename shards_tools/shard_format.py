@@ -62,8 +62,8 @@ def check_shard_url(url: str, *, allow_pipe: bool, where: str, allow_hint: str) 
         return
     raise UsageError(
         f"{where}: {url!r} uses the unsupported scheme {scheme!r}; use a local path, http(s)://, or a pipe: "
-        "URL whose command writes the shard to stdout (e.g. 'pipe:aws s3 cp s3://bucket/shard-000000.tar -' or "
-        f"'pipe:curl -s ftp://host/shard.tar'), which runs only when explicitly allowed ({allow_hint})"
+        "URL whose command writes the shard to stdout (e.g. 'pipe:aws s3 cp s3://bucket/shard-000000.tar -' "
+        f"or 'pipe:curl -s ftp://host/shard.tar'), which runs only when explicitly allowed ({allow_hint})"
     )
 
 

@@ -104,7 +104,12 @@ def collect_stats(output: Path, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
         stats["width"], stats["height"] = _summary(widths), _summary(heights)
     else:
         stats["duration_seconds"] = _summary(durations)
-    stats["_values"] = {"caption_words": caption_words, "width": widths, "height": heights, "duration": durations}
+    stats["_values"] = {
+        "caption_words": caption_words,
+        "width": widths,
+        "height": heights,
+        "duration": durations,
+    }
     return stats
 
 
@@ -120,7 +125,9 @@ def format_stats(stats: dict) -> str:
     for name in ("shard_bytes", "caption_words", "width", "height", "duration_seconds"):
         if stats.get(name):
             s = stats[name]
-            lines.append(f"{name:<13} min {s['min']:g}  mean {s['mean']:g}  median {s['median']:g}  max {s['max']:g}")
+            lines.append(
+                f"{name:<13} min {s['min']:g}  mean {s['mean']:g}  median {s['median']:g}  max {s['max']:g}"
+            )
     if stats["noisy_samples"]:
         lines.append(f"noisy pairs   {stats['noisy_samples']} (injected with --noise-rate)")
     if stats["unreadable"]:

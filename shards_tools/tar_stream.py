@@ -79,7 +79,10 @@ def member_problem(info: tarfile.TarInfo, max_member_bytes: int) -> str | None:
         return f"{info.name}: a sparse member ({info.size:,} bytes when read back)"
     limit = MAX_META_BYTES if split_key(info.name)[1] in META_EXTENSIONS else max_member_bytes
     if info.size > limit:
-        return f"{info.name}: {info.size:,} bytes, over the cap of {limit:,} (--max-bytes / data.max_member_bytes)"
+        return (
+            f"{info.name}: {info.size:,} bytes, over the cap of {limit:,} (--max-bytes / "
+            "data.max_member_bytes)"
+        )
     return None
 
 

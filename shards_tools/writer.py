@@ -42,7 +42,11 @@ def sample_bytes(sample: dict[str, bytes]) -> bytes:
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
         info.uname = info.gname = "mmcl"
-        members += [info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), data, _padding(len(data), tarfile.BLOCKSIZE)]
+        members += [
+            info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"),
+            data,
+            _padding(len(data), tarfile.BLOCKSIZE),
+        ]
     return b"".join(members)
 
 
@@ -108,15 +112,17 @@ def sha256_file(path: Path) -> str:
 
 
 def fetch_item(entry: PlannedItem, job: ShardJob) -> bytes:
-    """The item's media bytes, or ItemError: a problem found while reading the input, no usable caption (checked
-    first, so nothing is downloaded for an item that is skipped anyway), or the fetch's."""
+    """The item's media bytes, or ItemError: a problem found while reading the input, no usable caption
+    (checked first, so nothing is downloaded for an item that is skipped anyway), or the fetch's."""
     if entry.item.problem is not None:
         raise entry.item.problem
     check_captions(entry.captions)
     return fetch_bytes(entry.item.source, job.config.fetch)
 
 
-def fetched_items(items: list[PlannedItem], job: ShardJob) -> Iterator[tuple[PlannedItem, Callable[[], bytes]]]:
+def fetched_items(
+    items: list[PlannedItem], job: ShardJob
+) -> Iterator[tuple[PlannedItem, Callable[[], bytes]]]:
     """Each item with a call returning its bytes (or raising ItemError), in plan order.
 
     URLs are downloaded by up to `fetch.threads` threads, at most 2 x threads items ahead of the encoder,
@@ -170,16 +176,21 @@ def encode_item(entry: PlannedItem, job: ShardJob, raw: bytes) -> dict[str, byte
 
 
 def encoded_samples(items: list[PlannedItem], job: ShardJob, errors: list[dict]) -> Iterator[bytes]:
-    """Each good item as its tar members, in plan order; a skipped item is appended to `errors` with its reason."""
+    """Each good item as its tar members, in plan order; a skipped item is appended to `errors` with its
+    reason."""
     for entry, raw in fetched_items(items, job):
         try:
             sample = encode_item(entry, job, raw())
         except ItemError as err:
-            errors.append({"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail})
+            errors.append(
+                {"key": entry.key, "source": entry.item.source, "reason": err.reason, "detail": err.detail}
+            )
             continue
         except Exception as err:  # whatever one item's bytes make a decoder or the JSON writer raise
             detail = f"{type(err).__name__}: {str(err)[:300]}"
-            errors.append({"key": entry.key, "source": entry.item.source, "reason": "decode_error", "detail": detail})
+            errors.append(
+                {"key": entry.key, "source": entry.item.source, "reason": "decode_error", "detail": detail}
+            )
             continue
         yield sample_bytes(sample)
 
@@ -219,9 +230,18 @@ class ShardFile:
         os.fsync(self.stream.fileno())
         self.stream.close()
         os.replace(self.tmp, self.output / self.name)
-        record = {"name": self.name, "index": self.index, "count": self.count, "items": items, "bytes": self.size,
-                  "sha256": self.digest.hexdigest(), "errors": errors}
-        write_atomic(record_path(self.output, self.name), json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        record = {
+            "name": self.name,
+            "index": self.index,
+            "count": self.count,
+            "items": items,
+            "bytes": self.size,
+            "sha256": self.digest.hexdigest(),
+            "errors": errors,
+        }
+        write_atomic(
+            record_path(self.output, self.name), json.dumps(record, ensure_ascii=False).encode("utf-8")
+        )
         return record
 
     def discard(self) -> None:

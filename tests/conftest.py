@@ -1,6 +1,7 @@
 """Shared fixtures: small real datasets written in tmp folders (real JPEG/PNG/WAV files), and an environment
 without proxies. The helpers behind them are plain modules that bench/ uses too: media_files.py (media and
-manifests), processes.py (running, waiting for and watching processes), localhost.py (servers on 127.0.0.1)."""
+manifests), processes.py (running, waiting for and watching processes), localhost.py (servers on
+127.0.0.1)."""
 
 from __future__ import annotations
 

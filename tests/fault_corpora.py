@@ -113,7 +113,8 @@ def build_image_corpus(root: Path, unanswered_url: str = "http://127.0.0.1:9/x.j
 
 
 def _unusual_images(img: Path) -> list[tuple[str, str]]:
-    """Valid, if unusual, images in `img` and their manifest rows (path cell, caption): all must be written."""
+    """Valid, if unusual, images in `img` and their manifest rows (path cell, caption): all must be
+    written."""
     make_image(img / "plain.jpg", "red")
     make_image(img / "plain.png", "blue")
     _write(img / "png_named.jpg", _image_bytes("green", "PNG"))  # a PNG named .jpg still works
@@ -292,7 +293,8 @@ def build_audio_corpus(root: Path) -> Corpus:
 
 
 def build_kill_corpus(root: Path, count: int) -> Path:
-    """`count` real 256x192 PNGs (a few seconds of work for 2 workers) and a few bad rows, as a CSV manifest."""
+    """`count` real 256x192 PNGs (a few seconds of work for 2 workers) and a few bad rows, as a CSV
+    manifest."""
     root = Path(os.path.abspath(root))
     rows = []
     for i in range(count):

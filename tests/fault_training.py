@@ -37,8 +37,12 @@ def build_train_shards(root: Path, count: int = 96, shard_size: int = 12) -> Pat
         rows.append(f"{i:03d}.png,a photo of a {colour} square\n")
     (root / "in" / "m.csv").write_text("path,caption\n" + "".join(rows))
     out = root / "shards"
-    config = {"input": {"modality": "image", "path": root / "in" / "m.csv"}, "output": out, "shard_size": shard_size,
-              "workers": 1}  # fmt: skip
+    config = {
+        "input": {"modality": "image", "path": root / "in" / "m.csv"},
+        "output": out,
+        "shard_size": shard_size,
+        "workers": 1,
+    }
     run_sharding(build_config(config), progress=False)
     return out
 
@@ -185,8 +189,13 @@ def damage_shards(source: Path, target: Path) -> dict:
             member.size = len(payload)
             archive.addfile(member, io.BytesIO(payload))
     corrupted.write_bytes(out.getvalue())
-    return {"bad": len(bad), "bad_keys": set(bad), "good_keys": usable_keys(target) - set(bad), "truncated": truncated.name,
-            "corrupted": corrupted.name}  # fmt: skip
+    return {
+        "bad": len(bad),
+        "bad_keys": set(bad),
+        "good_keys": usable_keys(target) - set(bad),
+        "truncated": truncated.name,
+        "corrupted": corrupted.name,
+    }
 
 
 def usable_keys(folder: Path) -> set[str]:
@@ -324,7 +333,8 @@ CONFIG_CASES: list[tuple[str, list[str] | None, str | None, str]] = [
 
 
 def config_case_files(root: Path, shards: Path) -> dict[str, str]:
-    """The files the config cases refer to: 4 shards, an empty folder, a partial and a booby-trapped checkpoint."""
+    """The files the config cases refer to: 4 shards, an empty folder, a partial and a booby-trapped
+    checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "empty").mkdir(exist_ok=True)
     partial = root / "checkpoints" / "step-00000003"
@@ -337,8 +347,13 @@ def config_case_files(root: Path, shards: Path) -> dict[str, str]:
     make_pickle_bomb(bomb / "optimizer.pt", root / PWNED)
     make_pickle_bomb(bomb / "rng.pt", root / PWNED)
     (bomb / "COMPLETE").write_text("ok\n")
-    return {"{SHARDS}": str(shards), "{EMPTY}": str(root / "empty"), "{TMP}": str(root), "{PARTIAL}": str(partial),
-            "{BOMB}": str(bomb)}  # fmt: skip
+    return {
+        "{SHARDS}": str(shards),
+        "{EMPTY}": str(root / "empty"),
+        "{TMP}": str(root),
+        "{PARTIAL}": str(partial),
+        "{BOMB}": str(bomb),
+    }
 
 
 def run_config_case(case, base: Path, root: Path, files: dict[str, str], main: Callable) -> dict:

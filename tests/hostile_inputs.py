@@ -1,11 +1,12 @@
 """Hostile inputs for mmcl: the attack corpus of the hostile-input issue, as small deterministic builders.
 
 Tar bombs (a sparse 8 GiB member, a header claiming 8 GiB, a gzip of 256 MiB of zeros, pax and GNU long-name
-headers of huge declared size), odd audio (absurd sample rates, a data chunk claiming 4 GB, an hour of silence,
-1024 channels), images Pillow opens but mmcl should not (EPS, PCX, ICO, ...) disguised as .jpg, pixel bombs,
-100,000-deep JSON, bad .cls labels, a YAML alias bomb, booby-trapped manifest.json / sizes.json / part records,
-`pipe:` strings and hostile HTTP servers on 127.0.0.1. Each builder uses the stdlib, numpy, Pillow and soundfile
-only and takes well under a second; shards are the bytes mmcl's own writer produces (shards_tools.writer).
+headers of huge declared size), odd audio (absurd sample rates, a data chunk claiming 4 GB, an hour of
+silence, 1024 channels), images Pillow opens but mmcl should not (EPS, PCX, ICO, ...) disguised as .jpg, pixel
+bombs, 100,000-deep JSON, bad .cls labels, a YAML alias bomb, booby-trapped manifest.json / sizes.json / part
+records, `pipe:` strings and hostile HTTP servers on 127.0.0.1. Each builder uses the stdlib, numpy, Pillow
+and soundfile only and takes well under a second; shards are the bytes mmcl's own writer produces
+(shards_tools.writer).
 
 bench/attack_corpus.py runs all of them through every mmcl entry point; tests import them directly
 (`from hostile_inputs import ...`, tests/ on sys.path). `python tests/hostile_inputs.py [FOLDER]` runs
@@ -71,8 +72,8 @@ def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInf
 def sparse_member(
     name: str, real_size: int = 8 * GiB, data: bytes = b"\xff\xd8\xff\xe0" + bytes(508)
 ) -> bytes:
-    """An old-GNU sparse member ('S'): `data` stored, then a hole up to `real_size`. Tiny in the archive, but a
-    reader that extracts it (tarfile's extractfile().read()) produces `real_size` bytes."""
+    """An old-GNU sparse member ('S'): `data` stored, then a hole up to `real_size`. Tiny in the archive, but
+    a reader that extracts it (tarfile's extractfile().read()) produces `real_size` bytes."""
     header = bytearray(_info(name, len(data), tarfile.GNUTYPE_SPARSE).tobuf(tarfile.GNU_FORMAT))
     # the map: `data` at 0, then a hole to the end (GNU tar ends a map with (size, 0))
     for index, (offset, numbytes) in enumerate(((0, len(data)), (real_size, 0))):
@@ -84,13 +85,14 @@ def sparse_member(
 
 
 def oversized_member(name: str, claimed: int = 8 * GiB, present: int = 4 * KiB) -> bytes:
-    """A regular member whose header claims `claimed` bytes (GNU base-256 size field) followed by only `present`
-    bytes: the tar ends there, truncated."""
+    """A regular member whose header claims `claimed` bytes (GNU base-256 size field) followed by only
+    `present` bytes: the tar ends there, truncated."""
     return _info(name, claimed).tobuf(tarfile.GNU_FORMAT) + b"\xff\xd8\xff\xe0" + bytes(present - 4)
 
 
 def pax_header_bomb(claimed: int = HUGE, present: int = KiB) -> bytes:
-    """A pax extended header ('x') declaring `claimed` bytes of records, then `present` bytes: the tar ends."""
+    """A pax extended header ('x') declaring `claimed` bytes of records, then `present` bytes: the tar
+    ends."""
     record = b"%d comment=" % claimed
     return _info("PaxHeader/hostile", claimed, tarfile.XHDTYPE).tobuf(tarfile.USTAR_FORMAT) + (
         record + b"x" * (present - len(record))
@@ -98,7 +100,8 @@ def pax_header_bomb(claimed: int = HUGE, present: int = KiB) -> bytes:
 
 
 def gnu_longname_bomb(claimed: int = HUGE, present: int = KiB) -> bytes:
-    """A GNU long-name header ('L') declaring a `claimed`-byte file name, then `present` bytes: the tar ends."""
+    """A GNU long-name header ('L') declaring a `claimed`-byte file name, then `present` bytes: the tar
+    ends."""
     return (
         _info("././@LongLink", claimed, tarfile.GNUTYPE_LONGNAME).tobuf(tarfile.GNU_FORMAT) + b"a" * present
     )
@@ -121,9 +124,9 @@ def _deflate(data: bytes, last: bool) -> bytes:
 def gzip_tar_of_zeros(
     path: Path, before: bytes, name: str, after: bytes, member_size: int = 256 * MiB
 ) -> Path:
-    """A .tar.gz: the tar pieces `before`, a member `name` of `member_size` zero bytes, the pieces `after`, the
-    end blocks. ~250 KiB on disk for 256 MiB of zeros; written as one 1 MiB block of zeros compressed once and
-    repeated (full flushes make the pieces independent), so it takes a fraction of a second."""
+    """A .tar.gz: the tar pieces `before`, a member `name` of `member_size` zero bytes, the pieces `after`,
+    the end blocks. ~250 KiB on disk for 256 MiB of zeros; written as one 1 MiB block of zeros compressed once
+    and repeated (full flushes make the pieces independent), so it takes a fraction of a second."""
     chunk = bytes(MiB)
     assert member_size % MiB == 0, "member_size must be whole MiB"
     head = before + _info(name, member_size).tobuf(tarfile.PAX_FORMAT)
@@ -196,9 +199,10 @@ def shard_with(
     after: int = 2,
     end: bool = True,
 ) -> bytes:
-    """A shard: `before` good samples (keys from `first`; sources written under `folder`), the hostile tar pieces
-    (e.g. `sample_bytes(sample("hostile_eps", jpg=eps_bytes()))` or `sparse_member(...)`), `after` good samples,
-    and the end blocks unless `end` is False (for pieces that swallow the rest of the archive anyway)."""
+    """A shard: `before` good samples (keys from `first`; sources written under `folder`), the hostile tar
+    pieces (e.g. `sample_bytes(sample("hostile_eps", jpg=eps_bytes()))` or `sparse_member(...)`), `after` good
+    samples, and the end blocks unless `end` is False (for pieces that swallow the rest of the archive
+    anyway)."""
     head = good_samples(folder, modality, before, first=first)
     tail = good_samples(folder, modality, after, first=first + before)
     return shard_bytes(*map(sample_bytes, head), *hostile, *map(sample_bytes, tail), end=end)
@@ -244,8 +248,8 @@ def _count_keys(data: bytes) -> int:
 
 
 def write_index(folder: Path, modality: str, entries: list[dict], **manifest_fields: object) -> None:
-    """manifest.json and sizes.json for shard `entries` ({"name", "count", "bytes", "sha256"}), in mmcl's layout;
-    `manifest_fields` replace top-level manifest keys."""
+    """manifest.json and sizes.json for shard `entries` ({"name", "count", "bytes", "sha256"}), in mmcl's
+    layout; `manifest_fields` replace top-level manifest keys."""
     manifest = {
         "format": "mmcl-shards/1",
         "tool": "hostile_inputs",
@@ -273,7 +277,8 @@ def write_index(folder: Path, modality: str, entries: list[dict], **manifest_fie
 
 
 def eps_bytes() -> bytes:
-    """A minimal valid EPS: Pillow identifies it as "EPS" and renders it by running Ghostscript on the file."""
+    """A minimal valid EPS: Pillow identifies it as "EPS" and renders it by running Ghostscript on the
+    file."""
     return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
             b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")  # fmt: skip
 
@@ -319,7 +324,8 @@ def hostile_images() -> dict[str, bytes]:
 
 def wav_bytes(rate: int, frames: int = 2000, claimed_data: int | None = None) -> bytes:
     """A 16-bit PCM mono WAV written field by field (any header rate, even ones libsndfile would not write): a
-    tone of one cycle per 400 frames; `claimed_data` sets the data chunk's declared size (the file stays small)."""
+    tone of one cycle per 400 frames; `claimed_data` sets the data chunk's declared size (the file stays
+    small)."""
     data = (3000 * np.sin(np.arange(frames) * 2 * np.pi / 400)).astype("<i2").tobytes()
     declared = len(data) if claimed_data is None else claimed_data
     fmt = struct.pack("<HHIIHH", 1, 1, rate, (rate * 2) & 0xFFFFFFFF, 2, 16)
@@ -350,7 +356,8 @@ def silent_flac(seconds: int = 3600, rate: int = 48000) -> bytes:
     blocks, each one CONSTANT subframe) because libFLAC needs a second or more to encode an hour."""
     total, block = seconds * rate, 65535
     info = struct.pack(">HH", block, block) + bytes(6)  # block sizes; frame sizes unknown
-    # rate (20 bits), channels - 1 (3 bits: mono), bits per sample - 1 (5 bits), total samples (36 bits); no MD5
+    # rate (20 bits), channels - 1 (3 bits: mono), bits per sample - 1 (5 bits), total samples (36 bits);
+    # no MD5
     info += ((rate << 44) | (0 << 41) | (15 << 36) | total).to_bytes(8, "big") + bytes(16)
     frames = [b"fLaC", bytes([0x80, 0, 0, len(info)]), info]  # last metadata block: STREAMINFO
     for number, start in enumerate(range(0, total, block)):
@@ -412,7 +419,8 @@ HOSTILE_LABELS = {
 
 
 def alias_bomb_yaml(indent: str = "") -> str:
-    """The classic "billion laughs" in YAML (~280 bytes): 9 levels of 9 aliases, 9**9 strings once expanded."""
+    """The classic "billion laughs" in YAML (~280 bytes): 9 levels of 9 aliases, 9**9 strings once
+    expanded."""
     lines = [f'{indent}a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{indent}{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
@@ -422,19 +430,25 @@ def alias_bomb_yaml(indent: str = "") -> str:
 def alias_bomb_config(path: Path, shards: Path, output: Path) -> Path:
     """A micro image-text training config, valid except that model.open_clip_config holds an alias bomb
     beside a real open_clip model config."""
-    model = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}  # fmt: skip
-    config = "\n".join([
-        f"run: {{output_dir: {json.dumps(str(output))}, seed: 0}}",
-        "model:",
-        "  modality: image",
-        "  open_clip_config:",
-        *(f"    {key}: {json.dumps(value)}" for key, value in model.items()),
-        alias_bomb_yaml("    ").rstrip("\n"),
-        f"data: {{sources: [{{urls: {json.dumps(str(shards))}}}], batch_size: 8, workers: 1, shuffle_buffer: 20}}",
-        "optim: {lr: 1.0e-3, warmup_steps: 1}",
-        "train: {steps: 2, log_every: 1, checkpoint_every: 100}",
-    ])  # fmt: skip
+    model = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    config = "\n".join(
+        [
+            f"run: {{output_dir: {json.dumps(str(output))}, seed: 0}}",
+            "model:",
+            "  modality: image",
+            "  open_clip_config:",
+            *(f"    {key}: {json.dumps(value)}" for key, value in model.items()),
+            alias_bomb_yaml("    ").rstrip("\n"),
+            f"data: {{sources: [{{urls: {json.dumps(str(shards))}}}], batch_size: 8, workers: 1, "
+            f"shuffle_buffer: 20}}",
+            "optim: {lr: 1.0e-3, warmup_steps: 1}",
+            "train: {steps: 2, log_every: 1, checkpoint_every: 100}",
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config + "\n")
     return path
@@ -478,9 +492,17 @@ def hostile_manifest(folder: Path, kind: str, outside: Path | None = None, canar
 
 
 HOSTILE_INDEX_KINDS = (
-    "name-absolute", "name-dotdot", "name-etc-passwd", "name-pipe", "manifest-is-a-list", "sizes-count-string",
-    "manifest-count-string", "manifest-count-list", "manifest-count-negative", "manifest-count-huge",
-)  # fmt: skip
+    "name-absolute",
+    "name-dotdot",
+    "name-etc-passwd",
+    "name-pipe",
+    "manifest-is-a-list",
+    "sizes-count-string",
+    "manifest-count-string",
+    "manifest-count-list",
+    "manifest-count-negative",
+    "manifest-count-huge",
+)
 
 
 def corrupt_progress_options(output: Path) -> Path:
@@ -505,8 +527,15 @@ def hostile_part(output: Path, kind: str) -> Path:
     """A `--part` run's record under OUT/_parts/ (what `mmcl shard merge` joins) made hostile."""
     path = output / "_parts" / "part-00000-of-00001.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    shard = {"index": 0, "name": "shard-000000.tar", "count": 1, "items": 1, "bytes": 10240, "sha256": "0" * 64,
-             "errors": []}  # fmt: skip
+    shard = {
+        "index": 0,
+        "name": "shard-000000.tar",
+        "count": 1,
+        "items": 1,
+        "bytes": 10240,
+        "sha256": "0" * 64,
+        "errors": [],
+    }
     record = {"part": 0, "parts": 1, "modality": "image", "prefix": "shard", "planned_shards": 1,
               "class_names": None, "noise": None, "options": {}, "shards": [shard]}  # fmt: skip
     if kind == "part-not-json":
@@ -525,11 +554,12 @@ def hostile_part(output: Path, kind: str) -> Path:
     return path
 
 
-# ================================================================================================ pipe: strings
+# ============================================================================================== pipe: strings
 
 
 def pipe_string(canary: Path) -> str:
-    """A `pipe:` URL that creates `canary`0 if anything runs it in a shell (brace-expanded like a shard pattern)."""
+    """A `pipe:` URL that creates `canary`0 if anything runs it in a shell (brace-expanded like a shard
+    pattern)."""
     return f"pipe:touch {canary}{{0..0}}"
 
 
@@ -538,7 +568,7 @@ def canaries(canary: Path) -> list[Path]:
     return sorted(canary.parent.glob(canary.name + "*"))
 
 
-# ================================================================================================ HTTP servers
+# =============================================================================================== HTTP servers
 
 
 Respond = Callable[[BaseHTTPRequestHandler, threading.Event], None]
@@ -546,8 +576,8 @@ Respond = Callable[[BaseHTTPRequestHandler, threading.Event], None]
 
 @contextlib.contextmanager
 def _http_server(respond: Respond) -> Iterator[str]:
-    """Serve every GET with `respond(handler, stop)` on 127.0.0.1 (a free port) in threads; yields the base URL.
-    On exit `stop` is set (slow responders check it), the server stops and its socket closes."""
+    """Serve every GET with `respond(handler, stop)` on 127.0.0.1 (a free port) in threads; yields the base
+    URL. On exit `stop` is set (slow responders check it), the server stops and its socket closes."""
     stop = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
@@ -584,8 +614,8 @@ def _body_prefix(path: str) -> bytes:
 
 
 def huge_length_server(pause: float = 0.25, duration: float = 60.0) -> contextlib.AbstractContextManager[str]:
-    """Answers `Content-Length: 10000000000000`, then sends 64 KiB every `pause` s for `duration` s and closes:
-    a client must refuse on the header (or its deadline), not read until the server stops."""
+    """Answers `Content-Length: 10000000000000`, then sends 64 KiB every `pause` s for `duration` s and
+    closes: a client must refuse on the header (or its deadline), not read until the server stops."""
 
     def respond(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
         handler.send_response(200)
@@ -620,8 +650,8 @@ def chunked_server() -> contextlib.AbstractContextManager[str]:
 def slowloris_server(
     interval: float = 9.0, slow_headers: bool = True
 ) -> contextlib.AbstractContextManager[str]:
-    """Trickles one byte every `interval` s: the status line and headers (unless `slow_headers` is False), then
-    the body. Every read gets a byte before a 10 s per-read timeout, so only a total deadline ends it."""
+    """Trickles one byte every `interval` s: the status line and headers (unless `slow_headers` is False),
+    then the body. Every read gets a byte before a 10 s per-read timeout, so only a total deadline ends it."""
 
     def respond(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
@@ -637,7 +667,8 @@ def slowloris_server(
 
 
 def file_server(files: dict[str, bytes]) -> contextlib.AbstractContextManager[str]:
-    """A well-behaved server (the control case): `files` by URL path ("/shard-000000.tar"), at once; 404 else."""
+    """A well-behaved server (the control case): `files` by URL path ("/shard-000000.tar"), at once; 404
+    else."""
 
     def respond(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
         data = files.get(handler.path.split("?")[0])
@@ -684,8 +715,13 @@ def _check_tars(folder: Path, problems: list[str]) -> None:
         header = tarfile.TarInfo.frombuf(bomb[:512], "utf-8", "surrogateescape")
         if header.type != kind or header.size != HUGE or len(bomb) > 2 * KiB:
             problems.append(f"{name} header: type {header.type!r}, declared {header.size}, {len(bomb)} bytes")
-    path = _timed("gzip tar", lambda: gzip_tar_of_zeros(folder / "zeros.tar.gz", b"", "hostile.jpg",
-                                                        sample_bytes(sample("hostile"))), problems)  # fmt: skip
+    path = _timed(
+        "gzip tar",
+        lambda: gzip_tar_of_zeros(
+            folder / "zeros.tar.gz", b"", "hostile.jpg", sample_bytes(sample("hostile"))
+        ),
+        problems,
+    )
     with tarfile.open(path, "r:gz") as archive:
         sizes = {m.name: m.size for m in archive.getmembers()}
     with gzip.open(path) as unzipped:

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 def clear_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove every proxy setting (http_proxy, HTTPS_PROXY, all_proxy, no_proxy, ...: any *_proxy in any case,
-    which is what urllib and curl read) from this test's environment, so that requests to a server on 127.0.0.1
-    go straight to it whatever the user's environment says. Child processes inherit the change. urlopen's
-    global opener keeps the proxies of the environment it was first used in (perhaps by an earlier test in
-    this process): it is dropped too, so the next urlopen builds one from the cleared environment."""
+    which is what urllib and curl read) from this test's environment, so that requests to a server on
+    127.0.0.1 go straight to it whatever the user's environment says. Child processes inherit the change.
+    urlopen's global opener keeps the proxies of the environment it was first used in (perhaps by an earlier
+    test in this process): it is dropped too, so the next urlopen builds one from the cleared environment."""
     for name in list(os.environ):
         if name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)

@@ -180,9 +180,9 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def kill9(proc: subprocess.Popen, whole_group: bool, grace: float = HANG_GUARD_S) -> list[int]:
-    """SIGKILL the process (or its whole process group) and wait until its descendants have exited too; returns
-    those still running `grace` s later (orphans), which are then killed (they are ours). The wait ends as
-    soon as the last one is gone: `grace` only bounds how long an orphan is waited for."""
+    """SIGKILL the process (or its whole process group) and wait until its descendants have exited too;
+    returns those still running `grace` s later (orphans), which are then killed (they are ours). The wait
+    ends as soon as the last one is gone: `grace` only bounds how long an orphan is waited for."""
     children = descendants(proc.pid)
     if whole_group:
         with contextlib.suppress(ProcessLookupError):
@@ -231,12 +231,12 @@ class TreeMonitor(threading.Thread):
     """Watches a process and all its descendants from /proc every `interval` s, from `start()` to `stop()`
     (or as a context manager around the wait for the process).
 
-    Memory: `main_hwm`, the root process's VmHWM (its peak RSS, tracked by the kernel: exact); `main_rss_peak`,
-    its largest VmRSS in one sample; `tree_rss_peak`, the largest sum of VmRSS over the tree in one sample
-    (pages shared copy-on-write count once per process, so it overstates real use); `tree_pss_peak`, the same
-    for PSS (shared pages divided among their processes), read every `pss_every`-th sample (0: never: it is
-    the costly read); `child_hwm`, the VmHWM of every descendant seen; `max_processes`, the most live
-    processes in one sample.
+    Memory: `main_hwm`, the root process's VmHWM (its peak RSS, tracked by the kernel: exact);
+    `main_rss_peak`, its largest VmRSS in one sample; `tree_rss_peak`, the largest sum of VmRSS over the tree
+    in one sample (pages shared copy-on-write count once per process, so it overstates real use);
+    `tree_pss_peak`, the same for PSS (shared pages divided among their processes), read every `pss_every`-th
+    sample (0: never: it is the costly read); `child_hwm`, the VmHWM of every descendant seen;
+    `max_processes`, the most live processes in one sample.
 
     Progress: with `progress` (a function returning the run's current step, or None), every sample that sees
     a higher step appends (perf_counter time, step, CPU s of the root, CPU s of the tree) to `events`, the

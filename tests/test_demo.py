@@ -15,20 +15,39 @@ import pytest
 from pipelines.demo_data import FASHION_DIR
 
 pytestmark = pytest.mark.skipif(
-    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(), reason="needs dataset-fashion-mnist (make sysdeps)"
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs dataset-fashion-mnist (make sysdeps)",
 )
 
 
 def demo(output: Path, noise_rate: float) -> str:
-    command = [sys.executable, "-m", "mmcl", "demo", "--size", "tiny", "--modality", "image", "--processes", "1",
-               "--noise-rate", str(noise_rate), "--output", str(output)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "mmcl",
+        "demo",
+        "--size",
+        "tiny",
+        "--modality",
+        "image",
+        "--processes",
+        "1",
+        "--noise-rate",
+        str(noise_rate),
+        "--output",
+        str(output),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 
 
 def noisy_pairs(output: Path) -> int:
-    return json.loads((output / "shards" / "image-train" / "manifest.json").read_text())["noise"]["noisy_pairs"]
+    return json.loads((output / "shards" / "image-train" / "manifest.json").read_text())["noise"][
+        "noisy_pairs"
+    ]
 
 
 def test_demo_reuses_its_work_and_restarts_for_other_settings(tmp_path):

@@ -26,7 +26,9 @@ def rows(csv_path) -> int:
     return sum(1 for _ in open(csv_path)) - 1
 
 
-@pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(), reason="needs dataset-fashion-mnist"
+)
 def test_fashion_mnist_is_rebuilt_for_another_size(tmp_path):
     first = build_fashion_mnist(tmp_path / "fm", 40, 2)
     assert rows(first["train"]) == 40

@@ -110,16 +110,19 @@ def test_builtin_and_file_templates(tmp_path: Path) -> None:
 def test_classification_metrics_on_hand_made_logits() -> None:
     names = ["a", "b", "c", "d", "e", "f"]
     # Rows are items; the true class is `labels[i]`; class f has no items.
-    logits = torch.tensor([
-        [9, 1, 0, 0, 0, 0],  # a -> a (top1)
-        [1, 9, 0, 0, 0, 0],  # a -> b, a is 2nd (top5 hit)
-        [0, 9, 1, 0, 0, 0],  # b -> b
-        [0, 0, 9, 0, 0, 0],  # c -> c
-        [0, 0, 5, 9, 0, 0],  # c -> d, c is 2nd
-        [9, 8, 7, 6, 5, 0],  # d -> a, d is 4th (top5 hit)
-        [9, 8, 7, 6, 5, 0],  # e -> a, e is 5th (top5 hit)
-        [1, 1, 1, 1, 0, 9],  # e -> f, e is last (top5 miss)
-    ], dtype=torch.float)
+    logits = torch.tensor(
+        [
+            [9, 1, 0, 0, 0, 0],  # a -> a (top1)
+            [1, 9, 0, 0, 0, 0],  # a -> b, a is 2nd (top5 hit)
+            [0, 9, 1, 0, 0, 0],  # b -> b
+            [0, 0, 9, 0, 0, 0],  # c -> c
+            [0, 0, 5, 9, 0, 0],  # c -> d, c is 2nd
+            [9, 8, 7, 6, 5, 0],  # d -> a, d is 4th (top5 hit)
+            [9, 8, 7, 6, 5, 0],  # e -> a, e is 5th (top5 hit)
+            [1, 1, 1, 1, 0, 9],  # e -> f, e is last (top5 miss)
+        ],
+        dtype=torch.float,
+    )
     labels = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4])
     m = classification_metrics(logits, labels, names)
     assert m["acc1"] == pytest.approx(3 / 8)
@@ -166,8 +169,11 @@ def brute_force_counts(media: torch.Tensor, text: torch.Tensor, owner: list[int]
 
 
 def expected_recall(counts: list, k: int) -> float:
-    """Recall@k under random tie-breaking, by enumerating every place the positive can take in its tie group."""
-    return float(np.mean([np.mean([better + 1 + p <= k for p in range(tied + 1)]) for better, tied in counts]))
+    """Recall@k under random tie-breaking, by enumerating every place the positive can take in its tie
+    group."""
+    return float(
+        np.mean([np.mean([better + 1 + p <= k for p in range(tied + 1)]) for better, tied in counts])
+    )
 
 
 def test_retrieval_matches_brute_force_and_chunking_changes_nothing() -> None:
@@ -176,7 +182,9 @@ def test_retrieval_matches_brute_force_and_chunking_changes_nothing() -> None:
     owner = [i for i, c in enumerate(counts) for _ in range(c)]
     media = torch.nn.functional.normalize(torch.randn(len(counts), 8, generator=gen), dim=-1)
     # captions near their item's features, so ranks spread over 1..N
-    text = torch.nn.functional.normalize(media[owner] + 0.9 * torch.randn(len(owner), 8, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(
+        media[owner] + 0.9 * torch.randn(len(owner), 8, generator=gen), dim=-1
+    )
     t2m_expected, m2t_expected = brute_force_counts(media, text, owner)
     owner_t = torch.tensor(owner)
     better, tied = text_to_media_ranks(text, media, owner_t)
@@ -190,7 +198,9 @@ def test_retrieval_matches_brute_force_and_chunking_changes_nothing() -> None:
         assert metrics[f"image_retrieval_recall@{k}"] == pytest.approx(expected_recall(t2m_expected, k))
         assert metrics[f"text_retrieval_recall@{k}"] == pytest.approx(expected_recall(m2t_expected, k))
     assert metrics["image_retrieval_mean_rank"] == pytest.approx(np.mean(t2m_ranks))
-    assert metrics["text_retrieval_median_rank"] == pytest.approx(np.median([b + 1 + t / 2 for b, t in m2t_expected]))
+    assert metrics["text_retrieval_median_rank"] == pytest.approx(
+        np.median([b + 1 + t / 2 for b, t in m2t_expected])
+    )
     for chunk in (1, 2, 5, 100):
         assert retrieval_metrics(media, text, owner_t, chunk_size=chunk) == metrics
     audio = retrieval_metrics(media, text, owner_t, modality="audio")
@@ -203,9 +213,13 @@ def test_retrieval_matches_brute_force_and_chunking_changes_nothing() -> None:
     assert flat["image_retrieval_recall@5"] == pytest.approx(5 / n)
     assert flat["image_retrieval_mean_rank"] == pytest.approx((n + 1) / 2)
     # Captions repeated word for word (class templates): the tie order decides nothing.
-    same = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), dim=-1)
+    same = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), dim=-1
+    )
     twins = retrieval_metrics(same, same, torch.arange(4))
-    assert twins["image_retrieval_recall@1"] == pytest.approx(0.5) and twins["image_retrieval_recall@5"] == 1.0
+    assert (
+        twins["image_retrieval_recall@1"] == pytest.approx(0.5) and twins["image_retrieval_recall@5"] == 1.0
+    )
     with pytest.raises(ValueError, match="at least one caption"):
         retrieval_metrics(media, text[:3], owner_t[:3])
 
@@ -220,11 +234,19 @@ def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=(6, 3072), dtype=np.uint8)
     names10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    write_pickle(tmp_path / "c10" / "cifar-10-batches-py" / "test_batch",
-                 {"batch_label": "testing batch 1 of 1", "labels": [3, 8, 8, 0, 6, 6], "data": data,
-                  "filenames": [f"img{i}.png" for i in range(6)]})
-    write_pickle(tmp_path / "c10" / "cifar-10-batches-py" / "batches.meta",
-                 {"num_cases_per_batch": 10000, "label_names": names10, "num_vis": 3072})
+    write_pickle(
+        tmp_path / "c10" / "cifar-10-batches-py" / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": [3, 8, 8, 0, 6, 6],
+            "data": data,
+            "filenames": [f"img{i}.png" for i in range(6)],
+        },
+    )
+    write_pickle(
+        tmp_path / "c10" / "cifar-10-batches-py" / "batches.meta",
+        {"num_cases_per_batch": 10000, "label_names": names10, "num_vis": 3072},
+    )
     c10 = open_classification(tmp_path / "c10", "image")
     assert (c10.format, c10.name, c10.class_names) == ("cifar10", "cifar10", tuple(names10))
     items = items_of(c10, MediaDecoder("image", image_transform=pixels))
@@ -235,19 +257,36 @@ def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
     assert first[1, 2].tolist() == [data[0, 34], data[0, 1024 + 34], data[0, 2048 + 34]]
 
     fine = ["apple", "aquarium_fish", "baby"]
-    write_pickle(tmp_path / "c100" / "cifar-100-python" / "test",
-                 {"filenames": ["x"] * 6, "batch_label": "testing batch 1 of 1", "fine_labels": [2, 1, 0, 0, 1, 2],
-                  "coarse_labels": [0] * 6, "data": data})
-    write_pickle(tmp_path / "c100" / "cifar-100-python" / "meta",
-                 {"fine_label_names": fine, "coarse_label_names": ["fruit"]})
+    write_pickle(
+        tmp_path / "c100" / "cifar-100-python" / "test",
+        {
+            "filenames": ["x"] * 6,
+            "batch_label": "testing batch 1 of 1",
+            "fine_labels": [2, 1, 0, 0, 1, 2],
+            "coarse_labels": [0] * 6,
+            "data": data,
+        },
+    )
+    write_pickle(
+        tmp_path / "c100" / "cifar-100-python" / "meta",
+        {"fine_label_names": fine, "coarse_label_names": ["fruit"]},
+    )
     c100 = open_classification(tmp_path / "c100" / "cifar-100-python", "image")  # the folder itself works too
     assert c100.format == "cifar100" and c100.class_names == ("apple", "aquarium fish", "baby")
-    assert [item["target"] for item in items_of(c100, MediaDecoder("image", image_transform=pixels))] == [2, 1, 0, 0, 1, 2]
+    assert [item["target"] for item in items_of(c100, MediaDecoder("image", image_transform=pixels))] == [
+        2,
+        1,
+        0,
+        0,
+        1,
+        2,
+    ]
 
     # A pickle that would run code while loading is refused, not executed.
     write_pickle(tmp_path / "evil" / "cifar-10-batches-py" / "batches.meta", {"label_names": names10})
     (tmp_path / "evil" / "cifar-10-batches-py" / "test_batch").write_bytes(
-        b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
+        b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."
+    )
     with pytest.raises(UsageError, match="os.system is not allowed"):
         open_classification(tmp_path / "evil", "image")
     assert not (tmp_path / "pwned").exists()
@@ -258,8 +297,9 @@ def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
 def write_esc50(esc: Path) -> Path:
     """Five 0.2 s clips at 8 kHz in ESC-50's layout, three categories over folds 1, 2 and 5."""
     rows = ["filename,fold,target,category,esc10,src_file,take"]
-    for i, (fold, target, category) in enumerate([(1, 1, "rooster"), (1, 0, "dog"), (2, 0, "dog"),
-                                                  (5, 2, "chirping_birds"), (5, 1, "rooster")]):
+    for i, (fold, target, category) in enumerate(
+        [(1, 1, "rooster"), (1, 0, "dog"), (2, 0, "dog"), (5, 2, "chirping_birds"), (5, 1, "rooster")]
+    ):
         make_tone(esc / "audio" / f"{fold}-{i}-A-{target}.wav", 300 + 100 * i, seconds=0.2, rate=8000)
         rows.append(f"{fold}-{i}-A-{target}.wav,{fold},{target},{category},False,{i},A")
     (esc / "meta").mkdir()
@@ -282,9 +322,12 @@ def test_esc50_and_urbansound8k_with_folds(tmp_path: Path) -> None:
 
     us8k = tmp_path / "UrbanSound8K"
     rows = ["slice_file_name,fsID,start,end,salience,fold,classID,class"]
-    for i, (fold, class_id, name) in enumerate([(1, 3, "dog_bark"), (2, 0, "air_conditioner"),
-                                                (2, 3, "dog_bark"), (10, 1, "car_horn")]):
-        make_tone(us8k / "audio" / f"fold{fold}" / f"{i}-{class_id}-0-0.wav", 500 + 50 * i, seconds=0.3, rate=8000)
+    for i, (fold, class_id, name) in enumerate(
+        [(1, 3, "dog_bark"), (2, 0, "air_conditioner"), (2, 3, "dog_bark"), (10, 1, "car_horn")]
+    ):
+        make_tone(
+            us8k / "audio" / f"fold{fold}" / f"{i}-{class_id}-0-0.wav", 500 + 50 * i, seconds=0.3, rate=8000
+        )
         rows.append(f"{i}-{class_id}-0-0.wav,{i},0.0,0.3,1,{fold},{class_id},{name}")
     (us8k / "metadata").mkdir()
     (us8k / "metadata" / "UrbanSound8K.csv").write_text("\n".join(rows) + "\n")
@@ -321,7 +364,9 @@ def test_class_folders_sorted_like_imagefolder(tmp_path: Path) -> None:
     make_tone(sounds / "high" / "b.flac", 2000, seconds=0.1, rate=8000)
     audio = open_classification(sounds, "audio")
     assert audio.class_names == ("high", "low")
-    assert [i["media"].shape for i in items_of(audio, MediaDecoder("audio", sample_rate=8000, clip_seconds=0.5))] == [(4000,)] * 2
+    assert [
+        i["media"].shape for i in items_of(audio, MediaDecoder("audio", sample_rate=8000, clip_seconds=0.5))
+    ] == [(4000,)] * 2
     with pytest.raises(UsageError, match="no image files"):
         open_classification(sounds, "image")
     with pytest.raises(UsageError, match="does not exist"):
@@ -337,18 +382,35 @@ def png_bytes(colour: int, size: int = 12) -> bytes:
 def test_shards_with_labels_and_with_several_captions(tmp_path: Path) -> None:
     folder = tmp_path / "folder"
     for i, label in enumerate(["b_class", "a_class", "b_class", "a_class", "b_class"]):
-        make_image(folder / label / f"{i}.png", "red" if label == "a_class" else "blue", size=(16, 16), seed=i)
-    run_sharding(build_config({"input": {"modality": "image", "path": folder}, "output": tmp_path / "sh",
-                               "shard_size": 2, "workers": 1}), progress=False)
+        make_image(
+            folder / label / f"{i}.png", "red" if label == "a_class" else "blue", size=(16, 16), seed=i
+        )
+    run_sharding(
+        build_config(
+            {
+                "input": {"modality": "image", "path": folder},
+                "output": tmp_path / "sh",
+                "shard_size": 2,
+                "workers": 1,
+            }
+        ),
+        progress=False,
+    )
     data = open_classification(tmp_path / "sh", "image")
     assert (data.format, data.class_names, data.size()) == ("shards", ("a class", "b class"), 5)
     items = items_of(data, MediaDecoder("image", image_transform=pixels))
     assert sorted(item["target"] for item in items) == [0, 0, 1, 1, 1]
-    assert all(item["target"] == (0 if item["media"][0, 0, 0] > item["media"][0, 0, 2] else 1) for item in items)
-    assert len(items_of(data, MediaDecoder("image", image_transform=pixels), max_samples=3)) == 3  # 3 of 5, spread
+    assert all(
+        item["target"] == (0 if item["media"][0, 0, 0] > item["media"][0, 0, 2] else 1) for item in items
+    )
+    assert (
+        len(items_of(data, MediaDecoder("image", image_transform=pixels), max_samples=3)) == 3
+    )  # 3 of 5, spread
     one_shard = open_classification(tmp_path / "sh" / "shard-000001.tar", "image")
     assert len(items_of(one_shard, MediaDecoder("image", image_transform=pixels))) == 2
-    with pytest.raises(UsageError, match="shards hold image-text pairs, but the model is an audio-text model"):
+    with pytest.raises(
+        UsageError, match="shards hold image-text pairs, but the model is an audio-text model"
+    ):
         open_classification(tmp_path / "sh", "audio")
 
     # Hand-written shards (webdataset's TarWriter), no manifest: class names must come from --classes.
@@ -369,7 +431,9 @@ def test_shards_with_labels_and_with_several_captions(tmp_path: Path) -> None:
     captions = [["a red square"], ["a dark square", "a very dark square", "almost black"], [], ["two"] * 2]
     with wds.TarWriter(str(plain / "part-1.tar")) as sink:
         for i, texts in enumerate(captions):
-            sink.write({"__key__": f"c{i}", "png": png_bytes(40 * i), "json": json.dumps({"text": texts}).encode()})
+            sink.write(
+                {"__key__": f"c{i}", "png": png_bytes(40 * i), "json": json.dumps({"text": texts}).encode()}
+            )
         sink.write({"__key__": "c9", "png": b"broken", "txt": b"a caption"})
     retrieval = open_retrieval(plain / "part-1.tar", "image")
     assert retrieval.task == "zeroshot_retrieval"
@@ -382,7 +446,10 @@ def test_load_eval_model_from_open_clip_weights_and_errors(tmp_path: Path, micro
     weights = save_open_clip_weights(micro_model, tmp_path / "micro.safetensors")
     loaded = load_eval_model(open_clip_name="mmcl-micro-vit", pretrained=str(weights))
     assert not loaded.training
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), micro_model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), micro_model.state_dict().values(), strict=True)
+    )
     assert model_source(open_clip_name="mmcl-micro-vit", pretrained=str(weights)).pretrained == str(weights)
     with pytest.raises(UsageError, match="weights file not found"):
         load_eval_model(open_clip_name="mmcl-micro-vit", pretrained=str(tmp_path / "missing.pt"))
@@ -401,11 +468,27 @@ def test_evaluators_on_a_random_model_count_what_they_read(tmp_path: Path, micro
     for i, colour in enumerate(["red", "green", "blue"] * 3):
         make_image(root / colour / f"{i}.png", colour, size=(24, 24), seed=i)
     data = open_classification(root, "image")
-    results = evaluate_zero_shot(micro_model, data, ["a {} square."], batch_size=4, debias=True, max_samples=6)
+    results = evaluate_zero_shot(
+        micro_model, data, ["a {} square."], batch_size=4, debias=True, max_samples=6
+    )
     assert results["num_samples"] == 6 and results["skipped"] == 0
-    assert {"acc1", "mean_per_class_recall", "acc1_without_debias"} <= results.keys() and "acc5" not in results
+    assert {
+        "acc1",
+        "mean_per_class_recall",
+        "acc1_without_debias",
+    } <= results.keys() and "acc5" not in results
     features = extract_features(micro_model, data.loader(MediaDecoder.for_model(micro_model), 4, 0))
-    assert features.media.shape == (9, micro_model.embed_dim) and features.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert features.media.shape == (9, micro_model.embed_dim) and features.targets == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+    ]
 
 
 def test_audio_model_zero_shot_on_esc50(tmp_path: Path) -> None:
@@ -424,9 +507,9 @@ def test_audio_model_zero_shot_on_esc50(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ end to end on digits
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict[str, Path]:
-    """scikit-learn's 1,797 handwritten digits as class folders (3 in 4 for training, every 4th held
-    out), training shards captioned "a photo of the digit NAME.", held-out shards with two captions
-    each, and a micro image-text model (an inline open_clip config) trained on them by the project's trainer."""
+    """scikit-learn's 1,797 handwritten digits as class folders (3 in 4 for training, every 4th held out),
+    training shards captioned "a photo of the digit NAME.", held-out shards with two captions each, and a
+    micro image-text model (an inline open_clip config) trained on them by the project's trainer."""
     from sklearn.datasets import load_digits
 
     from mmcl.config import load_train_config
@@ -438,21 +521,49 @@ def digits(tmp_path_factory) -> dict[str, Path]:
         split = "test" if i % 4 == 0 else "train"
         path = root / split / DIGIT_NAMES[target] / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").resize((32, 32), Image.BILINEAR).save(path)
-    run_sharding(build_config({
-        "input": {"modality": "image", "path": root / "train", "templates": ["a photo of the digit {label}."]},
-        "output": root / "train_shards", "shard_size": 200, "workers": 1, "shuffle": True,
-    }), progress=False)
-    run_sharding(build_config({
-        "input": {"modality": "image", "path": root / "test",
-                  "templates": ["a photo of the digit {label}.", "the handwritten number {label}"]},
-        "output": root / "test_shards", "shard_size": 100, "workers": 1,
-    }), progress=False)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").resize(
+            (32, 32), Image.BILINEAR
+        ).save(path)
+    run_sharding(
+        build_config(
+            {
+                "input": {
+                    "modality": "image",
+                    "path": root / "train",
+                    "templates": ["a photo of the digit {label}."],
+                },
+                "output": root / "train_shards",
+                "shard_size": 200,
+                "workers": 1,
+                "shuffle": True,
+            }
+        ),
+        progress=False,
+    )
+    run_sharding(
+        build_config(
+            {
+                "input": {
+                    "modality": "image",
+                    "path": root / "test",
+                    "templates": ["a photo of the digit {label}.", "the handwritten number {label}"],
+                },
+                "output": root / "test_shards",
+                "shard_size": 100,
+                "workers": 1,
+            }
+        ),
+        progress=False,
+    )
     config = {
         "run": {"output_dir": str(root / "run"), "seed": 0},
         "model": {"modality": "image", "open_clip_config": TINY_CLIP},
-        "data": {"sources": [{"urls": str(root / "train_shards")}], "batch_size": 64, "workers": 0,
-                 "shuffle_buffer": 500},
+        "data": {
+            "sources": [{"urls": str(root / "train_shards")}],
+            "batch_size": 64,
+            "workers": 0,
+            "shuffle_buffer": 500,
+        },
         "optim": {"lr": 1e-3, "warmup_steps": 10},
         "train": {"steps": 100, "log_every": 50, "checkpoint_every": 100},
     }
@@ -465,8 +576,19 @@ def digits(tmp_path_factory) -> dict[str, Path]:
 def test_trained_model_classifies_held_out_digits_zero_shot(digits: dict[str, Path]) -> None:
     root, output = digits["root"], digits["root"] / "report"
     result = run_mmcl(
-        "eval", "zero-shot", "--checkpoint", digits["checkpoint"], "--data", root / "test",
-        "--templates", root / "templates.txt", "--output", output, "--workers", "1", "--quiet",
+        "eval",
+        "zero-shot",
+        "--checkpoint",
+        digits["checkpoint"],
+        "--data",
+        root / "test",
+        "--templates",
+        root / "templates.txt",
+        "--output",
+        output,
+        "--workers",
+        "1",
+        "--quiet",
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     report = json.loads((output / "results.json").read_text())
@@ -486,11 +608,28 @@ def test_trained_model_classifies_held_out_digits_zero_shot(digits: dict[str, Pa
 
 def test_retrieval_cli_and_errors_on_held_out_shards(digits: dict[str, Path], capsys) -> None:
     output = digits["root"] / "retrieval"
-    code = mmcl_main(["eval", "retrieval", "--checkpoint", str(digits["root"] / "run"),  # run folder: newest step
-                      "--data", str(digits["root"] / "test_shards"), "--output", str(output), "--workers", "0", "--quiet"])
+    code = mmcl_main(
+        [
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            str(digits["root"] / "run"),  # run folder: newest step
+            "--data",
+            str(digits["root"] / "test_shards"),
+            "--output",
+            str(output),
+            "--workers",
+            "0",
+            "--quiet",
+        ]
+    )
     assert code == 0
     report = json.loads((output / "results.json").read_text())
-    assert report["task"] == "zeroshot_retrieval" and report["num_items"] == 450 and report["num_captions"] == 900
+    assert (
+        report["task"] == "zeroshot_retrieval"
+        and report["num_items"] == 450
+        and report["num_captions"] == 900
+    )
     keys = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
     assert keys <= report["metrics"].keys()
     # Every caption is shared by ~45 held-out digits of its class, so recall is low by construction
@@ -500,39 +639,67 @@ def test_retrieval_cli_and_errors_on_held_out_shards(digits: dict[str, Path], ca
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("report: ")
 
     missing = digits["root"] / "missing"
-    argv = ["eval", "zero-shot", "--checkpoint", str(missing), "--data", str(digits["root"] / "test"), "--output", str(output)]
+    argv = [
+        "eval",
+        "zero-shot",
+        "--checkpoint",
+        str(missing),
+        "--data",
+        str(digits["root"] / "test"),
+        "--output",
+        str(output),
+    ]
     assert mmcl_main(argv) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"mmcl eval zero-shot: error: --checkpoint {missing} does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder"
+        f"mmcl eval zero-shot: error: --checkpoint {missing} does not exist; give "
+        "RUN/checkpoints/step-NNNNNNNN or a run folder"
     ]
     for argv, message in [
         (["--open-clip", "mmcl-micro-vit", "--checkpoint", str(digits["checkpoint"])], "exactly one model"),
         (["--checkpoint", str(digits["checkpoint"]), "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--checkpoint", str(digits["checkpoint"]), "--folds", "1"], "--folds selects folds"),
     ]:
-        assert mmcl_main(["eval", "zero-shot", *argv, "--data", str(digits["root"] / "test"), "--output", str(output)]) == 2
+        assert (
+            mmcl_main(
+                ["eval", "zero-shot", *argv, "--data", str(digits["root"] / "test"), "--output", str(output)]
+            )
+            == 2
+        )
         assert message in capsys.readouterr().err
 
 
 def test_periodic_evaluation_during_training(digits: dict[str, Path]) -> None:
     root = digits["root"]
-    cfg = EvalConfig.model_validate({
-        "every_steps": 100,
-        "zero_shot": [{"name": "digits", "data": str(root / "test"), "templates": str(root / "templates.txt")}],
-        "retrieval": [{"name": "digits-captions", "data": str(root / "test_shards")}],
-        "max_samples": 200,
-    })
+    cfg = EvalConfig.model_validate(
+        {
+            "every_steps": 100,
+            "zero_shot": [
+                {"name": "digits", "data": str(root / "test"), "templates": str(root / "templates.txt")}
+            ],
+            "retrieval": [{"name": "digits-captions", "data": str(root / "test_shards")}],
+            "max_samples": 200,
+        }
+    )
     check_eval_data(cfg, "image")
     model = load_eval_model(checkpoint=digits["checkpoint"]).train()
     metrics = evaluate_during_training(model, cfg)
     assert model.training  # put back as found
     assert metrics["digits/acc1"] >= 0.5
-    assert {"digits/acc1", "digits/acc5", "digits/mean_per_class_recall",
-            "digits-captions/image_retrieval_recall@1", "digits-captions/text_retrieval_recall@10"} <= metrics.keys()
+    assert {
+        "digits/acc1",
+        "digits/acc5",
+        "digits/mean_per_class_recall",
+        "digits-captions/image_retrieval_recall@1",
+        "digits-captions/text_retrieval_recall@10",
+    } <= metrics.keys()
     assert all(isinstance(v, float) for v in metrics.values())
     with pytest.raises(ValidationError, match="unique"):
-        EvalConfig.model_validate({"zero_shot": [{"name": "a", "data": "x"}], "retrieval": [{"name": "a", "data": "y"}]})
+        EvalConfig.model_validate(
+            {"zero_shot": [{"name": "a", "data": "x"}], "retrieval": [{"name": "a", "data": "y"}]}
+        )
     with pytest.raises(ValidationError, match="Extra inputs"):
         EvalConfig.model_validate({"every_step": 10})
     with pytest.raises(UsageError, match="does not exist"):
-        check_eval_data(EvalConfig.model_validate({"retrieval": [{"name": "r", "data": str(root / "nope")}]}), "image")
+        check_eval_data(
+            EvalConfig.model_validate({"retrieval": [{"name": "r", "data": str(root / "nope")}]}), "image"
+        )

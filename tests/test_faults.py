@@ -223,8 +223,14 @@ def test_outputs_appear_atomically(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "checkpoints"
 
     def save(step: int) -> Path:
-        return save_checkpoint(root, model_state={"w": torch.zeros(2)}, optimizer_state={"state": {}},
-                               train_state=TrainState(step=step), rng=[rng_state()], model_config={})  # fmt: skip
+        return save_checkpoint(
+            root,
+            model_state={"w": torch.zeros(2)},
+            optimizer_state={"state": {}},
+            train_state=TrainState(step=step),
+            rng=[rng_state()],
+            model_config={},
+        )
 
     save(1)
     with monkeypatch.context() as patch:
@@ -251,8 +257,9 @@ def test_damaged_shards_in_the_stream_are_skipped_warned_and_counted(
     assert check_bad_sample_metric(tmp_path / "run", facts, None, STEPS) == []
 
 
-# `mmcl train ARGS` that stops after logging step 3 (after its checkpoint at step 2, before the one at step 4),
-# tells the test and waits there for its kill -9: the kill lands at that point however slowly the machine runs.
+# `mmcl train ARGS` that stops after logging step 3 (after its checkpoint at step 2, before the one at step
+# 4), tells the test and waits there for its kill -9: the kill lands at that point however slowly the machine
+# runs.
 TRAIN_UNTIL_STEP_3 = """
 import os, sys, threading
 from mmcl.cli import main
@@ -276,9 +283,15 @@ def test_kill_9_mid_training_then_resume_gives_identical_weights(shards, referen
     config = config_for(tmp_path, shards, run)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as in here
     with Handshake() as handshake:
-        proc = subprocess.Popen([sys.executable, "-c", TRAIN_UNTIL_STEP_3, str(handshake.fd), "train", "--config",
-                                 str(config)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, pass_fds=[handshake.fd])  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TRAIN_UNTIL_STEP_3, str(handshake.fd), "train", "--config", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=[handshake.fd],
+        )
         handshake.started()
         handshake.wait()
     kill9(proc, whole_group=True)  # the run and its loader workers

@@ -27,9 +27,9 @@ from shards_tools.items import ItemError
 
 
 def loopback(**options) -> FetchOptions:
-    """Options for a server on 127.0.0.1, whose timeout and deadline are only hang guards: such a server answers
-    well within them however busy the machine is (the timeout test sets its own, for a server that holds its
-    answer until the client has given up)."""
+    """Options for a server on 127.0.0.1, whose timeout and deadline are only hang guards: such a server
+    answers well within them however busy the machine is (the timeout test sets its own, for a server that
+    holds its answer until the client has given up)."""
     return FetchOptions(**{"timeout": HANG_GUARD_S, "deadline": HANG_GUARD_S, **options})
 
 
@@ -133,7 +133,8 @@ def test_forked_workers_read_members_of_a_tar_the_parent_has_open(tmp_path):
 
 
 class QuietHandler(BaseHTTPRequestHandler):
-    """A test server's handler: answers with a Content-Length (so connections can be kept) and logs nothing."""
+    """A test server's handler: answers with a Content-Length (so connections can be kept) and logs
+    nothing."""
 
     def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -216,8 +217,8 @@ def server():
 
 @pytest.fixture(autouse=True)
 def no_proxy(monkeypatch):
-    """Requests to 127.0.0.1 must not go through a proxy (nor skip one, for the proxy test) because of what the
-    machine's environment says: every *_proxy variable is removed; the proxy test sets its own."""
+    """Requests to 127.0.0.1 must not go through a proxy (nor skip one, for the proxy test) because of what
+    the machine's environment says: every *_proxy variable is removed; the proxy test sets its own."""
     clear_proxies(monkeypatch)
 
 
@@ -342,14 +343,16 @@ class IdleClosingHandler(KeepAliveHandler):
 
 
 def test_http_kept_connection_closed_by_the_server_is_reopened():
-    """A request on a kept connection that the server has meanwhile closed is re-sent on a new one, not failed."""
+    """A request on a kept connection that the server has meanwhile closed is re-sent on a new one, not
+    failed."""
     IdleClosingHandler.idle_timeout_passed.clear()
     IdleClosingHandler.closed.clear()
     with serving(IdleClosingHandler) as base:
         KeepAliveHandler.connections = 0
         assert fetch_bytes(f"{base}/img/1", loopback(retries=0)) == b"/img/1 on connection 1"
         assert fetch_bytes(f"{base}/img/2", loopback(retries=0)) == b"/img/2 on connection 1"
-        IdleClosingHandler.idle_timeout_passed.set()  # the client now leaves its kept connection idle too long
+        # the client now leaves its kept connection idle too long
+        IdleClosingHandler.idle_timeout_passed.set()
         assert IdleClosingHandler.closed.wait(HANG_GUARD_S), "the server did not close the idle connection"
         IdleClosingHandler.idle_timeout_passed.clear()
         assert fetch_bytes(f"{base}/img/3", loopback(retries=0)) == b"/img/3 on connection 2"
@@ -401,10 +404,15 @@ def test_urls_are_downloaded_concurrently_in_plan_order(tmp_path):
         for threads in (1, 8):
             SlowImageHandler.most_in_flight, SlowImageHandler.hold = 0, threads > 1
             out = tmp_path / f"out-{threads}"
-            config = build_config({"input": {"modality": "image", "path": tmp_path / "urls.csv"}, "output": out,
-                                   "shard_size": 16, "workers": 1,
-                                   "fetch": {"threads": threads, "timeout": HANG_GUARD_S,
-                                             "deadline": HANG_GUARD_S}})  # fmt: skip
+            config = build_config(
+                {
+                    "input": {"modality": "image", "path": tmp_path / "urls.csv"},
+                    "output": out,
+                    "shard_size": 16,
+                    "workers": 1,
+                    "fetch": {"threads": threads, "timeout": HANG_GUARD_S, "deadline": HANG_GUARD_S},
+                }
+            )
             run_sharding(config, progress=False)
             outputs[threads] = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
             assert (

@@ -89,9 +89,12 @@ def one_epoch(
         return True
 
     stream = build_train_stream(
-        cfg, modality=modality, media_transform=transform if modality == "image" else None, tokenizer=TOKENIZER,
+        cfg,
+        modality=modality,
+        media_transform=transform if modality == "image" else None,
+        tokenizer=TOKENIZER,
         handler=handler,
-    )  # fmt: skip
+    )
     keys: list[str] = []
     skipped = 0
     for batch in stream:
@@ -305,8 +308,13 @@ def test_a_server_that_trickles_its_status_line_costs_a_shard_not_the_run() -> N
     shard goes to the handler like any unreadable shard."""
     errors: list[Exception] = []
     with slowloris_server(interval=0.2, slow_headers=True) as slow:
-        samples = list(iter_samples(f"{slow}/shard-000000.tar", handler=lambda err: errors.append(err) or True,
-                                    options=ReadOptions(http_timeout=1.0)))  # fmt: skip
+        samples = list(
+            iter_samples(
+                f"{slow}/shard-000000.tar",
+                handler=lambda err: errors.append(err) or True,
+                options=ReadOptions(http_timeout=1.0),
+            )
+        )
     assert samples == [] and len(errors) == 1 and isinstance(errors[0], ShardReadError)
     assert "shard-000000.tar" in str(errors[0]) and "http_timeout" in str(errors[0])
 
@@ -411,8 +419,16 @@ def test_deep_json_in_sharder_inputs_is_an_item_problem(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.tar").write_bytes(shard)
     out = tmp_path / "out"
-    manifest = run_sharding(build_config({"input": {"modality": "image", "path": tmp_path / "in", "format": "webdataset"},
-                                          "output": out, "workers": 1}), progress=False)  # fmt: skip
+    manifest = run_sharding(
+        build_config(
+            {
+                "input": {"modality": "image", "path": tmp_path / "in", "format": "webdataset"},
+                "output": out,
+                "workers": 1,
+            }
+        ),
+        progress=False,
+    )
     assert manifest["totals"]["samples"] == 3 and manifest["totals"]["skipped"] == 0
     assert deep_source.endswith("deep.png")
 

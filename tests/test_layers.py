@@ -124,7 +124,10 @@ def test_the_sharding_tools_never_import_torch() -> None:
     """Every shards_tools module imports without torch (sharding workers start fast on CPU-only nodes; the
     audio resampler imports torch inside the function that needs it)."""
     modules = sorted(module_name(p) for p in (REPO / "shards_tools").rglob("*.py"))
-    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mmcl', 'pipelines')))"
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mmcl', 'pipelines')))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )

@@ -1,4 +1,5 @@
-"""Tests for mmcl.losses: parity with open_clip, pair weighting, soft targets, and a real 2-process gloo run."""
+"""Tests for mmcl.losses: parity with open_clip, pair weighting, soft targets, and a real 2-process gloo
+run."""
 
 from __future__ import annotations
 

@@ -48,8 +48,12 @@ def image_cfg(**overrides) -> ModelConfig:
 
 
 def audio_cfg(tower: str = "spectrogram-transformer", audio: dict | None = None, **overrides) -> ModelConfig:
-    return ModelConfig(modality="audio", open_clip_name="mmcl-micro-vit",
-                       audio={**MICRO_AUDIO, "tower": tower, **(audio or {})}, **overrides)
+    return ModelConfig(
+        modality="audio",
+        open_clip_name="mmcl-micro-vit",
+        audio={**MICRO_AUDIO, "tower": tower, **(audio or {})},
+        **overrides,
+    )
 
 
 def cnn_audio_cfg(**overrides) -> ModelConfig:
@@ -180,8 +184,11 @@ def test_spec_augment_masks_only_in_training():
 def test_frozen_tower_gets_no_grad_and_stays_in_eval(make_cfg, frozen):
     model = build_model(make_cfg(**{f"freeze_{frozen}": True})).train()
     live = "text" if frozen == "media" else "media"
-    frozen_params = {id(p) for part in model.tower_parts(frozen)
-                     for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())}
+    frozen_params = {
+        id(p)
+        for part in model.tower_parts(frozen)
+        for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())
+    }
     buffers_before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
 
     out = model(media_for(model), model.tokenizer(CAPTIONS))
@@ -190,18 +197,34 @@ def test_frozen_tower_gets_no_grad_and_stays_in_eval(make_cfg, frozen):
     for name, param in model.named_parameters():
         if id(param) in frozen_params:
             assert not param.requires_grad and param.grad is None, name
-    assert all(p.grad is not None for part in model.tower_parts(live) if isinstance(part, torch.nn.Module)
-               for p in part.parameters())
-    assert all(not m.training for part in model.tower_parts(frozen) if isinstance(part, torch.nn.Module)
-               for m in part.modules())
-    assert all(m.training for part in model.tower_parts(live) if isinstance(part, torch.nn.Module)
-               for m in part.modules())
+    assert all(
+        p.grad is not None
+        for part in model.tower_parts(live)
+        if isinstance(part, torch.nn.Module)
+        for p in part.parameters()
+    )
+    assert all(
+        not m.training
+        for part in model.tower_parts(frozen)
+        if isinstance(part, torch.nn.Module)
+        for m in part.modules()
+    )
+    assert all(
+        m.training
+        for part in model.tower_parts(live)
+        if isinstance(part, torch.nn.Module)
+        for m in part.modules()
+    )
     if model.modality == "audio" and frozen == "media":  # a locked tower's BatchNorm statistics stay put
         for key, before in buffers_before.items():
             torch.testing.assert_close(model.state_dict()[key], before)
     model.eval().train()  # toggling modes keeps the lock
-    assert not any(m.training for part in model.tower_parts(frozen) if isinstance(part, torch.nn.Module)
-                   for m in part.modules())
+    assert not any(
+        m.training
+        for part in model.tower_parts(frozen)
+        if isinstance(part, torch.nn.Module)
+        for m in part.modules()
+    )
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -213,7 +236,9 @@ def test_saved_weights_load_in_open_clip_and_back(image_model, tmp_path, suffix)
     image_model.eval()
     tokens = image_model.tokenizer(CAPTIONS)
     with torch.no_grad():
-        torch.testing.assert_close(clip.encode_image(images(), normalize=True), image_model.encode_media(images()))
+        torch.testing.assert_close(
+            clip.encode_image(images(), normalize=True), image_model.encode_media(images())
+        )
         torch.testing.assert_close(clip.encode_text(tokens, normalize=True), image_model.encode_text(tokens))
         reloaded = build_model(image_cfg(pretrained=str(path))).eval()
         torch.testing.assert_close(reloaded.encode_media(images()), image_model.encode_media(images()))
@@ -229,7 +254,9 @@ def test_dual_encoder_state_dict_is_a_valid_pretrained_checkpoint(make_cfg, tmp_
     reloaded = build_model(make_cfg(pretrained=str(path))).eval()
     tokens = model.tokenizer(CAPTIONS)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.encode_media(media_for(model)), model.encode_media(media_for(model)))
+        torch.testing.assert_close(
+            reloaded.encode_media(media_for(model)), model.encode_media(media_for(model))
+        )
         torch.testing.assert_close(reloaded.encode_text(tokens), model.encode_text(tokens))
 
 
@@ -295,10 +322,15 @@ def test_inline_config_and_user_config_dir(tmp_path):
         ({"modality": "video"}, "modality"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"audio": {"hop": 10}, "modality": "audio"}, "hop"),
-        ({"open_clip_name": "x", "open_clip_config": {"embed_dim": 8}}, "open_clip_name and model.open_clip_config"),
+        (
+            {"open_clip_name": "x", "open_clip_config": {"embed_dim": 8}},
+            "open_clip_name and model.open_clip_config",
+        ),
         ({"open_clip_config": {"embed_dim": 8, "text_cfg": {}}}, "lacks ['vision_cfg']"),
-        ({"open_clip_config": {"embed_dim": 8, "vision_cfg": {"width": 48, "layers": 2}, "text_cfg": {}}},
-         "set vision_cfg.head_width"),
+        (
+            {"open_clip_config": {"embed_dim": 8, "vision_cfg": {"width": 48, "layers": 2}, "text_cfg": {}}},
+            "set vision_cfg.head_width",
+        ),
         ({"audio": {"n_mels": 64}}, "model.audio is set but model.modality is 'image'"),
         ({"text_pretrained": "x.pt"}, "put the full open_clip checkpoint in model.pretrained"),
         ({"modality": "audio", "pretrained": "a.pt", "text_pretrained": "b.pt"}, "keep one"),
@@ -306,9 +338,14 @@ def test_inline_config_and_user_config_dir(tmp_path):
         ({"modality": "audio", "audio": {"n_mels": 300}}, "model.audio.n_mels=300"),
         ({"modality": "audio", "audio": {"patch_size": (128, 16)}}, "model.audio.patch_size"),
         ({"modality": "audio", "audio": {"width": 100, "heads": 3}}, "model.audio.heads=3"),
-        ({"modality": "audio", "audio": {"clip_seconds": 0.1, "spec_augment": {"time_mask_width": 40}}},
-         "time_mask_width=40"),
-        ({"modality": "audio", "audio": {"tower": "cnn", "n_mels": 12}}, "model.audio.cnn_channels has 4 blocks"),
+        (
+            {"modality": "audio", "audio": {"clip_seconds": 0.1, "spec_augment": {"time_mask_width": 40}}},
+            "time_mask_width=40",
+        ),
+        (
+            {"modality": "audio", "audio": {"tower": "cnn", "n_mels": 12}},
+            "model.audio.cnn_channels has 4 blocks",
+        ),
         ({"modality": "audio", "audio": {"f_max": 9000}}, "model.audio.f_max=9000"),
     ],
 )
@@ -339,8 +376,9 @@ def test_grad_checkpointing_gives_the_same_gradients(make_cfg):
     for checkpointing in (False, True):
         torch.manual_seed(3)
         no_masks = {"audio": {"spec_augment": {"freq_masks": 0, "time_masks": 0}}}
-        model = build_model(make_cfg(grad_checkpointing=checkpointing,
-                                     **(no_masks if make_cfg is audio_cfg else {}))).train()
+        model = build_model(
+            make_cfg(grad_checkpointing=checkpointing, **(no_masks if make_cfg is audio_cfg else {}))
+        ).train()
         out = model(media_for(model), model.tokenizer(CAPTIONS))
         (out["media_features"] @ out["text_features"].T).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -301,7 +301,8 @@ def test_auroc_matches_sklearn_with_ties() -> None:
 
 
 def synthetic_pvalues(noisy: np.ndarray, seed: int = 0) -> np.ndarray:
-    """In-batch p-values as `null_pvalues` gives them: uniform for mismatched pairs, near 0 for matched ones."""
+    """In-batch p-values as `null_pvalues` gives them: uniform for mismatched pairs, near 0 for matched
+    ones."""
     rng = np.random.default_rng(seed)
     return np.where(noisy, rng.random(len(noisy)), rng.beta(0.5, 20.0, len(noisy)))
 
@@ -361,9 +362,9 @@ def test_loss_mixture_starts_from_the_in_batch_null_until_the_losses_show_two_mo
 @pytest.mark.parametrize("method", ["loss_mixture", "teacher"])
 def test_mixture_methods_weight_only_while_the_in_batch_null_shows_matched_pairs(method: str) -> None:
     """Two loss modes are not enough: while the pairs' p-values are uniform (a model that cannot tell matched
-    from mismatched pairs yet, or at 80% noise only a few it can), the mixture's split is not trusted and every
-    weight stays 1; once the p-values show the matched pairs, the mixture weights, and stops again when the
-    evidence fades."""
+    from mismatched pairs yet, or at 80% noise only a few it can), the mixture's split is not trusted and
+    every weight stays 1; once the p-values show the matched pairs, the mixture weights, and stops again when
+    the evidence fades."""
     cfg = NoiseConfig(method=method, warmup_steps=0, ramp_steps=0, window=1024, refit_every=1)
     weighter = PairWeighter(cfg)
     losses, noisy = synthetic_losses(1024, 0.4, seed=4)

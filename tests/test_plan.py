@@ -48,7 +48,9 @@ def test_shards_read_back_in_plan_order_with_a_caption_derangement():
         # the same plan again, read in another order, is identical
         again = ShardPlanner(many_items(250), shard_size=100, shuffle=True, noise_rate=0.4, seed=7)
         try:
-            assert [again.shard(i).items for i in reversed(range(3))] == list(reversed([s.items for s in shards]))
+            assert [again.shard(i).items for i in reversed(range(3))] == list(
+                reversed([s.items for s in shards])
+            )
         finally:
             again.close()
     finally:
@@ -66,10 +68,13 @@ def _noisy_pairs(items: list[SourceItem], rate: float, seed: int = 3):
 
 
 def test_noisy_pairs_always_get_a_caption_of_another_label():
-    """10 balanced classes: a plain random cycle hands ~11% of the chosen pairs a same-class caption (a correct
-    pair recorded as noisy); the plan gives every noisy pair another label's caption and keeps the count."""
-    items = [SourceItem(f"/d/{n}.png", [f"template {n % 3} of class{n % 10}"], label=f"class{n % 10}")
-             for n in range(2000)]
+    """10 balanced classes: a plain random cycle hands ~11% of the chosen pairs a same-class caption (a
+    correct pair recorded as noisy); the plan gives every noisy pair another label's caption and keeps the
+    count."""
+    items = [
+        SourceItem(f"/d/{n}.png", [f"template {n % 3} of class{n % 10}"], label=f"class{n % 10}")
+        for n in range(2000)
+    ]
     for rate in (0.2, 0.5, 0.8):
         pairs, requested = _noisy_pairs(items, rate)
         assert len(pairs) == requested == round(rate * 2000)

@@ -29,8 +29,17 @@ def tiny_shards(tmp_path_factory) -> dict[str, Path]:
     shards = {}
     for modality, folder in (("image", "img"), ("audio", "wav")):
         shards[modality] = root / f"{modality}-shards"
-        run_sharding(build_config({"input": {"modality": modality, "path": root / folder}, "output": shards[modality],
-                                   "shard_size": 4, "workers": 1}), progress=False)
+        run_sharding(
+            build_config(
+                {
+                    "input": {"modality": modality, "path": root / folder},
+                    "output": shards[modality],
+                    "shard_size": 4,
+                    "workers": 1,
+                }
+            ),
+            progress=False,
+        )
     return shards
 
 
@@ -42,7 +51,9 @@ def test_every_recipe_starts_with_the_command_that_runs_it() -> None:
             if not line.startswith("#"):
                 break
             header.append(line)
-        assert any("-m mmcl train --config" in line or "mmcl train --config" in line for line in header), recipe
+        assert any("-m mmcl train --config" in line or "mmcl train --config" in line for line in header), (
+            recipe
+        )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -51,8 +62,13 @@ def test_recipe_trains_one_step(recipe: Path, tiny_shards: dict[str, Path], tmp_
     overrides = [
         f"run.output_dir={tmp_path / 'run'}",
         f"data.sources=[{{urls: '{tiny_shards[modality]}'}}]",
-        "data.batch_size=2", "data.workers=0", "data.shuffle_buffer=4",
-        "train.steps=1", "train.mixed_precision=no", "train.log_every=1", "optim.warmup_steps=0",
+        "data.batch_size=2",
+        "data.workers=0",
+        "data.shuffle_buffer=4",
+        "train.steps=1",
+        "train.mixed_precision=no",
+        "train.log_every=1",
+        "optim.warmup_steps=0",
     ]
     config = load_train_config(recipe, overrides)  # the recipe itself validates; only the data is swapped
     trainer = Trainer(config)

@@ -251,8 +251,13 @@ def handshake(message):
 {pause}
 sys.exit(main(sys.argv[1:]))
 """
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=[handshake.fd])  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=[handshake.fd],
+    )
     handshake.started()
     return proc
 
@@ -278,8 +283,9 @@ def test_resume_after_kill_gives_identical_output(tmp_path: Path) -> None:
 
     out = tmp_path / "killed"
     with Handshake() as handshake:
-        proc = start_paused(PAUSE_IN_SHARD_3, ["shard", "image-text", "--input", manifest, "--output", out, *opts],
-                            handshake)  # fmt: skip
+        proc = start_paused(
+            PAUSE_IN_SHARD_3, ["shard", "image-text", "--input", manifest, "--output", out, *opts], handshake
+        )
         handshake.wait()
     kill9(proc, whole_group=False)
     progress = out / "_progress"
@@ -445,7 +451,8 @@ def test_help_shows_examples() -> None:
 
 
 def test_open_clip_trainer_reads_image_shards(image_csv: Path, tmp_path: Path) -> None:
-    """open_clip's own loader (it needs webdataset 0.2.86, installed apart by the Makefile) reads the shards."""
+    """open_clip's own loader (it needs webdataset 0.2.86, installed apart by the Makefile) reads the
+    shards."""
     old_wds = REPO / ".venv" / "wds-0.2.86"
     if not old_wds.exists():
         pytest.fail("missing .venv/wds-0.2.86: run `make install`")
@@ -454,11 +461,13 @@ def test_open_clip_trainer_reads_image_shards(image_csv: Path, tmp_path: Path) -
     script = f"""
 import argparse, open_clip
 from open_clip_train.data import get_wds_dataset
-_, _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None) if False else (None, None, None)
+_, _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None) \
+if False else (None, None, None)
 import torchvision.transforms as T
 preprocess = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
 tokenizer = open_clip.get_tokenizer("ViT-B-32")
-args = argparse.Namespace(train_data="{out}/shard-{{000000..000003}}.tar", train_num_samples=None, dataset_resampled=False,
+args = argparse.Namespace(train_data="{out}/shard-{{000000..000003}}.tar", train_num_samples=None, \
+dataset_resampled=False,
     train_data_upsampling_factors=None, seed=0, batch_size=8, world_size=1, workers=1)
 data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
 seen = 0
@@ -513,7 +522,10 @@ def test_csv_with_several_caption_columns(tmp_path: Path) -> None:
 def test_cli_parser_builds_without_importing_torch() -> None:
     """`mmcl shard ...` and every `--help` start in well under a second: torch and open_clip load only when
     a command trains, embeds or evaluates."""
-    script = "import sys; from mmcl.cli import build_parser; build_parser(); print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    script = (
+        "import sys; from mmcl.cli import build_parser; build_parser(); "
+        "print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
     )

@@ -99,7 +99,9 @@ class DataConfig(_Strict):
         for i, source in enumerate(self.sources):
             for url in source.url_list():
                 try:
-                    check_shard_url(url, allow_pipe=self.allow_pipe, where=f"data.sources[{i}].urls", allow_hint=PIPE_HINT)
+                    check_shard_url(
+                        url, allow_pipe=self.allow_pipe, where=f"data.sources[{i}].urls", allow_hint=PIPE_HINT
+                    )
                 except UsageError as err:
                     raise ValueError(str(err).removeprefix(f"data.sources[{i}].urls: ")) from None
         return self

@@ -146,9 +146,9 @@ def keyed_samples(
         if listed is not None and seen < listed:
             handler(
                 TruncatedShardError(
-                    f"{url}: read {seen} of the {listed} samples its index file lists; the shard is truncated "
-                    "or damaged: `mmcl shard verify FOLDER` names every such shard, re-running `mmcl shard` "
-                    "with the same options rewrites it"
+                    f"{url}: read {seen} of the {listed} samples its index file lists; the shard is "
+                    "truncated or damaged: `mmcl shard verify FOLDER` names every such shard, re-running "
+                    "`mmcl shard` with the same options rewrites it"
                 )
             )
 
@@ -316,7 +316,8 @@ def _number(value: object) -> float | None:
 def prepare(
     samples: Iterator[dict], preparer: SamplePreparer, state: ReaderState, handler: Handler
 ) -> Iterator[dict]:
-    """Decode, transform and tokenize; a bad sample goes to `handler` as a BadSample (True: skip and count it).
+    """Decode, transform and tokenize; a bad sample goes to `handler` as a BadSample (True: skip and count
+    it).
 
     This is the loader's one exception boundary: whatever a sample's bytes make a decoder raise (Pillow's
     plugins raise a dozen types on hostile files, the resampler RuntimeError, a parser MemoryError) is that
@@ -519,7 +520,9 @@ class TrainStream(IterableDataset):
 
 def read_options(cfg: DataConfig) -> ReadOptions:
     """How the data section lets shards be read: member cap, pipe: permission, http stall limit."""
-    return ReadOptions(max_member_bytes=cfg.max_member_bytes, allow_pipe=cfg.allow_pipe, http_timeout=cfg.http_timeout)
+    return ReadOptions(
+        max_member_bytes=cfg.max_member_bytes, allow_pipe=cfg.allow_pipe, http_timeout=cfg.http_timeout
+    )
 
 
 def build_train_stream(

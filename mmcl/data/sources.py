@@ -116,7 +116,9 @@ def _read_index(location: str, timeout: float) -> dict | None:
     try:
         return parse_json_object(data)
     except ValueError as err:
-        raise UsageError(f"{location}: {err}; fix or delete it (it gives the shards' sample counts)") from None
+        raise UsageError(
+            f"{location}: {err}; fix or delete it (it gives the shards' sample counts)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,16 @@ def folder_index(folder: str, timeout: float = INDEX_TIMEOUT_S) -> ShardIndex:
     if manifest is not None and "shards" in manifest:
         problem = shard_list_problem(manifest)
         names = manifest.get("class_names")
-        if problem is None and names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        if (
+            problem is None
+            and names is not None
+            and not (isinstance(names, list) and all(isinstance(c, str) for c in names))
+        ):
             problem = "class_names is not a list of names"
         if problem is not None:
-            raise UsageError(f"{folder}/{MANIFEST}: {problem}; fix or delete it (it gives the shards' sample counts)")
+            raise UsageError(
+                f"{folder}/{MANIFEST}: {problem}; fix or delete it (it gives the shards' sample counts)"
+            )
         counts = {s["name"]: s["count"] for s in manifest["shards"]}
         return ShardIndex(counts, manifest.get("modality"), tuple(names) if names is not None else None)
     sizes = _read_index(f"{folder}/{SIZES}", timeout)
@@ -147,11 +155,15 @@ def folder_index(folder: str, timeout: float = INDEX_TIMEOUT_S) -> ShardIndex:
         return ShardIndex({})
     problem = sizes_problem(sizes)
     if problem is not None:
-        raise UsageError(f"{folder}/{SIZES}: {problem}; fix or delete it (it gives the shards' sample counts)")
+        raise UsageError(
+            f"{folder}/{SIZES}: {problem}; fix or delete it (it gives the shards' sample counts)"
+        )
     return ShardIndex(dict(sizes))
 
 
-def shard_counts(urls: list[str], modality: str, where: str, timeout: float = INDEX_TIMEOUT_S) -> dict[str, int]:
+def shard_counts(
+    urls: list[str], modality: str, where: str, timeout: float = INDEX_TIMEOUT_S
+) -> dict[str, int]:
     """Samples per shard URL from the index files beside the shards (shards no index lists are left out).
 
     Raises UsageError if a manifest says the shards hold another modality than the model's.
@@ -170,18 +182,28 @@ def shard_counts(urls: list[str], modality: str, where: str, timeout: float = IN
                 f"{where}: {folder or '.'}/{MANIFEST} says these shards hold {index.modality}-text pairs, "
                 f"but the model is an {modality}-text model; point it at {modality} shards"
             )
-        counts.update({f"{folder}/{name}" if folder else name: index.counts[name] for name in names if name in index.counts})
+        counts.update(
+            {
+                f"{folder}/{name}" if folder else name: index.counts[name]
+                for name in names
+                if name in index.counts
+            }
+        )
     return counts
 
 
-def resolve_source(source: SourceConfig, modality: str, where: str, timeout: float = INDEX_TIMEOUT_S) -> Source:
+def resolve_source(
+    source: SourceConfig, modality: str, where: str, timeout: float = INDEX_TIMEOUT_S
+) -> Source:
     entries = source.url_list()
     urls = expand_urls(entries, where)
     counts = shard_counts(urls, modality, where, timeout)
     size = source.num_samples
     if size is None and all(url in counts for url in urls):
         size = sum(counts[url] for url in urls)
-    return Source(urls=tuple(urls), weight=source.weight, num_samples=size, name=entries[0], shard_counts=counts)
+    return Source(
+        urls=tuple(urls), weight=source.weight, num_samples=size, name=entries[0], shard_counts=counts
+    )
 
 
 def resolve_sources(cfg: DataConfig, modality: str) -> list[Source]:

@@ -12,16 +12,24 @@ from mmcl.errors import UsageError
 if TYPE_CHECKING:
     from mmcl.eval.loading import ModelSource
 
-ZERO_SHOT_EXAMPLE = """example:
-  mmcl eval zero-shot --checkpoint runs/micro/checkpoints/step-00001000 --data data/digits_test --output reports/digits
-  mmcl eval zero-shot --open-clip ViT-B-32 --pretrained laion2b_s34b_b79k --data data/cifar --output reports/cifar10
-  mmcl eval zero-shot --checkpoint runs/clap --data ESC-50-master --folds 5 --debias --output reports/esc50
-  mmcl eval zero-shot --checkpoint runs/micro --data shards/val --classes names.txt --templates short --output reports/val
-"""
-RETRIEVAL_EXAMPLE = """example:
-  mmcl eval retrieval --checkpoint runs/micro/checkpoints/step-00001000 --data shards/coco-val --output reports/coco
-  mmcl eval retrieval --open-clip ViT-B-32 --pretrained weights/vit_b32.safetensors --data 'shards/f30k-{000..004}.tar' --output reports/f30k
-"""
+ZERO_SHOT_EXAMPLE = (
+    "example:\n"
+    "  mmcl eval zero-shot --checkpoint runs/micro/checkpoints/step-00001000 --data data/digits_test"
+    " --output reports/digits\n"
+    "  mmcl eval zero-shot --open-clip ViT-B-32 --pretrained laion2b_s34b_b79k --data data/cifar"
+    " --output reports/cifar10\n"
+    "  mmcl eval zero-shot --checkpoint runs/clap --data ESC-50-master --folds 5 --debias"
+    " --output reports/esc50\n"
+    "  mmcl eval zero-shot --checkpoint runs/micro --data shards/val --classes names.txt --templates short"
+    " --output reports/val\n"
+)
+RETRIEVAL_EXAMPLE = (
+    "example:\n"
+    "  mmcl eval retrieval --checkpoint runs/micro/checkpoints/step-00001000 --data shards/coco-val"
+    " --output reports/coco\n"
+    "  mmcl eval retrieval --open-clip ViT-B-32 --pretrained weights/vit_b32.safetensors"
+    " --data 'shards/f30k-{000..004}.tar' --output reports/f30k\n"
+)
 LAYOUTS = """data layouts (--format, detected by default):
   shards        mmcl shards (folder of .tar, a .tar, or a brace pattern) with .cls labels;
                 class names from manifest.json beside them or --classes
@@ -42,7 +50,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="zero-shot classification and retrieval of a trained model",
         formatter_class=HelpfulFormatter,
-        description="Evaluate an mmcl checkpoint or an open_clip model: zero-shot classification or retrieval.\n"
+        description="Evaluate an mmcl checkpoint or an open_clip model: "
+        "zero-shot classification or retrieval.\n"
         "Writes results.json (CLIP_benchmark keys), report.md and plots into --output.\n\n"
         + ZERO_SHOT_EXAMPLE
         + RETRIEVAL_EXAMPLE.removeprefix("example:\n"),
@@ -69,8 +78,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"prompt set ({', '.join(TEMPLATE_SETS)}), a file with one template per line ({{}} for the "
         "class), or auto: openai for images, audio for audio",
     )
-    g.add_argument("--debias", action="store_true",
-                   help="re-weight logits to a uniform class prior estimated on the data (no labels used)")
+    g.add_argument(
+        "--debias",
+        action="store_true",
+        help="re-weight logits to a uniform class prior estimated on the data (no labels used)",
+    )
     _add_run(zero_shot)
     zero_shot.set_defaults(run=_run_zero_shot, prog_name="mmcl eval zero-shot")
 
@@ -79,7 +91,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="text<->media retrieval on captioned shards",
         formatter_class=HelpfulFormatter,
         description="Recall@1/5/10 and mean/median rank in both directions on shards whose items carry one\n"
-        "or several captions (.json \"text\" list or .txt).\n\n" + RETRIEVAL_EXAMPLE,
+        'or several captions (.json "text" list or .txt).\n\n' + RETRIEVAL_EXAMPLE,
     )
     _add_model(retrieval)
     g = retrieval.add_argument_group("data")
@@ -91,9 +103,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (one of --checkpoint, --open-clip)")
-    g.add_argument("--checkpoint", type=Path, help="mmcl checkpoint folder, or a run folder (its newest checkpoint)")
-    g.add_argument("--open-clip", dest="open_clip", metavar="NAME", help="open_clip architecture, e.g. ViT-B-32")
-    g.add_argument("--pretrained", metavar="TAG_OR_PATH", help="with --open-clip: pretrained tag or weights file")
+    g.add_argument(
+        "--checkpoint", type=Path, help="mmcl checkpoint folder, or a run folder (its newest checkpoint)"
+    )
+    g.add_argument(
+        "--open-clip", dest="open_clip", metavar="NAME", help="open_clip architecture, e.g. ViT-B-32"
+    )
+    g.add_argument(
+        "--pretrained", metavar="TAG_OR_PATH", help="with --open-clip: pretrained tag or weights file"
+    )
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -102,13 +120,18 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output", required=True, type=Path, help="folder for results.json, report.md and plots")
     g.add_argument("--batch-size", type=int, default=64, help="items (and prompts) per forward pass")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding media (0: in-process)")
+    g.add_argument(
+        "--workers", type=int, default=2, help="DataLoader processes decoding media (0: in-process)"
+    )
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--max-samples", type=int, help="evaluate an even subset of this many items")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("untrusted data")
-    g.add_argument("--allow-pipe", action="store_true",
-                   help="accept a pipe:COMMAND --data path, which runs COMMAND in a shell: only for data you trust")
+    g.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="accept a pipe:COMMAND --data path, which runs COMMAND in a shell: only for data you trust",
+    )
     add_max_bytes(g, "skip any media file or tar member larger than this (counted as skipped)")
 
 
@@ -122,8 +145,11 @@ def _check_run_flags(args: argparse.Namespace) -> str:
     """Validate the numeric flags; returns the device to use."""
     import torch
 
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                               ("--max-samples", args.max_samples, 1)):
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--workers", args.workers, 0),
+        ("--max-samples", args.max_samples, 1),
+    ):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if args.device == "auto":
@@ -137,17 +163,24 @@ def _check_run_flags(args: argparse.Namespace) -> str:
     return args.device
 
 
-def _print_summary(task: str, data_name: str, source: ModelSource, results: dict, paths: dict[str, Path]) -> None:
+def _print_summary(
+    task: str, data_name: str, source: ModelSource, results: dict, paths: dict[str, Path]
+) -> None:
     from mmcl.eval.report import format_table, headline, scalar_metrics
 
     metrics = scalar_metrics(results)
     counted = results.get("num_samples", results.get("num_items"))
     print(format_table(metrics))
-    print(f"{task} of {data_name} ({counted} items, {results['skipped']} skipped) by {source.name} "
-          f"({source.pretrained})")
+    print(
+        f"{task} of {data_name} ({counted} items, {results['skipped']} skipped) by {source.name} "
+        f"({source.pretrained})"
+    )
     print(headline(task, metrics))
     plots = [str(paths[k]) for k in ("confusion", "recall") if k in paths]
-    print(f"report: {paths['markdown']} (JSON: {paths['json']}" + (f"; plots: {', '.join(plots)})" if plots else ")"))
+    print(
+        f"report: {paths['markdown']} (JSON: {paths['json']}"
+        + (f"; plots: {', '.join(plots)})" if plots else ")")
+    )
 
 
 def _run_zero_shot(args: argparse.Namespace) -> int:
@@ -159,16 +192,44 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
 
     device = _check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained)
-    data = open_classification(args.data, source.modality, format=args.format, classes_file=args.classes,
-                               folds=args.folds, name=args.name, read_options=_read_options(args))
+    data = open_classification(
+        args.data,
+        source.modality,
+        format=args.format,
+        classes_file=args.classes,
+        folds=args.folds,
+        name=args.name,
+        read_options=_read_options(args),
+    )
     templates = load_templates(args.templates, source.modality)
     model = load_eval_model(args.checkpoint, args.open_clip, args.pretrained, device=device)
-    results = evaluate_zero_shot(model, data, templates, batch_size=args.batch_size, workers=args.workers,
-                                 debias=args.debias, max_samples=args.max_samples, progress=not args.quiet)
-    options = {"format": data.format, "templates": f"{args.templates} ({len(templates)})",
-               "debias": args.debias, "folds": args.folds, "max_samples": args.max_samples}
-    paths = write_report(args.output, dataset=data.name, model=source.name, pretrained=source.pretrained,
-                         task=data.task, results=results, class_names=list(data.class_names), options=options)
+    results = evaluate_zero_shot(
+        model,
+        data,
+        templates,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        debias=args.debias,
+        max_samples=args.max_samples,
+        progress=not args.quiet,
+    )
+    options = {
+        "format": data.format,
+        "templates": f"{args.templates} ({len(templates)})",
+        "debias": args.debias,
+        "folds": args.folds,
+        "max_samples": args.max_samples,
+    }
+    paths = write_report(
+        args.output,
+        dataset=data.name,
+        model=source.name,
+        pretrained=source.pretrained,
+        task=data.task,
+        results=results,
+        class_names=list(data.class_names),
+        options=options,
+    )
     _print_summary(data.task, data.name, source, results, paths)
     return 0
 
@@ -183,9 +244,22 @@ def _run_retrieval(args: argparse.Namespace) -> int:
     source = model_source(args.checkpoint, args.open_clip, args.pretrained)
     data = open_retrieval(args.data, source.modality, name=args.name, read_options=_read_options(args))
     model = load_eval_model(args.checkpoint, args.open_clip, args.pretrained, device=device)
-    results = evaluate_retrieval(model, data, batch_size=args.batch_size, workers=args.workers,
-                                 max_samples=args.max_samples, progress=not args.quiet)
-    paths = write_report(args.output, dataset=data.name, model=source.name, pretrained=source.pretrained,
-                         task=data.task, results=results, options={"max_samples": args.max_samples})
+    results = evaluate_retrieval(
+        model,
+        data,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        max_samples=args.max_samples,
+        progress=not args.quiet,
+    )
+    paths = write_report(
+        args.output,
+        dataset=data.name,
+        model=source.name,
+        pretrained=source.pretrained,
+        task=data.task,
+        results=results,
+        options={"max_samples": args.max_samples},
+    )
     _print_summary(data.task, data.name, source, results, paths)
     return 0

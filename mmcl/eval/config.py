@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ClassificationFormat = Literal["auto", "shards", "class-folder", "cifar10", "cifar100", "esc50", "urbansound8k"]
+ClassificationFormat = Literal[
+    "auto", "shards", "class-folder", "cifar10", "cifar100", "esc50", "urbansound8k"
+]
 
 
 class _Strict(BaseModel):
@@ -24,7 +26,8 @@ class ZeroShotTask(_Strict):
     data: str = Field(description="the dataset path (see `mmcl eval zero-shot --help` for the layouts)")
     format: ClassificationFormat = "auto"
     templates: str | None = Field(
-        None, description="openai, short, audio or a template file; default: short for images, audio for audio"
+        None,
+        description="openai, short, audio or a template file; default: short for images, audio for audio",
     )
     folds: list[int] | None = Field(None, description="ESC-50 / UrbanSound8K folds to evaluate on")
     classes: str | None = Field(None, description="file of class names, one per line, in class-index order")

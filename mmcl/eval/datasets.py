@@ -156,7 +156,9 @@ def spread_indices(total: int, limit: int | None) -> list[int]:
 class ListedItems(Dataset):
     """Map-style items of a FileListing or ArrayListing: {"media", "target"}, or None if undecodable."""
 
-    def __init__(self, listing: FileListing | ArrayListing, decoder: MediaDecoder, indices: Sequence[int]) -> None:
+    def __init__(
+        self, listing: FileListing | ArrayListing, decoder: MediaDecoder, indices: Sequence[int]
+    ) -> None:
         self.listing = listing
         self.decoder = decoder
         self.indices = list(indices)
@@ -281,7 +283,9 @@ class EvalData:
             return ShardItems(self.listing.urls, decoder, target, fraction, num_classes, self.read_options)
         return ListedItems(self.listing, decoder, spread_indices(len(self.listing), max_samples))
 
-    def loader(self, decoder: MediaDecoder, batch_size: int, workers: int, max_samples: int | None = None) -> DataLoader:
+    def loader(
+        self, decoder: MediaDecoder, batch_size: int, workers: int, max_samples: int | None = None
+    ) -> DataLoader:
         """Batches in a fixed order (see `collate_items`); consumers stop after `max_samples` items."""
         if isinstance(self.listing, ShardListing):
             workers = min(workers, len(self.listing.urls))  # a worker without shards would idle
@@ -330,8 +334,10 @@ def detect_format(path: str | Path, modality: str) -> str:
     fmt = "shards" if found == "webdataset" else found
     if fmt in CLASSIFICATION_FORMATS:
         return fmt
-    raise UsageError(f"cannot tell the layout of --data {text}: {reason}; pass --format, one of: "
-                     f"{', '.join(CLASSIFICATION_FORMATS)}")
+    raise UsageError(
+        f"cannot tell the layout of --data {text}: {reason}; pass --format, one of: "
+        f"{', '.join(CLASSIFICATION_FORMATS)}"
+    )
 
 
 def read_class_file(path: Path) -> list[str]:
@@ -367,17 +373,23 @@ def open_classification(
     text = _data_path(path, read_options, where, allow_hint)
     fmt = detect_format(text, modality) if format == "auto" else format
     if fmt not in CLASSIFICATION_FORMATS:
-        raise UsageError(f"--format {fmt!r} is not a classification layout; use one of {', '.join(CLASSIFICATION_FORMATS)}")
+        raise UsageError(
+            f"--format {fmt!r} is not a classification layout; use one of {', '.join(CLASSIFICATION_FORMATS)}"
+        )
     if FORMAT_MODALITY.get(fmt, modality) != modality:
-        raise UsageError(f"{fmt} holds {FORMAT_MODALITY[fmt]} data, but the model is an {modality}-text model")
+        raise UsageError(
+            f"{fmt} holds {FORMAT_MODALITY[fmt]} data, but the model is an {modality}-text model"
+        )
     if folds and fmt not in FOLD_FORMATS:
         raise UsageError(f"--folds selects folds of {' and '.join(FOLD_FORMATS)}; {fmt} has none")
     given = read_class_file(classes_file) if classes_file is not None else None
     if fmt == "shards":
         listing, found = _open_shards(text, modality)
         if given is None and found is None:
-            raise UsageError(f"no class names for {text}: manifest.json beside the shards has no \"class_names\"; "
-                             "pass --classes FILE (one name per line, in class-index order)")
+            raise UsageError(
+                f'no class names for {text}: manifest.json beside the shards has no "class_names"; '
+                "pass --classes FILE (one name per line, in class-index order)"
+            )
     elif fmt in CIFAR:
         listing, found = _open_cifar(Path(text), fmt)
     else:
@@ -459,7 +471,9 @@ def _open_cifar(path: Path, fmt: str) -> tuple[ArrayListing, list[str]]:
     root = path / subfolder if (path / subfolder).is_dir() else path
     for file in (test, meta):
         if not (root / file).is_file():
-            raise UsageError(f"{fmt}: {root / file} not found (expected {subfolder}/{test} and {subfolder}/{meta})")
+            raise UsageError(
+                f"{fmt}: {root / file} not found (expected {subfolder}/{test} and {subfolder}/{meta})"
+            )
     batch, names = _load_pickle(root / test), _load_pickle(root / meta).get(names_key)
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels is None:

@@ -43,15 +43,19 @@ def resolve_checkpoint(path: Path) -> Path:
     complete checkpoint in it."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise UsageError(f"--checkpoint {path} does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder")
+        raise UsageError(
+            f"--checkpoint {path} does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder"
+        )
     if (path / MODEL_CONFIG).is_file():
         return path
     for root in (path / CHECKPOINTS, path):
         found = list_checkpoints(root)
         if found:
             return found[-1]
-    raise UsageError(f"--checkpoint {path} holds no {MODEL_CONFIG}, and no complete checkpoint below it "
-                     f"(RUN/{CHECKPOINTS}/{PREFIX}*/ with a {COMPLETE} marker); point it at a checkpoint folder")
+    raise UsageError(
+        f"--checkpoint {path} holds no {MODEL_CONFIG}, and no complete checkpoint below it "
+        f"(RUN/{CHECKPOINTS}/{PREFIX}*/ with a {COMPLETE} marker); point it at a checkpoint folder"
+    )
 
 
 def checkpoint_config(checkpoint: Path) -> ModelConfig:
@@ -66,7 +70,9 @@ def checkpoint_config(checkpoint: Path) -> ModelConfig:
         config = ModelConfig.model_validate(values)
     except (OSError, ValueError) as err:  # ValidationError and JSONDecodeError are ValueErrors
         detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err
-        raise UsageError(f"{checkpoint / MODEL_CONFIG} is not a readable mmcl model config: {detail}") from None
+        raise UsageError(
+            f"{checkpoint / MODEL_CONFIG} is not a readable mmcl model config: {detail}"
+        ) from None
     return config
 
 
@@ -97,10 +103,18 @@ def load_eval_model(
         except RuntimeError as err:
             raise UsageError(f"{weights} does not fit the model in {folder / MODEL_CONFIG}: {err}") from None
     else:
-        if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
-            raise UsageError(f"--pretrained {pretrained}: weights file not found; fix the path or give an "
-                             "open_clip tag (open_clip.list_pretrained_tags_by_model(NAME))")
-        model = build_model(ModelConfig(modality="image", open_clip_name=open_clip_name, pretrained=pretrained))
+        if (
+            pretrained is not None
+            and _looks_like_path(pretrained)
+            and not Path(pretrained).expanduser().is_file()
+        ):
+            raise UsageError(
+                f"--pretrained {pretrained}: weights file not found; fix the path or give an "
+                "open_clip tag (open_clip.list_pretrained_tags_by_model(NAME))"
+            )
+        model = build_model(
+            ModelConfig(modality="image", open_clip_name=open_clip_name, pretrained=pretrained)
+        )
     return model.to(device).eval()
 
 

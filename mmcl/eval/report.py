@@ -109,7 +109,10 @@ def _markdown(record: dict, paths: dict[str, Path]) -> str:
             "",
             "| class | recall |",
             "| --- | ---: |",
-            *(f"| {name} | {'-' if r is None else f'{100 * r:.1f}%'} |" for name, r in record["per_class_recall"].items()),
+            *(
+                f"| {name} | {'-' if r is None else f'{100 * r:.1f}%'} |"
+                for name, r in record["per_class_recall"].items()
+            ),
         ]
     return "\n".join(lines) + "\n"
 

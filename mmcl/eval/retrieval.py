@@ -119,4 +119,9 @@ def evaluate_retrieval(
     owner = torch.tensor([i for i, item_captions in enumerate(features.targets) for _ in item_captions])
     text = encode_texts(model, captions, batch_size).cpu()
     metrics = retrieval_metrics(features.media, text, owner, model.modality)
-    return {**metrics, "num_items": len(features.targets), "num_captions": len(captions), "skipped": features.skipped}
+    return {
+        **metrics,
+        "num_items": len(features.targets),
+        "num_captions": len(captions),
+        "skipped": features.skipped,
+    }

@@ -131,8 +131,10 @@ def check_template(template: str, where: str) -> str:
     try:
         filled = template.format("\x00")
     except (IndexError, KeyError, ValueError) as err:
-        raise UsageError(f"{where}: template {template!r} is not a format string with one {{}} ({err}); "
-                         "write literal braces as {{ and }}") from None
+        raise UsageError(
+            f"{where}: template {template!r} is not a format string with one {{}} ({err}); "
+            "write literal braces as {{ and }}"
+        ) from None
     if filled.count("\x00") != 1:
         raise UsageError(f"{where}: template {template!r} must contain {{}} exactly once (the class name)")
     return template
@@ -146,8 +148,10 @@ def load_templates(spec: str | None, modality: str) -> list[str]:
         return list(TEMPLATE_SETS[name])
     path = Path(name).expanduser()
     if not path.is_file():
-        raise UsageError(f"--templates {name!r} is neither a built-in set ({', '.join(TEMPLATE_SETS)}) "
-                         "nor an existing file of templates (one per line, with {} for the class name)")
+        raise UsageError(
+            f"--templates {name!r} is neither a built-in set ({', '.join(TEMPLATE_SETS)}) "
+            "nor an existing file of templates (one per line, with {} for the class name)"
+        )
     lines = [line.strip() for line in path.read_text("utf-8").splitlines()]
     templates = [check_template(line, str(path)) for line in lines if line and not line.startswith("#")]
     if not templates:

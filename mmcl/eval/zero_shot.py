@@ -51,7 +51,9 @@ def encode_texts(model: DualEncoder, texts: Sequence[str], batch_size: int) -> T
 
 
 @torch.no_grad()
-def build_classifier(model: DualEncoder, class_names: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Tensor:
+def build_classifier(
+    model: DualEncoder, class_names: Sequence[str], templates: Sequence[str], batch_size: int = 256
+) -> Tensor:
     """The zero-shot classifier [D, C]: per class, the re-normalised mean of its normalised prompt
     embeddings (`template.format(name)` for every template). Agrees with open_clip's
     `build_zero_shot_classifier`; prompts are batched across classes, `batch_size` texts per forward."""
@@ -107,7 +109,9 @@ def extract_features(
     return Features(torch.cat(chunks), targets, skipped)
 
 
-def debias_logits(logits: Tensor, max_iters: int = DEBIAS_MAX_ITERS, tolerance: float = DEBIAS_TOLERANCE) -> Tensor:
+def debias_logits(
+    logits: Tensor, max_iters: int = DEBIAS_MAX_ITERS, tolerance: float = DEBIAS_TOLERANCE
+) -> Tensor:
     """`logits` [N, C] minus per-class offsets that make the mean softmax over the N rows uniform
     (label-free prior correction; the method and its assumption are in the module docstring)."""
     logits = logits.double()
@@ -130,7 +134,9 @@ def classification_metrics(logits: Tensor, labels: Tensor, class_names: Sequence
     """
     num_classes = len(class_names)
     if logits.ndim != 2 or logits.shape != (len(labels), num_classes):
-        raise ValueError(f"logits {list(logits.shape)} do not match {len(labels)} labels x {num_classes} classes")
+        raise ValueError(
+            f"logits {list(logits.shape)} do not match {len(labels)} labels x {num_classes} classes"
+        )
     labels = labels.long().cpu()
     logits = logits.cpu()
     predicted = logits.argmax(dim=1)
@@ -180,8 +186,10 @@ def evaluate_zero_shot(
     features = extract_features(model, loader, limit=max_samples, progress=shown)
     labels = torch.tensor(features.targets, dtype=torch.long)
     if labels.min() < 0 or labels.max() >= len(data.class_names):
-        raise UsageError(f"{data.name}: class index {int(labels.max())} found, but only "
-                         f"{len(data.class_names)} class names are known; check --classes")
+        raise UsageError(
+            f"{data.name}: class index {int(labels.max())} found, but only "
+            f"{len(data.class_names)} class names are known; check --classes"
+        )
     logits = logit_scale_of(model) * features.media @ classifier.float().cpu()
     metrics = classification_metrics(debias_logits(logits) if debias else logits, labels, data.class_names)
     if debias:

@@ -1,4 +1,5 @@
-"""Contrastive losses for paired media/text embeddings: weighted (noise-aware), with global negatives under DDP."""
+"""Contrastive losses for paired media/text embeddings: weighted (noise-aware), with global negatives under
+DDP."""
 
 from mmcl.losses.common import LossOutput
 from mmcl.losses.contrastive import WEIGHT_SUM_EPS, contrastive_loss

@@ -1,4 +1,5 @@
-"""The output contract shared by mmcl's losses and their input checks, so trainers and noise estimators can swap losses."""
+"""The output contract shared by mmcl's losses and their input checks, so trainers and noise estimators can
+swap losses."""
 
 from __future__ import annotations
 

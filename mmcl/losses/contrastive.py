@@ -1,4 +1,5 @@
-"""Weighted symmetric InfoNCE (the CLIP/CLAP loss) with global negatives: noisy pairs are down-weighted, not dropped."""
+"""Weighted symmetric InfoNCE (the CLIP/CLAP loss) with global negatives: noisy pairs are down-weighted, not
+dropped."""
 
 from __future__ import annotations
 
@@ -112,7 +113,9 @@ def contrastive_loss(
     loss = ranks_share * (row_weights * per_sample).sum() / all_weights.sum().clamp_min(WEIGHT_SUM_EPS)
     if unlearn_weight:
         doubt = (1.0 - row_weights).clamp(0.0, 1.0)
-        unlearn = -(_log_not_partner(logits_per_media, labels) + _log_not_partner(logits_per_text, labels)) / 2
+        unlearn = (
+            -(_log_not_partner(logits_per_media, labels) + _log_not_partner(logits_per_text, labels)) / 2
+        )
         loss = loss + unlearn_weight * ranks_share * (doubt * unlearn).sum() / global_batch
     return {
         "loss": loss,

@@ -1,4 +1,5 @@
-"""Weighted sigmoid (SigLIP) pair loss with global negatives: weights scale positives, noisy pairs stay negatives."""
+"""Weighted sigmoid (SigLIP) pair loss with global negatives: weights scale positives, noisy pairs stay
+negatives."""
 
 from __future__ import annotations
 

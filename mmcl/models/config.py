@@ -36,8 +36,8 @@ def check_open_clip_config(cfg: dict[str, Any], where: str) -> None:
     if width < head_width or width % head_width:
         raise ValueError(
             f"{where}: vision_cfg.width={width} is not a multiple of vision_cfg.head_width={head_width} "
-            f"(open_clip's default is {OPEN_CLIP_DEFAULT_HEAD_WIDTH}); set vision_cfg.head_width to a divisor "
-            f"of the width, e.g. {width // 2}"
+            f"(open_clip's default is {OPEN_CLIP_DEFAULT_HEAD_WIDTH}); set vision_cfg.head_width to a "
+            f"divisor of the width, e.g. {width // 2}"
         )
 
 
@@ -91,39 +91,57 @@ class AudioTowerConfig(_Strict):
     def _check_shapes(self) -> AudioTowerConfig:
         p = "model.audio"
         if self.n_fft > self.clip_samples:
-            raise ValueError(f"{p}.n_fft={self.n_fft} exceeds the clip ({self.clip_samples} samples); "
-                             f"lower n_fft or raise {p}.clip_seconds")
+            raise ValueError(
+                f"{p}.n_fft={self.n_fft} exceeds the clip ({self.clip_samples} samples); "
+                f"lower n_fft or raise {p}.clip_seconds"
+            )
         if self.hop_length > self.n_fft:
-            raise ValueError(f"{p}.hop_length={self.hop_length} > n_fft={self.n_fft} skips samples; "
-                             f"set hop_length <= n_fft (typically n_fft // 2.5)")
+            raise ValueError(
+                f"{p}.hop_length={self.hop_length} > n_fft={self.n_fft} skips samples; "
+                f"set hop_length <= n_fft (typically n_fft // 2.5)"
+            )
         nyquist = self.sample_rate / 2
         if self.f_max is not None and not self.f_min < self.f_max <= nyquist:
-            raise ValueError(f"{p}.f_max={self.f_max} must lie in (f_min={self.f_min}, {nyquist}] "
-                             f"(half of sample_rate); lower it or set it to null")
+            raise ValueError(
+                f"{p}.f_max={self.f_max} must lie in (f_min={self.f_min}, {nyquist}] "
+                f"(half of sample_rate); lower it or set it to null"
+            )
         if self.n_mels > self.n_fft // 2 + 1:
-            raise ValueError(f"{p}.n_mels={self.n_mels} exceeds the {self.n_fft // 2 + 1} STFT bins of "
-                             f"n_fft={self.n_fft}, leaving empty mel filters; lower n_mels or raise n_fft")
+            raise ValueError(
+                f"{p}.n_mels={self.n_mels} exceeds the {self.n_fft // 2 + 1} STFT bins of "
+                f"n_fft={self.n_fft}, leaving empty mel filters; lower n_mels or raise n_fft"
+            )
         aug = self.spec_augment
         if aug.freq_masks and aug.freq_mask_width >= self.n_mels:
-            raise ValueError(f"{p}.spec_augment.freq_mask_width={aug.freq_mask_width} could mask every one "
-                             f"of the {self.n_mels} mel bins; set it below n_mels")
+            raise ValueError(
+                f"{p}.spec_augment.freq_mask_width={aug.freq_mask_width} could mask every one "
+                f"of the {self.n_mels} mel bins; set it below n_mels"
+            )
         if aug.time_masks and aug.time_mask_width >= self.n_frames:
-            raise ValueError(f"{p}.spec_augment.time_mask_width={aug.time_mask_width} could mask the whole "
-                             f"clip ({self.n_frames} frames); set it below that")
+            raise ValueError(
+                f"{p}.spec_augment.time_mask_width={aug.time_mask_width} could mask the whole "
+                f"clip ({self.n_frames} frames); set it below that"
+            )
         if self.tower == "spectrogram-transformer":
             pf, pt = self.patch_size
             if not (0 < pf <= self.n_mels and 0 < pt <= self.n_frames):
-                raise ValueError(f"{p}.patch_size={list(self.patch_size)} must fit the spectrogram "
-                                 f"({self.n_mels} mels x {self.n_frames} frames); lower it")
+                raise ValueError(
+                    f"{p}.patch_size={list(self.patch_size)} must fit the spectrogram "
+                    f"({self.n_mels} mels x {self.n_frames} frames); lower it"
+                )
             if self.width % self.heads:
-                raise ValueError(f"{p}.width={self.width} is not divisible by {p}.heads={self.heads}; "
-                                 f"pick heads that divide the width")
+                raise ValueError(
+                    f"{p}.width={self.width} is not divisible by {p}.heads={self.heads}; "
+                    f"pick heads that divide the width"
+                )
         else:
             shrink = 2 ** len(self.cnn_channels)
             if self.n_mels < shrink or self.n_frames < shrink:
-                raise ValueError(f"{p}.cnn_channels has {len(self.cnn_channels)} blocks, each halving the "
-                                 f"spectrogram, which needs >= {shrink} mels and frames (have {self.n_mels} "
-                                 f"x {self.n_frames}); use fewer blocks or more mels")
+                raise ValueError(
+                    f"{p}.cnn_channels has {len(self.cnn_channels)} blocks, each halving the "
+                    f"spectrogram, which needs >= {shrink} mels and frames (have {self.n_mels} "
+                    f"x {self.n_frames}); use fewer blocks or more mels"
+                )
         return self
 
 
@@ -159,20 +177,30 @@ class ModelConfig(_Strict):
         given = self.model_fields_set
         if self.open_clip_config is not None:
             if "open_clip_name" in given:
-                raise ValueError("model.open_clip_name and model.open_clip_config are both set; "
-                                 "keep one (the inline config is registered under a generated name)")
+                raise ValueError(
+                    "model.open_clip_name and model.open_clip_config are both set; "
+                    "keep one (the inline config is registered under a generated name)"
+                )
             check_open_clip_config(self.open_clip_config, "model.open_clip_config")
         if self.modality == "image":
             if "audio" in given:
-                raise ValueError("model.audio is set but model.modality is 'image'; "
-                                 "set modality: audio or remove the audio section")
+                raise ValueError(
+                    "model.audio is set but model.modality is 'image'; "
+                    "set modality: audio or remove the audio section"
+                )
             if self.text_pretrained is not None:
-                raise ValueError("model.text_pretrained initialises the text tower of audio models; for "
-                                 "image-text models put the full open_clip checkpoint in model.pretrained")
+                raise ValueError(
+                    "model.text_pretrained initialises the text tower of audio models; for "
+                    "image-text models put the full open_clip checkpoint in model.pretrained"
+                )
         if self.pretrained is not None and self.text_pretrained is not None:
-            raise ValueError("model.pretrained (whole model) and model.text_pretrained (text tower only) are "
-                             "both set; keep one")
+            raise ValueError(
+                "model.pretrained (whole model) and model.text_pretrained (text tower only) are "
+                "both set; keep one"
+            )
         if self.freeze_media and self.freeze_text:
-            raise ValueError("model.freeze_media and model.freeze_text are both true, which leaves only the "
-                             "temperature to train; unfreeze one tower")
+            raise ValueError(
+                "model.freeze_media and model.freeze_text are both true, which leaves only the "
+                "temperature to train; unfreeze one tower"
+            )
         return self

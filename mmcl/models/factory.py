@@ -116,12 +116,16 @@ def _local_file(value: str | None) -> Path | None:
 def _check_tag(key: str, name: str, tag: str) -> None:
     """Raise unless `tag` names open_clip weights for architecture `name`."""
     if name.startswith(SCHEMA_PREFIXES):
-        raise UsageError(f"{key}={tag!r} is not a file, and {name!r} brings its own weights; "
-                         f"remove {key} or point it at a weights file")
+        raise UsageError(
+            f"{key}={tag!r} is not a file, and {name!r} brings its own weights; "
+            f"remove {key} or point it at a weights file"
+        )
     if not open_clip.get_pretrained_cfg(name, tag):
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise UsageError(f"{key}={tag!r} is neither a weights file nor an open_clip pretrained tag of "
-                         f"{name!r} (tags: {tags or 'none'}); fix the path or pick a tag")
+        raise UsageError(
+            f"{key}={tag!r} is neither a weights file nor an open_clip pretrained tag of "
+            f"{name!r} (tags: {tags or 'none'}); fix the path or pick a tag"
+        )
 
 
 def _load(key: str, path: Path, loader: Callable[[dict], None]) -> None:
@@ -129,8 +133,10 @@ def _load(key: str, path: Path, loader: Callable[[dict], None]) -> None:
     try:
         loader(read_state_dict(path))
     except RuntimeError as e:  # load_state_dict's missing/unexpected/size-mismatch report
-        raise UsageError(f"{key}={str(path)!r} does not fit this model (check model.open_clip_name, "
-                         f"model.siglip and, for audio, model.audio): {e}") from e
+        raise UsageError(
+            f"{key}={str(path)!r} does not fit this model (check model.open_clip_name, "
+            f"model.siglip and, for audio, model.audio): {e}"
+        ) from e
     except UsageError as e:
         raise UsageError(f"{key}={str(path)!r}: {e}") from e
 
@@ -167,9 +173,11 @@ def _build_audio_model(cfg: ModelConfig, name: str) -> AudioTextEncoder:
     if cfg.pretrained is not None:
         weights = _local_file(cfg.pretrained)
         if weights is None:
-            raise UsageError(f"model.pretrained={cfg.pretrained!r}: audio models start from an mmcl "
-                             f"checkpoint file, which does not exist; fix the path (to start only the text "
-                             f"tower from open_clip weights, use model.text_pretrained)")
+            raise UsageError(
+                f"model.pretrained={cfg.pretrained!r}: audio models start from an mmcl "
+                f"checkpoint file, which does not exist; fix the path (to start only the text "
+                f"tower from open_clip weights, use model.text_pretrained)"
+            )
         _load("model.pretrained", weights, lambda state: load_weights(model, state))
     if cfg.text_pretrained is not None:
         weights = _local_file(cfg.text_pretrained)

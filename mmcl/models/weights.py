@@ -34,7 +34,9 @@ def save_open_clip_weights(model: DualEncoder, path: str | Path) -> Path:
     """
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
-        raise UsageError(f"cannot save weights to {path}: use a .safetensors or {'/'.join(TORCH_SUFFIXES)} name")
+        raise UsageError(
+            f"cannot save weights to {path}: use a .safetensors or {'/'.join(TORCH_SUFFIXES)} name"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.export_state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -68,7 +70,7 @@ def _strip_common_prefix(state: dict[str, Tensor], prefixes: tuple[str, ...]) ->
     """Drop any of `prefixes` that every key starts with."""
     for prefix in prefixes:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -92,6 +94,8 @@ def load_text_tower(model: AudioTextEncoder, state: dict[str, Tensor]) -> None:
     state = convert_to_custom_text_state_dict(_strip_common_prefix(state, ("clip.",)))
     text = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
     if not text:
-        raise UsageError("no text tower found (expected open_clip keys like 'token_embedding.weight' "
-                         "or 'text.token_embedding.weight')")
+        raise UsageError(
+            "no text tower found (expected open_clip keys like 'token_embedding.weight' "
+            "or 'text.token_embedding.weight')"
+        )
     model.text.load_state_dict(text, strict=True)

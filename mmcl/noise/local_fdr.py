@@ -84,7 +84,8 @@ class LocalFdr:
 
     def __init__(self, window: int) -> None:
         self.window = ValueWindow(window)
-        # {"pi0", "evidence_z", "implied_auroc", "implied_auroc_low", "gate_open", "lfdr": [BINS floats]} once fitted
+        # {"pi0", "evidence_z", "implied_auroc", "implied_auroc_low", "gate_open", "lfdr": [BINS floats]} once
+        # fitted
         self.params: dict | None = None
         self.ranking_shown = False  # the ranking test has passed at an open fit: later fits skip it (latched)
 
@@ -129,8 +130,8 @@ class LocalFdr:
         return self.fitted_clean_probability(pvalues)
 
     def fitted_clean_probability(self, pvalues: np.ndarray) -> np.ndarray:
-        """1 - lfdr(p) of the last fit, interpolated between bin centres, whether or not the gate lets it weight
-        (for diagnostics; needs a fit)."""
+        """1 - lfdr(p) of the last fit, interpolated between bin centres, whether or not the gate lets it
+        weight (for diagnostics; needs a fit)."""
         return 1.0 - np.interp(np.asarray(pvalues, dtype=np.float64), BIN_CENTRES, self.params["lfdr"])
 
     @property

@@ -29,7 +29,8 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def detection_metrics(weights: np.ndarray, noisy: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """AUROC of (1 - weight) for noisy pairs, and precision/recall of flagging pairs with weight < threshold."""
+    """AUROC of (1 - weight) for noisy pairs, and precision/recall of flagging pairs with weight <
+    threshold."""
     weights = np.asarray(weights, dtype=np.float64)
     noisy = np.asarray(noisy, dtype=bool)
     flagged = weights < threshold
@@ -56,7 +57,9 @@ def plot_weights(weights: np.ndarray, noisy: np.ndarray | None, path: Path, titl
         ax.hist(weights, bins=bins, color="#4477aa", label="all pairs")
     else:
         noisy = np.asarray(noisy, dtype=bool)
-        ax.hist(weights[~noisy], bins=bins, alpha=0.7, color="#228833", label=f"clean ({int((~noisy).sum())})")
+        ax.hist(
+            weights[~noisy], bins=bins, alpha=0.7, color="#228833", label=f"clean ({int((~noisy).sum())})"
+        )
         ax.hist(weights[noisy], bins=bins, alpha=0.7, color="#cc3311", label=f"noisy ({int(noisy.sum())})")
     ax.set_xlabel("pair weight")
     ax.set_ylabel("pairs")

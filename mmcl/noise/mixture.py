@@ -59,7 +59,9 @@ class OnlineMixture:
         p = self.params
         if p["kind"] == "beta":
             scaled = np.clip((values - p["low"]) / (p["high"] - p["low"] + EPS), EPS, 1 - EPS)
-            log_like = np.stack([_beta_logpdf(scaled, a, b) for a, b in zip(p["alpha"], p["beta"], strict=True)])
+            log_like = np.stack(
+                [_beta_logpdf(scaled, a, b) for a, b in zip(p["alpha"], p["beta"], strict=True)]
+            )
         else:
             log_like = np.stack(
                 [_normal_logpdf(values, m, v) for m, v in zip(p["mean"], p["var"], strict=True)]
@@ -90,7 +92,9 @@ def _normal_logpdf(x: np.ndarray, mean: float, var: float) -> np.ndarray:
 
 
 def _beta_logpdf(x: np.ndarray, a: float, b: float) -> np.ndarray:
-    return (a - 1) * np.log(x) + (b - 1) * np.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    return (
+        (a - 1) * np.log(x) + (b - 1) * np.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    )
 
 
 def _responsibilities(log_like: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -105,7 +109,9 @@ def _fit_gaussian(data: np.ndarray) -> dict:
     var = np.full(2, data.var() / 4 + EPS)
     weight = np.array([0.5, 0.5])
     for _ in range(EM_ITERATIONS):
-        resp = _responsibilities(np.stack([_normal_logpdf(data, m, v) for m, v in zip(mean, var, strict=True)]), weight)
+        resp = _responsibilities(
+            np.stack([_normal_logpdf(data, m, v) for m, v in zip(mean, var, strict=True)]), weight
+        )
         total = resp.sum(axis=1) + EPS
         weight = total / total.sum()
         mean = (resp @ data) / total

@@ -115,10 +115,10 @@ class PairWeighter:
             cfg.method == "alignment_score" and cfg.score_range is None
         )
         self.estimator: OnlineMixture | LocalFdr | None = None
-        # the mixture methods' gate, and loss_mixture's start: a small set seen many times is memorized, mismatched
-        # pairs included, long before the losses form two modes; the in-batch null tells the pairs apart earlier
-        # (hard weights: the soft 1 - lfdr leaves memorized mismatched pairs ~0.4, and training on them blurs the
-        # modes still more)
+        # the mixture methods' gate, and loss_mixture's start: a small set seen many times is memorized,
+        # mismatched pairs included, long before the losses form two modes; the in-batch null tells the pairs
+        # apart earlier (hard weights: the soft 1 - lfdr leaves memorized mismatched pairs ~0.4, and training
+        # on them blurs the modes still more)
         self.null_test = LocalFdr(cfg.window) if cfg.method in ("loss_mixture", "teacher") else None
         if cfg.method == "local_fdr":
             self.estimator = LocalFdr(cfg.window)

@@ -108,7 +108,9 @@ def save_checkpoint(
     (tmp / STATE).write_text(json.dumps(state))
     (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1))
     if extra_tensors:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS)
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS
+        )
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())

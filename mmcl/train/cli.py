@@ -43,6 +43,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     state = run_training(config)
     print(
-        f"trained {state.step} steps ({state.samples_seen} samples); checkpoints in {config.run.output_dir}/checkpoints"
+        f"trained {state.step} steps ({state.samples_seen} samples); checkpoints in "
+        f"{config.run.output_dir}/checkpoints"
     )
     return 0

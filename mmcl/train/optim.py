@@ -30,7 +30,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+def lr_at(
+    step: int, *, base_lr: float, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float
+) -> float:
     """Linear warmup to base_lr, then cosine decay to min_lr_ratio * base_lr at total_steps (or constant)."""
     if warmup_steps and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps

@@ -102,8 +102,9 @@ class Trainer:
                 data_resume = self.state.data.get(str(acc.process_index))
             else:
                 acc.print(
-                    f"warning: {checkpoint.path} was written by {len(checkpoint.rng)} processes, this run has "
-                    f"{acc.num_processes}: weights and optimizer resume, the data stream and RNG start afresh"
+                    f"warning: {checkpoint.path} was written by {len(checkpoint.rng)} processes, this run "
+                    f"has {acc.num_processes}: weights and optimizer resume, the data stream and RNG start "
+                    "afresh"
                 )
             acc.print(f"resumed from {checkpoint.path} at step {self.state.step}")
         unwrapped = acc.unwrap_model(self.model)
@@ -344,7 +345,8 @@ class Trainer:
         record = {
             "loss": mean_loss,
             "lr": lr,
-            # 1 / exp(scale) without dividing: a diverged scale underflows exp() to 0 (inf is logged, not raised)
+            # 1 / exp(scale) without dividing: a diverged scale underflows exp() to 0 (inf is logged, not
+            # raised)
             "temperature": float((-logit_scale.detach().float().clamp(max=math.log(100))).exp().item()),
             "negatives": negatives,
             "samples_per_s": window["samples"] / elapsed if elapsed > 0 else 0.0,

@@ -31,7 +31,8 @@ class LayoutUnknown(UsageError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(
-            f"cannot tell the format of {path}: {reason}; pass --format, one of: {', '.join(format_choices())}"
+            f"cannot tell the format of {path}: {reason}; pass --format, one of: "
+            f"{', '.join(format_choices())}"
         )
         self.reason = reason
 

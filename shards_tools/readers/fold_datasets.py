@@ -1,6 +1,7 @@
 """Labelled audio datasets laid out as one metadata CSV + audio files in folds: ESC-50 and UrbanSound8K.
 
-ESC-50:       ``ROOT/meta/esc50.csv`` (filename, fold, target, category, esc10, src_file, take) + ``ROOT/audio/``.
+ESC-50:       ``ROOT/meta/esc50.csv`` (filename, fold, target, category, esc10, src_file, take)
+              + ``ROOT/audio/``.
 UrbanSound8K: ``ROOT/metadata/UrbanSound8K.csv`` (slice_file_name, fsID, start, end, salience, fold,
               classID, class) + ``ROOT/audio/fold<N>/``.
 
@@ -90,7 +91,9 @@ def fold_class_names(spec: InputSpec, fmt: str) -> list[str]:
     path = _metadata(spec, layout)
     by_id: dict[int, str] = {}
     for line, row in csv_rows(path):
-        by_id[parse_int(row[layout.id_column], f"{path}:{line}", layout.id_column)] = row[layout.label_column].strip()
+        by_id[parse_int(row[layout.id_column], f"{path}:{line}", layout.id_column)] = row[
+            layout.label_column
+        ].strip()
     return [by_id[class_id] for class_id in sorted(by_id)]
 
 

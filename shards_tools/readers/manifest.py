@@ -130,7 +130,10 @@ def _unrecognised_message(
         wanted.append("the path or URL (set --url-column NAME)")
     if missing_caption:
         wanted.append("the caption (set --caption-column NAME, repeatable for several captions)")
-    message = f"{path}: cannot tell which column holds {' and '.join(wanted)}; its columns are: {', '.join(columns) or '(none)'}"
+    message = (
+        f"{path}: cannot tell which column holds {' and '.join(wanted)}; its columns are: "
+        f"{', '.join(columns) or '(none)'}"
+    )
     if any("://" in c for c in columns):
         message += ". The first line looks like data, not a header: add a header line (e.g. caption<TAB>url)"
     return message
@@ -194,7 +197,8 @@ def read_delimited(spec: InputSpec, fmt: str) -> Iterator[SourceItem]:
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """(line number, object) for each non-blank line; the object is None when the line is not a JSON object."""
+    """(line number, object) for each non-blank line; the object is None when the line is not a JSON
+    object."""
     with open_text(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
