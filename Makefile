@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, exactly as measured in ENVIRONMENT.md: torchaudio 2.9 resolves only against torch 2.9.1.
 	$(PIP) install -c constraints.txt torch torchvision
 	$(PIP) install -c constraints.txt torch torchaudio
-	$(PIP) install -c constraints.txt -e '.[dev,ray]'
+	$(PIP) install -c constraints.txt -e '.[dev,ray,hf]'
 	$(PIP) install --no-deps --upgrade --target $(WDS_OLD) webdataset==0.2.86
 	touch $(STAMP)
 
