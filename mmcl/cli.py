@@ -17,6 +17,7 @@ from shards_tools.cli import HelpfulFormatter, add_shard_parser
 
 def build_parser() -> argparse.ArgumentParser:
     from mmcl.eval.cli import add_eval_parser
+    from mmcl.export import add_export_parser
     from mmcl.train.cli import add_train_parser
     from pipelines.demo import add_demo_parser
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  mmcl shard image-text --input captions.csv --output shards/ --image-size 256\n"
             "  mmcl train --config configs/image_text/micro.yaml\n"
             "  mmcl eval zero-shot --checkpoint runs/micro --data heldout/ --output reports/heldout\n"
+            "  mmcl export --format hf runs/micro exported/micro\n"
             "  mmcl demo\n"
         ),
     )
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shard_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_export_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 
