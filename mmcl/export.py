@@ -64,6 +64,8 @@ def _export_open_clip(folder: Path, output: Path) -> Path:
     )
     state = {k: v.detach().cpu().contiguous() for k, v in model.export_state_dict().items()}
     save_file(state, output / OPEN_CLIP_WEIGHTS)
+    if model_cfg["text_cfg"].get("hf_tokenizer_name"):  # open_clip's local-dir reads its tokenizer here
+        model.tokenizer.save_pretrained(output)
     return output
 
 

@@ -85,7 +85,7 @@ class MediaDecoder:
     def for_model(cls, model: DualEncoder) -> MediaDecoder:
         if model.modality == "image":
             return cls("image", image_transform=model.media_transform(train=False))
-        rate = int(model.audio.log_mel.mel.sample_rate)
+        rate = model.audio.sample_rate
         return cls("audio", sample_rate=rate, clip_seconds=model.audio.clip_samples / rate)
 
     def __call__(self, raw: bytes | Image.Image, key: str) -> torch.Tensor:

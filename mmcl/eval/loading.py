@@ -67,6 +67,11 @@ def checkpoint_config(checkpoint: Path) -> ModelConfig:
         defaults = ModelConfig().model_dump(mode="json")
         values = {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
         values.update(pretrained=None, text_pretrained=None)
+        if values.get("hf_text"):  # a transformers text tower's weights are in the checkpoint too
+            values["hf_text_pretrained"] = False
+        if isinstance(values.get("audio"), dict) and values["audio"].get("hf_model"):
+            # likewise a transformers audio tower's: build it from the hf_config kept in model.json
+            values["audio"] = {**values["audio"], "hf_model": None}
         config = ModelConfig.model_validate(values)
     except (OSError, ValueError) as err:  # ValidationError and JSONDecodeError are ValueErrors
         detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err

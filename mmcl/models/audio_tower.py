@@ -140,6 +140,16 @@ class SpectrogramCNN(nn.Module):
         return self.proj(x.mean(dim=-1) + x.amax(dim=-1))
 
 
+def build_audio_tower(cfg: AudioTowerConfig, embed_dim: int, pretrained: bool = True) -> nn.Module:
+    """The tower `cfg.tower` names: mmcl's own, or (hf) a transformers encoder, started from its
+    pretrained weights when `pretrained` (else from its config alone, for a checkpoint's weights)."""
+    if cfg.tower == "hf":
+        from mmcl.models.hf_audio import build_hf_audio_tower  # imports transformers
+
+        return build_hf_audio_tower(cfg, embed_dim, pretrained)
+    return AudioTower(cfg, embed_dim)
+
+
 class AudioTower(nn.Module):
     """Waveform [B, clip_samples] -> embedding [B, embed_dim] (unnormalised).
 
@@ -150,6 +160,7 @@ class AudioTower(nn.Module):
     def __init__(self, cfg: AudioTowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.clip_samples = cfg.clip_samples
+        self.sample_rate = cfg.sample_rate
         self.log_mel = LogMel(cfg)
         self.norm = nn.BatchNorm1d(cfg.n_mels)
         self.spec_augment = SpecAugment(cfg.spec_augment)

@@ -7,14 +7,17 @@ that configs can be checked quickly and before anything expensive is built.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # open_clip silently skips a registered config that lacks any of these keys.
 OPEN_CLIP_REQUIRED_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 # open_clip's default vision head width; a tower narrower than this has zero heads unless it is set.
 OPEN_CLIP_DEFAULT_HEAD_WIDTH = 64
+# open_clip's HFTextEncoder poolers (its max_pooler is left out: it masks the real tokens, not the padding).
+HFPooler = Literal["mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler"]
 
 
 def check_open_clip_config(cfg: dict[str, Any], where: str) -> None:
@@ -57,9 +60,13 @@ class SpecAugmentConfig(_Strict):
 
 
 class AudioTowerConfig(_Strict):
-    """The audio front end (waveform -> log-mel) and the tower that embeds the spectrogram."""
+    """The audio front end (waveform -> log-mel) and the tower that embeds the spectrogram.
 
-    tower: Literal["spectrogram-transformer", "cnn"] = "spectrogram-transformer"
+    tower: hf instead takes a pretrained Hugging Face encoder and its own feature settings
+    (mmcl.models.hf_audio); the log-mel, transformer, cnn and spec_augment keys do not apply to it.
+    """
+
+    tower: Literal["spectrogram-transformer", "cnn", "hf"] = "spectrogram-transformer"
     sample_rate: int = Field(16000, gt=0, description="Hz; the data pipeline resamples to this")
     clip_seconds: float = Field(10.0, gt=0, description="every clip is cropped/padded to this length")
     n_fft: int = Field(400, gt=0, description="STFT size (400 = 25 ms at 16 kHz)")
@@ -76,6 +83,30 @@ class AudioTowerConfig(_Strict):
         (32, 64, 128, 256), min_length=1, description="cnn: output channels of each conv-bn-relu-pool block"
     )
     spec_augment: SpecAugmentConfig = Field(default_factory=SpecAugmentConfig)
+    hf_model: str | None = Field(
+        None,
+        description="hf: a save_pretrained folder or hub name (CLAP, AST, Whisper, wav2vec2/HuBERT); "
+        "sample_rate and clip_seconds follow its feature extractor. None: hf_config with fresh weights",
+    )
+    hf_pooling: Literal["auto", "mean", "cls", "pooler"] = Field(
+        "auto", description="hf: auto = the encoder's pooler output if it has one, else mean over time"
+    )
+    hf_config: dict[str, Any] | None = Field(
+        None, description="hf: the encoder's config.json (filled from hf_model; kept in checkpoints)"
+    )
+    hf_features: dict[str, Any] | None = Field(
+        None, description="hf: its preprocessor_config.json (filled from hf_model; kept in checkpoints)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_hf(cls, data: Any) -> Any:
+        """tower: hf reads the encoder's config and feature settings (cheap JSON files) up front."""
+        if isinstance(data, dict) and data.get("tower") == "hf":
+            from mmcl.models.hf_audio_settings import resolve_hf_audio
+
+            return resolve_hf_audio(data)
+        return data
 
     @property
     def clip_samples(self) -> int:
@@ -90,6 +121,12 @@ class AudioTowerConfig(_Strict):
     @model_validator(mode="after")
     def _check_shapes(self) -> AudioTowerConfig:
         p = "model.audio"
+        hf_keys = [k for k in ("hf_model", "hf_config", "hf_features") if getattr(self, k) is not None]
+        hf_keys += ["hf_pooling"] if "hf_pooling" in self.model_fields_set else []
+        if self.tower == "hf" or hf_keys:
+            if self.tower != "hf":
+                raise ValueError(f"{p}.{hf_keys[0]} is set but {p}.tower is {self.tower!r}; set tower: hf")
+            return self  # the encoder's own feature extractor fixes the front end
         if self.n_fft > self.clip_samples:
             raise ValueError(
                 f"{p}.n_fft={self.n_fft} exceeds the clip ({self.clip_samples} samples); "
@@ -169,8 +206,30 @@ class ModelConfig(_Strict):
     siglip: bool = Field(False, description="add a logit bias and init scale/bias like open_clip's SigLIP")
     audio: AudioTowerConfig = Field(default_factory=AudioTowerConfig)
     freeze_media: bool = Field(False, description="LiT-style locked media tower (no grad, eval mode)")
-    freeze_text: bool = Field(False, description="locked text tower (no grad, eval mode)")
+    freeze_text: bool = Field(
+        False, description="locked text tower (no grad, eval mode); with hf_text: its encoder only"
+    )
     grad_checkpointing: bool = False
+    hf_text: str | None = Field(
+        None,
+        min_length=1,
+        description="text tower: this transformers encoder (hub id or local save_pretrained folder) "
+        "with its own tokenizer, in place of open_clip's text transformer (pip install 'mmcl[hf]')",
+    )
+    hf_text_pooler: HFPooler = Field("mean_pooler", description="hf_text: how tokens pool (open_clip's)")
+    hf_text_proj: Literal["mlp", "linear"] = Field("mlp", description="hf_text: projection to embed_dim")
+    hf_text_pretrained: bool = Field(
+        True, description="hf_text: start from its pretrained weights (false: random, from its config)"
+    )
+
+    @field_validator("hf_text")
+    @classmethod
+    def _absolute_folder(cls, value: str | None) -> str | None:
+        """A local folder is recorded as an absolute path, so a checkpoint's model.json finds it from
+        anywhere."""
+        if value is not None and Path(value).expanduser().is_dir():
+            return str(Path(value).expanduser().resolve())
+        return value
 
     @model_validator(mode="after")
     def _check_combination(self) -> ModelConfig:
@@ -198,9 +257,36 @@ class ModelConfig(_Strict):
                 "model.pretrained (whole model) and model.text_pretrained (text tower only) are "
                 "both set; keep one"
             )
+        self._check_hf_text(given)
         if self.freeze_media and self.freeze_text:
             raise ValueError(
                 "model.freeze_media and model.freeze_text are both true, which leaves only the "
                 "temperature to train; unfreeze one tower"
             )
         return self
+
+    def _check_hf_text(self, given: set[str]) -> None:
+        """model.hf_text replaces the text tower: settings of another text tower contradict it."""
+        hf_keys = sorted(k for k in given if k.startswith("hf_text_"))
+        if self.hf_text is None:
+            if hf_keys:
+                raise ValueError(f"model.{hf_keys[0]} is set but model.hf_text is not; set both or neither")
+            return
+        if self.text_pretrained is not None:
+            raise ValueError(
+                "model.hf_text (a transformers text tower) and model.text_pretrained (open_clip text "
+                "weights) are both set; keep one"
+            )
+        if self.open_clip_name.startswith(("hf-hub:", "local-dir:")) and self.open_clip_config is None:
+            raise ValueError(
+                f"model.hf_text cannot replace the text tower of model.open_clip_name="
+                f"{self.open_clip_name!r}, which brings its own config and weights; use a named or "
+                f"inline open_clip config"
+            )
+        text_cfg = (self.open_clip_config or {}).get("text_cfg", {})
+        hf_keys = sorted(k for k in text_cfg if k.startswith("hf_"))
+        if hf_keys:
+            raise ValueError(
+                f"model.hf_text and model.open_clip_config.text_cfg.{hf_keys[0]} both choose a "
+                f"transformers text tower; keep model.hf_text and give text_cfg only context_length"
+            )

@@ -22,6 +22,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import Tensor, nn
 
 from mmcl.models.audio_tower import AudioTower, ClipCrop
+from mmcl.models.hf_audio import lockable_audio_part
+from mmcl.models.hf_text import lockable_text_part
 
 Tower = Literal["media", "text"]
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale): beyond it training turns unstable
@@ -132,7 +134,7 @@ class ImageTextEncoder(DualEncoder):
         if tower == "media":
             return [self.clip.visual]
         if isinstance(self.clip, CustomTextCLIP):
-            return [self.clip.text]
+            return [lockable_text_part(self.clip.text)]
         # open_clip's CLIP keeps the text tower's pieces as its own attributes.
         names = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
         return [part for name in names if (part := getattr(self.clip, name)) is not None]
@@ -183,7 +185,7 @@ class AudioTextEncoder(DualEncoder):
         return ClipCrop(self.audio.clip_samples, random=train)
 
     def tower_parts(self, tower: Tower) -> list[nn.Module | nn.Parameter]:
-        return [self.audio if tower == "media" else self.text]
+        return [lockable_audio_part(self.audio) if tower == "media" else lockable_text_part(self.text)]
 
     def logit_params(self) -> tuple[nn.Parameter, nn.Parameter | None]:
         return self.logit_scale, self.logit_bias

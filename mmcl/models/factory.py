@@ -17,7 +17,7 @@ from open_clip.model import _build_text_tower
 from torch import Tensor
 
 from mmcl.errors import UsageError
-from mmcl.models.audio_tower import AudioTower
+from mmcl.models.audio_tower import build_audio_tower
 from mmcl.models.config import ModelConfig, check_open_clip_config
 from mmcl.models.dual_encoder import (
     CLIP_INIT_LOGIT_SCALE,
@@ -27,6 +27,7 @@ from mmcl.models.dual_encoder import (
     DualEncoder,
     ImageTextEncoder,
 )
+from mmcl.models.hf_text import open_clip_text_cfg
 from mmcl.models.weights import load_text_tower, load_weights, read_state_dict
 
 # The micro/tiny open_clip configs shipped with mmcl (the repo is installed editable).
@@ -75,16 +76,33 @@ def resolve_open_clip_name(cfg: ModelConfig) -> str:
     """The open_clip architecture name for `cfg`, registering configs as needed."""
     register_model_configs(cfg.open_clip_config_dirs)
     if cfg.open_clip_config is not None:
-        return _register_inline_config(cfg.open_clip_config)
-    name = cfg.open_clip_name
-    if not name.startswith(SCHEMA_PREFIXES) and open_clip.get_model_config(name) is None:
-        mmcl_names = sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json"))
+        name = _register_inline_config(cfg.open_clip_config)
+    else:
+        name = cfg.open_clip_name
+        if not name.startswith(SCHEMA_PREFIXES) and open_clip.get_model_config(name) is None:
+            mmcl_names = sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json"))
+            raise UsageError(
+                f"model.open_clip_name={name!r} is not a known open_clip architecture. Use one of "
+                f"mmcl's {mmcl_names}, a built-in (open_clip.list_models()), a JSON config in a folder "
+                f"listed in model.open_clip_config_dirs, or an inline model.open_clip_config"
+            )
+    return name if cfg.hf_text is None else _with_hf_text(cfg, name)
+
+
+def _with_hf_text(cfg: ModelConfig, name: str) -> str:
+    """Register open_clip architecture `name` with its text_cfg replaced by model.hf_text's transformers
+    tower (as open_clip's own hf_model_name configs are written) and return the new name."""
+    config = open_clip.get_model_config(name)
+    if config.get("text_cfg", {}).get("hf_model_name"):
         raise UsageError(
-            f"model.open_clip_name={name!r} is not a known open_clip architecture. Use one of mmcl's "
-            f"{mmcl_names}, a built-in (open_clip.list_models()), a JSON config in a folder listed in "
-            f"model.open_clip_config_dirs, or an inline model.open_clip_config"
+            f"model.hf_text and model.open_clip_name={name!r} (whose text_cfg.hf_model_name is "
+            f"{config['text_cfg']['hf_model_name']!r}) both choose a transformers text tower; keep one"
         )
-    return name
+    need_weights = cfg.hf_text_pretrained and cfg.pretrained is None
+    text_cfg = open_clip_text_cfg(
+        cfg.hf_text, cfg.hf_text_pooler, cfg.hf_text_proj, config.get("text_cfg", {}), need_weights
+    )
+    return _register_inline_config({**config, "text_cfg": text_cfg})
 
 
 def get_tokenizer(cfg: ModelConfig) -> Callable[..., Tensor]:
@@ -146,10 +164,19 @@ def _build_image_model(cfg: ModelConfig, name: str) -> ImageTextEncoder:
     mmcl's own checkpoint layout is accepted too."""
     weights = _local_file(cfg.pretrained)
     tag = None if weights or cfg.pretrained is None else cfg.pretrained
+    if tag is not None and cfg.hf_text is not None:
+        raise UsageError(
+            f"model.pretrained={tag!r} is an open_clip tag, whose weights hold open_clip's own text "
+            f"tower, not model.hf_text's; start from a weights file of this model, or drop one of them"
+        )
     if tag is not None:
         _check_tag("model.pretrained", name, tag)
     init = {"init_logit_scale": SIGLIP_INIT_LOGIT_SCALE, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS}
-    clip = open_clip.create_model(name, pretrained=tag, **(init if cfg.siglip else {}))
+    # A transformers text tower starts from its pretrained weights unless a weights file replaces them.
+    hf_weights = cfg.hf_text_pretrained and weights is None
+    clip = open_clip.create_model(
+        name, pretrained=tag, pretrained_text=hf_weights, **(init if cfg.siglip else {})
+    )
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     model = ImageTextEncoder(clip, open_clip.get_tokenizer(name), embed_dim)
     if weights is not None:
@@ -162,14 +189,17 @@ def _build_audio_model(cfg: ModelConfig, name: str) -> AudioTextEncoder:
     builds it, without the unused image tower)."""
     oc = open_clip.get_model_config(name)
     embed_dim = oc["embed_dim"]
-    text = _build_text_tower(embed_dim, oc["text_cfg"], quick_gelu=oc.get("quick_gelu", False))
+    text_cfg = oc["text_cfg"]
+    if cfg.hf_text is not None:  # pretrained encoder weights, unless a whole checkpoint replaces them
+        text_cfg = {**text_cfg, "hf_model_pretrained": cfg.hf_text_pretrained and cfg.pretrained is None}
+    text = _build_text_tower(embed_dim, text_cfg, quick_gelu=oc.get("quick_gelu", False))
     if cfg.siglip:
         scale, bias = SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS
     else:
         scale, bias = oc.get("init_logit_scale", CLIP_INIT_LOGIT_SCALE), oc.get("init_logit_bias")
-    model = AudioTextEncoder(
-        AudioTower(cfg.audio, embed_dim), text, open_clip.get_tokenizer(name), embed_dim, scale, bias
-    )
+    # a transformers audio encoder starts from its pretrained weights unless a whole checkpoint replaces them
+    audio = build_audio_tower(cfg.audio, embed_dim, pretrained=cfg.pretrained is None)
+    model = AudioTextEncoder(audio, text, open_clip.get_tokenizer(name), embed_dim, scale, bias)
     if cfg.pretrained is not None:
         weights = _local_file(cfg.pretrained)
         if weights is None:
