@@ -1,0 +1,181 @@
+"""Audio loader cost at CLAP's settings: clips/s per core, FLAC shards of 10 s clips at 48 kHz.
+
+    .venv/bin/python bench/audio_loader_bench.py                  # 200 clips, 3 repeats
+    .venv/bin/python bench/audio_loader_bench.py --clips 400 --repeat 5
+
+Everything runs in this one process on one core (torch at 1 thread, no loader workers), so each figure is
+clips/s per core. The sides, each over the same shards:
+
+  bare decode      soundfile decodes every clip whole; the floor any loader pays
+  bare + mel       the same, then HTSAT's log-mel (transformers' ClapFeatureExtractor defaults: 48 kHz,
+                   n_fft 1024, hop 480, 64 mels) clip by clip, float32 torch
+  mmcl stream      mmcl's training stream (capped tar reading, the 10 s window decoded, crop, tokenizing)
+                   with data.sample_rate 48000 and data.clip_seconds 10: what a loader worker does per clip
+  tower features   mmcl's CLAP feature module (mmcl/models/hf_audio.py ClapFeatures) on batches of 64
+                   waveforms, float64 as on CPU/CUDA and float32: what an `hf` CLAP tower computes per clip
+                   inside the model step, on the model's device
+
+The clips are synthetic (tones, a sweep and noise, 16-bit mono), written as mmcl shards in --work-dir
+(default bench/out/audio_loader/, git-ignored). Results: a table on stdout and WORK_DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mmcl.data import DataConfig, build_train_stream  # noqa: E402
+from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
+
+RATE, SECONDS, PER_SHARD, BATCH = 48_000, 10.0, 50, 64
+
+
+def clip(seed: int) -> bytes:
+    """A 10 s, 48 kHz, 16-bit mono FLAC: two tones, a sweep and noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(RATE * SECONDS)) / RATE
+    f0, f1 = rng.uniform(80, 2000, size=2)
+    wave = 0.2 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * (f1 + 300 * t) * t)
+    wave += 0.05 * rng.standard_normal(t.shape)
+    out = io.BytesIO()
+    soundfile.write(out, wave.astype(np.float32), RATE, format="FLAC", subtype="PCM_16")
+    return out.getvalue()
+
+
+def build_shards(folder: Path, clips: int) -> list[bytes]:
+    """Write the shards once (reused when the folder holds them); returns every clip's FLAC bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flacs = [clip(i) for i in range(clips)]
+    for start in range(0, clips, PER_SHARD):
+        body = b"".join(
+            sample_bytes({"__key__": f"{i:06d}", "flac": flacs[i], "txt": f"sound number {i}".encode()})
+            for i in range(start, min(start + PER_SHARD, clips))
+        )
+        (folder / f"shard-{start // PER_SHARD:06d}.tar").write_bytes(body + tar_end(len(body)))
+    return flacs
+
+
+def extractor():
+    from transformers import ClapFeatureExtractor
+
+    return ClapFeatureExtractor()  # HTSAT's settings; no download (the constructor's defaults)
+
+
+def bare_decode(flacs: list[bytes]) -> None:
+    for data in flacs:
+        soundfile.read(io.BytesIO(data), dtype="float32")
+
+
+def bare_mel(flacs: list[bytes]) -> Callable[[], None]:
+    """soundfile decode + the log-mel, one clip at a time (float32 torch, the extractor's filters)."""
+    ext = extractor()
+    filters = torch.as_tensor(ext.mel_filters_slaney, dtype=torch.float32)
+    window = torch.hann_window(ext.fft_window_size)
+
+    def run() -> None:
+        for data in flacs:
+            wave = torch.from_numpy(soundfile.read(io.BytesIO(data), dtype="float32")[0])
+            spec = torch.stft(wave, ext.fft_window_size, ext.hop_length, window=window, return_complex=True)
+            (10 * (spec.abs().pow(2).T @ filters).clamp(min=1e-10).log10()).sum()
+
+    return run
+
+
+def mmcl_stream(shards: Path, clips: int) -> Callable[[], None]:
+    cfg = DataConfig(
+        sources=[{"urls": str(shards)}], batch_size=BATCH, workers=0, shuffle_buffer=0,
+        sample_rate=RATE, clip_seconds=SECONDS,
+    )  # fmt: skip
+
+    def tokenizer(texts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(texts), 8, dtype=torch.long)
+
+    def run() -> None:
+        stream = iter(build_train_stream(cfg, modality="audio", media_transform=None, tokenizer=tokenizer))
+        for _ in range(clips // BATCH):
+            next(stream)
+
+    return run
+
+
+def tower_features(flacs: list[bytes], dtype: torch.dtype) -> Callable[[], None]:
+    """mmcl's ClapFeatures on batches of BATCH waveforms (float64 is what it uses on CPU and CUDA)."""
+    from mmcl.models.hf_audio import ClapFeatures
+
+    features = ClapFeatures(extractor(), fusion=False)
+    waves = torch.stack([torch.from_numpy(soundfile.read(io.BytesIO(d), dtype="float32")[0]) for d in flacs])
+    batches = [waves[i : i + BATCH] for i in range(0, len(waves) - BATCH + 1, BATCH)]
+
+    def run() -> None:
+        for batch in batches:
+            if dtype == torch.float64:
+                features(batch)
+            else:
+                _float32_features(features, batch)
+
+    return run
+
+
+def _float32_features(features, batch: torch.Tensor) -> torch.Tensor:
+    """The same computation in float32 (what the module does on devices without float64)."""
+    window, filters = features.window.float(), features.filters.float()
+    spec = torch.stft(features.pad(batch), features.n_fft, features.hop, window=window, return_complex=True)
+    return 10 * (spec.abs().pow(2).transpose(1, 2) @ filters).clamp(min=1e-10).log10()
+
+
+def timed(run: Callable[[], None], clips: int, repeat: int) -> dict:
+    """clips/s of each repeat (after one warm-up run), the median and the best."""
+    run()
+    rates = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        rates.append(clips / (time.perf_counter() - start))
+    return {"median": statistics.median(rates), "best": max(rates), "runs": rates}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--clips", type=int, default=200, help="10 s clips in the shards (a multiple of 64 is timed)"
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "audio_loader")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    flacs = build_shards(args.work_dir / "shards", args.clips)
+    streamed = args.clips // BATCH * BATCH
+    sides = {
+        "bare decode": (lambda: bare_decode(flacs), len(flacs)),
+        "bare + mel": (bare_mel(flacs), len(flacs)),
+        "mmcl stream": (mmcl_stream(args.work_dir / "shards", args.clips), streamed),
+        "tower features, float64": (tower_features(flacs, torch.float64), streamed),
+        "tower features, float32": (tower_features(flacs, torch.float32), streamed),
+    }
+    results = {name: timed(run, clips, args.repeat) for name, (run, clips) in sides.items()}
+    print(f"{args.clips} clips of {SECONDS:g} s at {RATE} Hz, one core, median of {args.repeat} (best)")
+    for name, r in results.items():
+        print(f"  {name:<26} {r['median']:8.1f} clips/s ({r['best']:.1f})")
+    (args.work_dir / "results.json").write_text(
+        json.dumps({"clips": args.clips, "results": results}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
