@@ -8,6 +8,8 @@
         state.json          TrainState + per-rank python/numpy RNG states + extra states (noise weighting)
         model.json          the model config, so `mmcl eval --checkpoint DIR` can rebuild the model
         extra.safetensors   tensors of other stateful parts (the momentum teacher), when there are any
+        hf/                 a whole transformers model's config, processor and tokenizer (model.hf_clap),
+                            so the checkpoint rebuilds it without the original folder
         COMPLETE            written last; a folder without it is a partial write and is never loaded
 """
 
@@ -23,6 +25,7 @@ OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 EXTRA_TENSORS = "extra.safetensors"
+MODEL_FILES = "hf"
 COMPLETE = "COMPLETE"
 
 

@@ -1,4 +1,4 @@
-"""The `mmcl` command: one entry point, one subcommand per job (shard, train, eval, demo).
+"""The `mmcl` command: one entry point, one subcommand per job (shard, train, eval, export, convert, demo).
 
 Each subcommand module contributes `add_parser(subparsers)` and a `run(args) -> int`; this file only
 parses, dispatches and turns UsageError into a one-line message with exit code 2.
@@ -16,6 +16,7 @@ from shards_tools.cli import HelpfulFormatter, add_shard_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmcl.convert import add_convert_parser
     from mmcl.eval.cli import add_eval_parser
     from mmcl.export import add_export_parser
     from mmcl.train.cli import add_train_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  mmcl train --config configs/image_text/micro.yaml\n"
             "  mmcl eval zero-shot --checkpoint runs/micro --data heldout/ --output reports/heldout\n"
             "  mmcl export --format hf runs/micro exported/micro\n"
+            "  mmcl convert laion-clap 630k-audioset-best.pt clap-630k --like laion/clap-htsat-unfused\n"
             "  mmcl demo\n"
         ),
     )
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
+    add_convert_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 

@@ -95,8 +95,10 @@ class TrainConfig(_Strict):
                 "(it adds the logit bias SigLIP needs)"
             )
         if self.model.modality == "audio":
-            for key in ("sample_rate", "clip_seconds"):
+            for key in ("sample_rate", "clip_seconds", "max_seconds"):
                 model_value, data_value = getattr(self.model.audio, key), getattr(self.data, key)
+                if key == "max_seconds" and self.model.audio.long_clips == "crop":
+                    model_value = None  # recordings are cropped to clip_seconds
                 if key in self.data.model_fields_set and data_value != model_value:
                     raise ValueError(
                         f"data.{key}={data_value} differs from model.audio.{key}={model_value}; "

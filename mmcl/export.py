@@ -5,6 +5,15 @@
 image-text: an open_clip hub-style folder, `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) and
 `open_clip_model.safetensors` (mmcl's image-text weights are exactly open_clip's state dict), which
 `open_clip.create_model_and_transforms("local-dir:OUT")` loads with no registration and no mmcl installed.
+
+audio-text, a fine-tuned transformers CLAP model (model.hf_clap): a ClapModel folder (config.json,
+model.safetensors with both temperatures) and its processor (feature extractor settings, tokenizer), which
+`ClapModel.from_pretrained(OUT)` and `ClapProcessor.from_pretrained(OUT)` load with no mmcl installed.
+
+Other audio-text runs (mmcl's own audio towers, transformers encoders with new projections, open_clip text
+towers) are refused: no transformers class holds those towers, so a folder that ClapModel or AutoModel
+loads would have to carry a copy of mmcl's and open_clip's tower code (transformers' remote code), a
+second implementation to keep equal to the first.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 EXPORT_EXAMPLE = """example:
   mmcl export --format hf runs/micro exported/micro
   python -c "import open_clip; open_clip.create_model_and_transforms('local-dir:exported/micro')"
+  mmcl export --format hf runs/clap-finetuned exported/clap
+  python -c "from transformers import ClapModel; ClapModel.from_pretrained('exported/clap')"
 """
 
 
@@ -38,9 +49,27 @@ def export_model(checkpoint: Path, output: Path, format: str = "hf") -> Path:
     config = checkpoint_config(folder)
     if config.modality == "image":
         return _export_open_clip(folder, output)
+    if config.hf_clap is not None:
+        return _export_clap(folder, output)
     raise UsageError(
-        f"{folder} holds an audio-text model: only image-text models export so far (an open_clip folder)"
+        f"{folder} holds an audio-text model whose towers no transformers class loads (mmcl's own audio "
+        "tower, or an encoder with a new projection, and an open_clip text tower): it does not export. "
+        "Audio-text runs export when they fine-tune a whole CLAP model (model.hf_clap), as a ClapModel "
+        "folder; evaluate this one with mmcl eval --checkpoint"
     )
+
+
+def _export_clap(folder: Path, output: Path) -> Path:
+    """A ClapModel folder and its processor (also the extractor's preprocessor_config.json, which
+    transformers 4 reads)."""
+    from mmcl.eval.loading import load_eval_model
+
+    model = load_eval_model(checkpoint=folder)
+    output.mkdir(parents=True, exist_ok=True)
+    model.to_clap_model().save_pretrained(output)
+    model.processor.save_pretrained(output)
+    model.processor.feature_extractor.save_pretrained(output)
+    return output
 
 
 def _export_open_clip(folder: Path, output: Path) -> Path:
@@ -77,7 +106,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write a trained model in its ecosystem's format",
         formatter_class=HelpfulFormatter,
         description="Write a trained model where its peers load it: image-text models as an open_clip\n"
-        "folder (open_clip.create_model_and_transforms('local-dir:OUT')).\n\n" + EXPORT_EXAMPLE,
+        "folder (open_clip.create_model_and_transforms('local-dir:OUT')), fine-tuned CLAP models\n"
+        "(model.hf_clap) as a transformers ClapModel folder (ClapModel.from_pretrained(OUT)).\n\n"
+        + EXPORT_EXAMPLE,
     )
     p.add_argument(
         "checkpoint", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)"

@@ -30,6 +30,7 @@ ALLOWED = {
     "mmcl.eval": {"mmcl.errors", "mmcl.checkpoint_folder", "mmcl.data", "mmcl.models"},
     "mmcl.config": {"mmcl.errors", "mmcl.data", "mmcl.eval", "mmcl.models", "mmcl.noise"},
     "mmcl.export": {"mmcl.errors", "mmcl.eval", "mmcl.models"},
+    "mmcl.convert": {"mmcl.errors", "mmcl.models"},
     "mmcl.train": {
         "mmcl.errors",
         "mmcl.checkpoint_folder",

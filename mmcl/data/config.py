@@ -76,6 +76,12 @@ class DataConfig(_Strict):
         10.0, gt=0, description="audio: clip length; longer clips are cropped, shorter repeated"
     )
     random_crop: bool = Field(True, description="audio: a random window of long clips (else the centre)")
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="audio: hand recordings over whole up to this length (NaN-padded) instead of cropping "
+        "them to clip_seconds; follows model.audio.long_clips / max_seconds",
+    )
     image_size: int | None = Field(
         None,
         gt=0,

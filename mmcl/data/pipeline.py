@@ -273,6 +273,7 @@ class SamplePreparer:
     clip_seconds: float
     random_crop: bool
     image_size: int | None
+    max_seconds: float | None = None
 
     def __call__(self, sample: dict) -> dict:
         key, epoch = sample["__key__"], sample["__epoch__"]
@@ -291,6 +292,7 @@ class SamplePreparer:
                 sample_rate=self.sample_rate,
                 clip_seconds=self.clip_seconds,
                 random_crop=self.random_crop,
+                max_seconds=self.max_seconds,
             )
         return {
             "key": key,
@@ -477,6 +479,7 @@ class TrainStream(IterableDataset):
             clip_seconds=cfg.clip_seconds,
             random_crop=cfg.random_crop,
             image_size=cfg.image_size,
+            max_seconds=cfg.max_seconds,
         )
 
     def new_state(self) -> StreamState:

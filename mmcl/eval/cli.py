@@ -22,6 +22,8 @@ ZERO_SHOT_EXAMPLE = (
     " --output reports/esc50\n"
     "  mmcl eval zero-shot --checkpoint runs/micro --data shards/val --classes names.txt --templates short"
     " --output reports/val\n"
+    "  mmcl eval zero-shot --hf-clap laion/clap-htsat-unfused --protocol laion-clap --data ESC-50-master"
+    " --output reports/esc50-laion\n"
 )
 RETRIEVAL_EXAMPLE = (
     "example:\n"
@@ -29,6 +31,8 @@ RETRIEVAL_EXAMPLE = (
     " --output reports/coco\n"
     "  mmcl eval retrieval --open-clip ViT-B-32 --pretrained weights/vit_b32.safetensors"
     " --data 'shards/f30k-{000..004}.tar' --output reports/f30k\n"
+    "  mmcl eval retrieval --hf-clap laion/clap-htsat-fused --protocol laion-clap --data shards/clotho-eval"
+    " --output reports/clotho\n"
 )
 LAYOUTS = """data layouts (--format, detected by default):
   shards        mmcl shards (folder of .tar, a .tar, or a brace pattern) with .cls labels;
@@ -50,7 +54,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="zero-shot classification and retrieval of a trained model",
         formatter_class=HelpfulFormatter,
-        description="Evaluate an mmcl checkpoint or an open_clip model: "
+        description="Evaluate an mmcl checkpoint, an open_clip model or a transformers CLAP model: "
         "zero-shot classification or retrieval.\n"
         "Writes results.json (CLIP_benchmark keys), report.md and plots into --output.\n\n"
         + ZERO_SHOT_EXAMPLE
@@ -83,6 +87,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="re-weight logits to a uniform class prior estimated on the data (no labels used)",
     )
+    _add_protocol(zero_shot)
     _add_run(zero_shot)
     zero_shot.set_defaults(run=_run_zero_shot, prog_name="mmcl eval zero-shot")
 
@@ -97,12 +102,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     g = retrieval.add_argument_group("data")
     g.add_argument("--data", required=True, help="shard folder, .tar or brace pattern")
     g.add_argument("--name", help="dataset name in the report; without it, the folder's name")
+    _add_protocol(retrieval)
     _add_run(retrieval)
     retrieval.set_defaults(run=_run_retrieval, prog_name="mmcl eval retrieval")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of --checkpoint, --open-clip)")
+    from mmcl.models.config import LONG_CLIP_MODES
+
+    g = p.add_argument_group("model (one of --checkpoint, --open-clip, --hf-clap)")
     g.add_argument(
         "--checkpoint", type=Path, help="mmcl checkpoint folder, or a run folder (its newest checkpoint)"
     )
@@ -111,6 +119,32 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--pretrained", metavar="TAG_OR_PATH", help="with --open-clip: pretrained tag or weights file"
+    )
+    g.add_argument(
+        "--hf-clap",
+        dest="hf_clap",
+        metavar="NAME_OR_DIR",
+        help="a transformers ClapModel: hub name (e.g. laion/clap-htsat-unfused) or save_pretrained folder",
+    )
+    g.add_argument(
+        "--long-clips",
+        choices=LONG_CLIP_MODES,
+        help="audio models: recordings longer than the window are cropped (centre), averaged over "
+        "windows, or fused (CLAP fusion models); default: the model's model.audio.long_clips",
+    )
+    g.add_argument(
+        "--max-seconds", type=float, help="with --long-clips average|fusion: the longest stretch used"
+    )
+
+
+def _add_protocol(p: argparse.ArgumentParser) -> None:
+    from mmcl.eval.formats import PROTOCOLS
+
+    p.add_argument_group("protocol").add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        help="a published evaluation protocol, which fixes prompts, folds, clip handling and metrics "
+        "(laion-clap: LAION-CLAP's, see README 'CLAP models')",
     )
 
 
@@ -183,26 +217,63 @@ def _print_summary(
     )
 
 
+def _audio_overrides(args: argparse.Namespace) -> dict:
+    """model.audio settings the command line replaces for this evaluation."""
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise UsageError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    given = {"long_clips": args.long_clips, "max_seconds": args.max_seconds}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _protocol_audio(args: argparse.Namespace, audio: dict) -> dict:
+    """The clip handling --protocol fixes (CLAP's fusion for fusion models, else one window), merged
+    into the command line's; a conflicting --long-clips is refused."""
+    from mmcl.eval.loading import audio_config
+
+    cfg = audio_config(args.checkpoint, args.hf_clap)
+    if cfg is None:
+        raise UsageError(f"--protocol {args.protocol} evaluates audio-text models; this one is image-text")
+    wanted = "fusion" if cfg.tower == "hf" and cfg.fusion_model else "crop"
+    if audio.get("long_clips", wanted) != wanted:
+        raise UsageError(
+            f"--long-clips {audio['long_clips']} conflicts with --protocol {args.protocol}, which takes "
+            f"{wanted} for this model (fusion for CLAP fusion models, else one window); remove it"
+        )
+    return {**audio, "long_clips": wanted}
+
+
 def _run_zero_shot(args: argparse.Namespace) -> int:
-    from mmcl.eval.datasets import open_classification
+    from mmcl.eval.datasets import detect_format, open_classification
     from mmcl.eval.loading import load_eval_model, model_source
+    from mmcl.eval.protocols import zero_shot_settings
     from mmcl.eval.report import write_report
     from mmcl.eval.templates import load_templates
     from mmcl.eval.zero_shot import evaluate_zero_shot
 
     device = _check_run_flags(args)
-    source = model_source(args.checkpoint, args.open_clip, args.pretrained)
+    source = model_source(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
+    audio, folds, padding = _audio_overrides(args), args.folds, "repeat"
+    if args.protocol is not None:
+        audio = _protocol_audio(args, audio)
+        fmt = detect_format(args.data, source.modality) if args.format == "auto" else args.format
+        settings = zero_shot_settings(
+            args.protocol, fmt, templates=args.templates, folds=args.folds, debias=args.debias,
+            classes=args.classes, max_samples=args.max_samples,
+        )  # fmt: skip
+        folds, padding = settings["folds"], settings["padding"]
     data = open_classification(
         args.data,
         source.modality,
         format=args.format,
         classes_file=args.classes,
-        folds=args.folds,
+        folds=folds,
         name=args.name,
         read_options=_read_options(args),
     )
-    templates = load_templates(args.templates, source.modality)
-    model = load_eval_model(args.checkpoint, args.open_clip, args.pretrained, device=device)
+    templates = settings["templates"] if args.protocol else load_templates(args.templates, source.modality)
+    model = load_eval_model(
+        args.checkpoint, args.open_clip, args.pretrained, device=device, hf_clap=args.hf_clap, audio=audio
+    )
     results = evaluate_zero_shot(
         model,
         data,
@@ -212,13 +283,17 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
         debias=args.debias,
         max_samples=args.max_samples,
         progress=not args.quiet,
+        padding=padding,
+        protocol=args.protocol,
     )
     options = {
         "format": data.format,
-        "templates": f"{args.templates} ({len(templates)})",
+        "templates": f"{args.templates} ({len(templates)})" if not args.protocol else templates[0],
         "debias": args.debias,
-        "folds": args.folds,
+        "folds": folds,
         "max_samples": args.max_samples,
+        "protocol": args.protocol,
+        "audio": audio or None,
     }
     paths = write_report(
         args.output,
@@ -237,13 +312,20 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
 def _run_retrieval(args: argparse.Namespace) -> int:
     from mmcl.eval.datasets import open_retrieval
     from mmcl.eval.loading import load_eval_model, model_source
+    from mmcl.eval.protocols import LAION_PADDING, check_retrieval_options
     from mmcl.eval.report import write_report
     from mmcl.eval.retrieval import evaluate_retrieval
 
     device = _check_run_flags(args)
-    source = model_source(args.checkpoint, args.open_clip, args.pretrained)
+    source = model_source(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
+    audio, padding = _audio_overrides(args), "repeat"
+    if args.protocol is not None:
+        check_retrieval_options(args.protocol, args.max_samples)
+        audio, padding = _protocol_audio(args, audio), LAION_PADDING
     data = open_retrieval(args.data, source.modality, name=args.name, read_options=_read_options(args))
-    model = load_eval_model(args.checkpoint, args.open_clip, args.pretrained, device=device)
+    model = load_eval_model(
+        args.checkpoint, args.open_clip, args.pretrained, device=device, hf_clap=args.hf_clap, audio=audio
+    )
     results = evaluate_retrieval(
         model,
         data,
@@ -251,6 +333,8 @@ def _run_retrieval(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_samples=args.max_samples,
         progress=not args.quiet,
+        padding=padding,
+        protocol=args.protocol,
     )
     paths = write_report(
         args.output,
@@ -259,7 +343,7 @@ def _run_retrieval(args: argparse.Namespace) -> int:
         pretrained=source.pretrained,
         task=data.task,
         results=results,
-        options={"max_samples": args.max_samples},
+        options={"max_samples": args.max_samples, "protocol": args.protocol, "audio": audio or None},
     )
     _print_summary(data.task, data.name, source, results, paths)
     return 0

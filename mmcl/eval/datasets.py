@@ -80,19 +80,31 @@ class MediaDecoder:
     image_transform: Callable[[Image.Image], torch.Tensor] | None = None
     sample_rate: int = 16000
     clip_seconds: float = 10.0
+    max_seconds: float | None = None  # long_clips average / fusion: whole clips up to this, NaN-padded
+    padding: str = "repeat"  # of a clip shorter than clip_seconds (mmcl.data.audio.fit_length)
 
     @classmethod
-    def for_model(cls, model: DualEncoder) -> MediaDecoder:
+    def for_model(cls, model: DualEncoder, padding: str = "repeat") -> MediaDecoder:
         if model.modality == "image":
             return cls("image", image_transform=model.media_transform(train=False))
         rate = model.audio.sample_rate
-        return cls("audio", sample_rate=rate, clip_seconds=model.audio.clip_samples / rate)
+        longest = getattr(model, "max_samples", None)
+        return cls(
+            "audio",
+            sample_rate=rate,
+            clip_seconds=model.audio.clip_samples / rate,
+            max_seconds=longest / rate if longest else None,
+            padding=padding,
+        )
 
     def __call__(self, raw: bytes | Image.Image, key: str) -> torch.Tensor:
         if self.modality == "image":
             image = raw if isinstance(raw, Image.Image) else decode_image(raw, key)
             return self.image_transform(image)
-        return load_clip(raw, key, sample_rate=self.sample_rate, clip_seconds=self.clip_seconds, rng=None)
+        return load_clip(
+            raw, key, sample_rate=self.sample_rate, clip_seconds=self.clip_seconds, rng=None,
+            max_seconds=self.max_seconds, padding=self.padding,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- listings

@@ -4,3 +4,6 @@ CLASSIFICATION_FORMATS = ("shards", "class-folder", "cifar10", "cifar100", "esc5
 FOLD_FORMATS = ("esc50", "urbansound8k")
 # Layouts that hold one modality only.
 FORMAT_MODALITY = {"cifar10": "image", "cifar100": "image", "esc50": "audio", "urbansound8k": "audio"}
+# The published evaluation protocols `--protocol` follows (mmcl.eval.protocols).
+LAION_CLAP = "laion-clap"
+PROTOCOLS = (LAION_CLAP,)

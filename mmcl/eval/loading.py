@@ -1,9 +1,12 @@
-"""The model to evaluate: an mmcl checkpoint (or the newest one of a run), or an open_clip model.
+"""The model to evaluate: an mmcl checkpoint (or the newest one of a run), an open_clip model, or a
+transformers CLAP model.
 
 An mmcl checkpoint folder holds `model.json` (the ModelConfig the run trained) and `model.safetensors`;
 the model is rebuilt from the config without any pretrained weights (they are in the checkpoint, and
-fetching them again would need the hub) and then loaded strictly. An open_clip model is wrapped in mmcl's
-ImageTextEncoder, so both kinds are evaluated by exactly the same code.
+fetching them again would need the hub) and then loaded strictly; a run of a whole transformers model
+(model.hf_clap) is rebuilt from the config and processor files in the checkpoint's hf/ folder. An open_clip
+model is wrapped in mmcl's ImageTextEncoder and a ClapModel (`--hf-clap`) in mmcl.models.hf_clap's
+ClapEncoder, so every kind is evaluated by exactly the same code.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from mmcl.checkpoint_folder import (
     CHECKPOINTS,
     COMPLETE,
     MODEL_CONFIG,
+    MODEL_FILES,
     MODEL_WEIGHTS,
     PREFIX,
     list_checkpoints,
 )
 from mmcl.errors import UsageError
-from mmcl.models import DualEncoder, ModelConfig, build_model
+from mmcl.models import AudioTowerConfig, DualEncoder, ModelConfig, build_model
 from mmcl.models.factory import resolve_open_clip_name
 from mmcl.models.weights import TORCH_SUFFIXES, load_weights, read_state_dict
 
@@ -72,6 +76,8 @@ def checkpoint_config(checkpoint: Path) -> ModelConfig:
         if isinstance(values.get("audio"), dict) and values["audio"].get("hf_model"):
             # likewise a transformers audio tower's: build it from the hf_config kept in model.json
             values["audio"] = {**values["audio"], "hf_model": None}
+        if values.get("hf_clap"):  # a whole CLAP model: from the config and processor files kept here
+            values.update(hf_clap=str(checkpoint / MODEL_FILES), hf_clap_pretrained=False)
         config = ModelConfig.model_validate(values)
     except (OSError, ValueError) as err:  # ValidationError and JSONDecodeError are ValueErrors
         detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err
@@ -90,23 +96,29 @@ def load_eval_model(
     open_clip_name: str | None = None,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
+    hf_clap: str | None = None,
+    audio: dict | None = None,
 ) -> DualEncoder:
     """The model to evaluate, in eval mode on `device`.
 
-    Exactly one of `checkpoint` (an mmcl checkpoint or run folder) and `open_clip_name` (with
-    `pretrained`: an open_clip tag, a local weights file, or None for random weights) must be given.
+    Exactly one of `checkpoint` (an mmcl checkpoint or run folder), `open_clip_name` (with `pretrained`:
+    an open_clip tag, a local weights file, or None for random weights) and `hf_clap` (a ClapModel's hub
+    name or save_pretrained folder) must be given. `audio` overrides settings of an audio model's
+    model.audio section (long_clips, max_seconds) for this evaluation.
     """
-    _check_choice(checkpoint, open_clip_name, pretrained)
+    _check_choice(checkpoint, open_clip_name, pretrained, hf_clap)
     if checkpoint is not None:
         folder = resolve_checkpoint(checkpoint)
         weights = folder / MODEL_WEIGHTS
         if not weights.is_file():
             raise UsageError(f"{folder} has no {MODEL_WEIGHTS}: the checkpoint is incomplete")
-        model = build_model(checkpoint_config(folder))
+        model = build_model(_with_audio(checkpoint_config(folder), audio))
         try:
             load_weights(model, read_state_dict(weights))
         except RuntimeError as err:
             raise UsageError(f"{weights} does not fit the model in {folder / MODEL_CONFIG}: {err}") from None
+    elif hf_clap is not None:
+        model = build_model(_with_audio(_config(hf_clap=hf_clap), audio))
     else:
         if (
             pretrained is not None
@@ -123,21 +135,68 @@ def load_eval_model(
     return model.to(device).eval()
 
 
+def _config(**values) -> ModelConfig:
+    """A ModelConfig from command-line values; a validation error is a UsageError."""
+    try:
+        return ModelConfig.model_validate(values)
+    except ValidationError as err:
+        raise UsageError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+def _with_audio(config: ModelConfig, audio: dict | None) -> ModelConfig:
+    """`config` with its audio section's `audio` settings replaced (validated again)."""
+    if not audio:
+        return config
+    if config.modality != "audio":
+        raise UsageError(f"{', '.join(audio)}: settings of audio models; this one is an image-text model")
+    values = config.model_dump(mode="json", exclude_defaults=True)
+    values["audio"] = {**values.get("audio", {}), **audio}
+    return _config(**values)
+
+
 def model_source(
-    checkpoint: Path | None = None, open_clip_name: str | None = None, pretrained: str | None = None
+    checkpoint: Path | None = None,
+    open_clip_name: str | None = None,
+    pretrained: str | None = None,
+    hf_clap: str | None = None,
 ) -> ModelSource:
     """What `load_eval_model` with the same arguments loads, described for reports."""
-    _check_choice(checkpoint, open_clip_name, pretrained)
+    _check_choice(checkpoint, open_clip_name, pretrained, hf_clap)
     if checkpoint is not None:
         folder = resolve_checkpoint(checkpoint)
         config = checkpoint_config(folder)
+        if config.hf_clap is not None:
+            return ModelSource(_trained_clap_name(folder), str(folder), "audio")
         name = config.open_clip_name if config.open_clip_config is None else resolve_open_clip_name(config)
         return ModelSource(name, str(folder), config.modality)
+    if hf_clap is not None:
+        _config(hf_clap=hf_clap)  # reads its config files: a wrong name fails here, before the data
+        return ModelSource(hf_clap, hf_clap, "audio")
     return ModelSource(open_clip_name, pretrained or "none", "image")
 
 
-def _check_choice(checkpoint: Path | None, open_clip_name: str | None, pretrained: str | None) -> None:
-    if (checkpoint is None) == (open_clip_name is None):
-        raise UsageError("give exactly one model: --checkpoint RUN/checkpoints/step-... or --open-clip NAME")
-    if checkpoint is not None and pretrained is not None:
-        raise UsageError("--pretrained goes with --open-clip; a --checkpoint already holds its weights")
+def audio_config(checkpoint: Path | None = None, hf_clap: str | None = None) -> AudioTowerConfig | None:
+    """The audio settings of the model a checkpoint or --hf-clap gives (None: an image-text model)."""
+    if hf_clap is not None:
+        return _config(hf_clap=hf_clap).audio
+    if checkpoint is not None:
+        config = checkpoint_config(resolve_checkpoint(checkpoint))
+        return config.audio if config.modality == "audio" else None
+    return None
+
+
+def _trained_clap_name(folder: Path) -> str:
+    """The CLAP model a run fine-tuned, as its config named it."""
+    return str(json.loads((folder / MODEL_CONFIG).read_text("utf-8")).get("hf_clap"))
+
+
+def _check_choice(
+    checkpoint: Path | None, open_clip_name: str | None, pretrained: str | None, hf_clap: str | None = None
+) -> None:
+    if sum(x is not None for x in (checkpoint, open_clip_name, hf_clap)) != 1:
+        raise UsageError(
+            "give exactly one model: --checkpoint RUN/checkpoints/step-..., --open-clip NAME or "
+            "--hf-clap NAME"
+        )
+    if pretrained is not None and open_clip_name is None:
+        raise UsageError("--pretrained goes with --open-clip; --checkpoint and --hf-clap hold their weights")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mmcl.errors import UsageError
 from mmcl.eval.datasets import EvalData, MediaDecoder
+from mmcl.eval.protocols import LAION_CAPTIONS, check_captions, retrieval_rank_metrics
 from mmcl.eval.zero_shot import encode_texts, extract_features
 from mmcl.models import DualEncoder
 
@@ -107,18 +108,28 @@ def evaluate_retrieval(
     workers: int = 0,
     max_samples: int | None = None,
     progress: bool = False,
+    padding: str = "repeat",
+    protocol: str | None = None,
 ) -> dict[str, float | int]:
-    """Retrieval metrics of `model` on captioned shards, plus num_items, num_captions and skipped."""
+    """Retrieval metrics of `model` on captioned shards, plus num_items, num_captions and skipped.
+    `padding`: how a clip shorter than the model's window is padded; with `protocol` (mmcl.eval.protocols)
+    every item needs its caption count and the metrics are the protocol's."""
     if data.class_names is not None:
         raise UsageError(f"{data.name} is classification data; retrieval needs captioned shards")
     model.eval()
-    loader = data.loader(MediaDecoder.for_model(model), batch_size, workers, max_samples)
+    loader = data.loader(MediaDecoder.for_model(model, padding), batch_size, workers, max_samples)
     shown = (f"retrieval {data.name}", data.size(max_samples)) if progress else None
     features = extract_features(model, loader, limit=max_samples, progress=shown)
     captions = [caption for item_captions in features.targets for caption in item_captions]
     owner = torch.tensor([i for i, item_captions in enumerate(features.targets) for _ in item_captions])
+    if protocol is not None:
+        check_captions(protocol, [len(item_captions) for item_captions in features.targets])
     text = encode_texts(model, captions, batch_size).cpu()
-    metrics = retrieval_metrics(features.media, text, owner, model.modality)
+    if protocol is None:
+        metrics = retrieval_metrics(features.media, text, owner, model.modality)
+    else:
+        better, _ = text_to_media_ranks(text, features.media, owner)
+        metrics = retrieval_rank_metrics(features.media, text, better, model.modality, LAION_CAPTIONS)
     return {
         **metrics,
         "num_items": len(features.targets),

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mmcl.errors import UsageError
 from mmcl.eval.datasets import EvalData, MediaDecoder
+from mmcl.eval.protocols import zero_shot_rank_metrics
 from mmcl.models import DualEncoder
 from mmcl.models.dual_encoder import MAX_LOGIT_SCALE
 
@@ -173,15 +174,18 @@ def evaluate_zero_shot(
     debias: bool = False,
     max_samples: int | None = None,
     progress: bool = False,
+    padding: str = "repeat",
+    protocol: str | None = None,
 ) -> dict:
     """Zero-shot classification of `data` by `model`: the metrics of `classification_metrics` plus
     num_samples and skipped; with `debias`, the metrics are those of the debiased logits and
-    acc1_without_debias keeps the plain top-1 accuracy."""
+    acc1_without_debias keeps the plain top-1 accuracy. `padding`: how a clip shorter than the model's
+    window is padded (mmcl.data.audio.fit_length); `protocol` (mmcl.eval.protocols) adds its rank metrics."""
     if data.class_names is None:
         raise UsageError(f"{data.name} has no class names: it is retrieval data")
     model.eval()
     classifier = build_classifier(model, data.class_names, templates, batch_size)
-    loader = data.loader(MediaDecoder.for_model(model), batch_size, workers, max_samples)
+    loader = data.loader(MediaDecoder.for_model(model, padding), batch_size, workers, max_samples)
     shown = (f"zero-shot {data.name}", data.size(max_samples)) if progress else None
     features = extract_features(model, loader, limit=max_samples, progress=shown)
     labels = torch.tensor(features.targets, dtype=torch.long)
@@ -194,4 +198,6 @@ def evaluate_zero_shot(
     metrics = classification_metrics(debias_logits(logits) if debias else logits, labels, data.class_names)
     if debias:
         metrics["acc1_without_debias"] = float((logits.argmax(dim=1) == labels).double().mean())
+    if protocol is not None:
+        metrics.update(zero_shot_rank_metrics(logits, labels))
     return {**metrics, "num_samples": len(labels), "skipped": features.skipped}

@@ -8,7 +8,7 @@ that configs can be checked quickly and before anything expensive is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,6 +42,10 @@ def check_open_clip_config(cfg: dict[str, Any], where: str) -> None:
             f"(open_clip's default is {OPEN_CLIP_DEFAULT_HEAD_WIDTH}); set vision_cfg.head_width to a "
             f"divisor of the width, e.g. {width // 2}"
         )
+
+
+LongClips = Literal["crop", "average", "fusion"]  # see mmcl.models.long_clips
+LONG_CLIP_MODES = get_args(LongClips)
 
 
 class _Strict(BaseModel):
@@ -97,6 +101,15 @@ class AudioTowerConfig(_Strict):
     hf_features: dict[str, Any] | None = Field(
         None, description="hf: its preprocessor_config.json (filled from hf_model; kept in checkpoints)"
     )
+    long_clips: LongClips = Field(
+        "crop",
+        description="recordings longer than clip_seconds: crop (one window: random in training, the centre "
+        "in evaluation), average (the mean embedding of consecutive clip_seconds windows) or fusion "
+        "(CLAP fusion models: the whole clip's mel and 3 windows of it); see mmcl.models.long_clips",
+    )
+    max_seconds: float = Field(
+        30.0, gt=0, description="average / fusion: the longest stretch of a recording handed to the model"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +130,32 @@ class AudioTowerConfig(_Strict):
     def n_frames(self) -> int:
         """Spectrogram frames of one clip (torchaudio's centred STFT)."""
         return self.clip_samples // self.hop_length + 1
+
+    @property
+    def fusion_model(self) -> bool:
+        """Whether tower: hf is a CLAP model with a fusion branch (enable_fusion)."""
+        config = self.hf_config or {}
+        return bool(config.get("audio_config", config).get("enable_fusion", False))
+
+    @model_validator(mode="after")
+    def _check_long_clips(self) -> AudioTowerConfig:
+        p = "model.audio"
+        if self.long_clips != "crop" and self.max_seconds < self.clip_seconds:
+            raise ValueError(
+                f"{p}.max_seconds={self.max_seconds} is shorter than {p}.clip_seconds={self.clip_seconds}; "
+                f"with long_clips: {self.long_clips} it must be at least one clip"
+            )
+        if self.long_clips == "fusion" and self.tower != "hf":
+            raise ValueError(
+                f"{p}.long_clips: fusion needs a CLAP fusion model (model.hf_clap, or tower: hf with a "
+                f"CLAP model whose enable_fusion is true); use average for {self.tower} towers"
+            )
+        if self.long_clips == "fusion" and self.hf_config is not None and not self.fusion_model:
+            raise ValueError(
+                f"{p}.long_clips: fusion needs a CLAP model with enable_fusion: true; this one has none "
+                "(e.g. laion/clap-htsat-fused has); use average or crop"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_shapes(self) -> AudioTowerConfig:
@@ -221,6 +260,27 @@ class ModelConfig(_Strict):
     hf_text_pretrained: bool = Field(
         True, description="hf_text: start from its pretrained weights (false: random, from its config)"
     )
+    hf_clap: str | None = Field(
+        None,
+        min_length=1,
+        description="the whole dual encoder: a transformers ClapModel (hub name or local save_pretrained "
+        "folder with its processor), its towers, projections, tokenizer and temperature (pip install "
+        "'mmcl[hf]'); model.audio follows its feature extractor",
+    )
+    hf_clap_pretrained: bool = Field(
+        True, description="hf_clap: start from its weights (false: random, from its config)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_hf_clap(cls, data: Any) -> Any:
+        """hf_clap reads the CLAP model's config and feature settings (cheap JSON files) up front."""
+        if isinstance(data, dict) and data.get("hf_clap"):
+            from mmcl.models.hf_clap_settings import resolve_hf_clap
+
+            defaults = {k: f.get_default(call_default_factory=True) for k, f in cls.model_fields.items()}
+            return resolve_hf_clap(data, defaults)
+        return data
 
     @field_validator("hf_text")
     @classmethod
@@ -258,6 +318,8 @@ class ModelConfig(_Strict):
                 "both set; keep one"
             )
         self._check_hf_text(given)
+        if "hf_clap_pretrained" in given and self.hf_clap is None:
+            raise ValueError("model.hf_clap_pretrained is set but model.hf_clap is not; set both or neither")
         if self.freeze_media and self.freeze_text:
             raise ValueError(
                 "model.freeze_media and model.freeze_text are both true, which leaves only the "

@@ -7,12 +7,14 @@ towers come from:
   `self.clip.state_dict()` is exactly open_clip's and open_clip can load what mmcl trains.
 * `AudioTextEncoder` pairs an mmcl `AudioTower` with an open_clip text tower (`self.text`, the module
   open_clip's `CustomTextCLIP` also keeps under `text`, so text weights move between the two).
+  `ClapEncoder` (mmcl.models.hf_clap) is one whose towers are a transformers ClapModel's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from mmcl.models.audio_tower import AudioTower, ClipCrop
 from mmcl.models.hf_audio import lockable_audio_part
 from mmcl.models.hf_text import lockable_text_part
+from mmcl.models.long_clips import average_windows
 
 Tower = Literal["media", "text"]
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale): beyond it training turns unstable
@@ -77,6 +80,12 @@ class DualEncoder(nn.Module):
         `state` is this module's full state dict when it was gathered elsewhere (accelerate's
         `get_state_dict` under FSDP/DeepSpeed); by default the module's own."""
         raise NotImplementedError
+
+    def save_model_files(self, folder: Path) -> bool:
+        """Write into `folder` the files besides the weights that rebuilding this model takes (a whole
+        transformers model's config, processor and tokenizer: mmcl.models.hf_clap); whether it wrote any.
+        Most models are rebuilt from their config alone and write nothing."""
+        return False
 
     def forward(self, media: Tensor, tokens: Tensor) -> dict[str, Tensor | None]:
         """Normalised features of both towers, exp(logit_scale) capped at 100, and the logit bias."""
@@ -164,15 +173,24 @@ class AudioTextEncoder(DualEncoder):
         embed_dim: int,
         init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
         init_logit_bias: float | None = None,
+        long_clips: str = "crop",
+        max_samples: int | None = None,
     ) -> None:
         super().__init__(tokenizer, embed_dim)
         self.audio = audio
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(init_logit_bias))
+        # recordings longer than the tower's window (mmcl.models.long_clips): with average or fusion the
+        # model takes NaN-padded whole clips [B, max_samples]
+        self.long_clips = long_clips
+        self.max_samples = max_samples if long_clips != "crop" else None
 
     def encode_media(self, media: Tensor, normalize: bool = True) -> Tensor:
-        features = self.audio(media)
+        if self.long_clips == "average":
+            features = average_windows(self.audio, media, self.audio.clip_samples)
+        else:
+            features = self.audio(media)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:

@@ -112,8 +112,11 @@ def get_tokenizer(cfg: ModelConfig) -> Callable[..., Tensor]:
 
 def build_model(cfg: ModelConfig) -> DualEncoder:
     """Create the DualEncoder that `cfg` describes, with weights loaded and towers frozen as asked."""
-    name = resolve_open_clip_name(cfg)
-    model = _build_image_model(cfg, name) if cfg.modality == "image" else _build_audio_model(cfg, name)
+    if cfg.hf_clap is not None:
+        model = _build_clap_model(cfg)
+    else:
+        name = resolve_open_clip_name(cfg)
+        model = _build_image_model(cfg, name) if cfg.modality == "image" else _build_audio_model(cfg, name)
     if cfg.freeze_media:
         model.freeze("media")
     if cfg.freeze_text:
@@ -184,6 +187,22 @@ def _build_image_model(cfg: ModelConfig, name: str) -> ImageTextEncoder:
     return model
 
 
+def _build_clap_model(cfg: ModelConfig) -> AudioTextEncoder:
+    """A whole transformers ClapModel (model.hf_clap), or with model.pretrained an mmcl checkpoint of one."""
+    from mmcl.models.hf_clap import build_clap_model  # imports transformers
+
+    model = build_clap_model(cfg)
+    if cfg.pretrained is not None:
+        weights = _local_file(cfg.pretrained)
+        if weights is None:
+            raise UsageError(
+                f"model.pretrained={cfg.pretrained!r}: a model.hf_clap model starts from an mmcl checkpoint "
+                "file of the same CLAP model, which does not exist; fix the path or remove it"
+            )
+        _load("model.pretrained", weights, lambda state: load_weights(model, state))
+    return model
+
+
 def _build_audio_model(cfg: ModelConfig, name: str) -> AudioTextEncoder:
     """An mmcl audio tower plus the text tower of open_clip architecture `name` (built the way open_clip
     builds it, without the unused image tower)."""
@@ -199,7 +218,11 @@ def _build_audio_model(cfg: ModelConfig, name: str) -> AudioTextEncoder:
         scale, bias = oc.get("init_logit_scale", CLIP_INIT_LOGIT_SCALE), oc.get("init_logit_bias")
     # a transformers audio encoder starts from its pretrained weights unless a whole checkpoint replaces them
     audio = build_audio_tower(cfg.audio, embed_dim, pretrained=cfg.pretrained is None)
-    model = AudioTextEncoder(audio, text, open_clip.get_tokenizer(name), embed_dim, scale, bias)
+    long_clips = {
+        "long_clips": cfg.audio.long_clips,
+        "max_samples": round(cfg.audio.max_seconds * cfg.audio.sample_rate),
+    }
+    model = AudioTextEncoder(audio, text, open_clip.get_tokenizer(name), embed_dim, scale, bias, **long_clips)
     if cfg.pretrained is not None:
         weights = _local_file(cfg.pretrained)
         if weights is None:

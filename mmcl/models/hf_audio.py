@@ -20,6 +20,7 @@ import math
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from mmcl.errors import UsageError
 from mmcl.models.config import AudioTowerConfig
 from mmcl.models.hf_audio_settings import clip_limits, family_of
+from mmcl.models.long_clips import unmark
 
 KEY = "model.audio"
 DB_FLOOR = 1e-10  # CLAP's mel_floor and min_value (-100 dB)
@@ -52,8 +54,8 @@ def require_transformers() -> Any:
 class ClapFeatures(nn.Module):
     """ClapFeatureExtractor: pad a short clip to max_length_s as its `padding` says, a centred STFT
     (periodic Hann, reflect padding), power, its mel filters (Slaney for rand_trunc, HTK for fusion),
-    dB. [B, T] -> [B, 1, frames, mels], or 4 copies for a fusion model (none of its clips is longer
-    than max_length_s, since the pipeline crops them).
+    dB. [B, T] -> [B, 1, frames, mels], or 4 copies for a fusion model; `fusion` makes a fusion model's
+    input for clips of any length (long_clips: fusion).
 
     Computed in float64 like the extractor (numpy) where the device has it: the dB of quiet bins next
     to loud ones are sensitive to rounding, and float32 leaves them up to 4e-5 dB off."""
@@ -80,13 +82,56 @@ class ClapFeatures(nn.Module):
             wave = wave.repeat(1, repeats)
         return F.pad(wave, (0, self.max_samples - wave.shape[-1]))
 
-    def forward(self, wave: Tensor) -> Tensor:
+    def mel(self, wave: Tensor) -> Tensor:
+        """[B, T] -> dB mel [B, frames, mels] (float32), T as it is."""
         dtype = torch.float64 if wave.device.type in FLOAT64_DEVICES else torch.float32
         window, filters = self.window.to(dtype), self.filters.to(dtype)
-        wave = self.pad(wave).to(dtype)
-        spec = torch.stft(wave, self.n_fft, self.hop, window=window, pad_mode="reflect", return_complex=True)
+        spec = torch.stft(
+            wave.to(dtype), self.n_fft, self.hop, window=window, pad_mode="reflect", return_complex=True
+        )
         mel = (spec.abs().pow(2).transpose(1, 2) @ filters).clamp(min=DB_FLOOR)
-        return (10.0 * mel.log10()).float().unsqueeze(1).expand(-1, self.copies, -1, -1)
+        return (10.0 * mel.log10()).float()
+
+    def forward(self, wave: Tensor) -> Tensor:
+        return self.mel(self.pad(wave)).unsqueeze(1).expand(-1, self.copies, -1, -1)
+
+    def fusion(self, wave: Tensor, random: bool) -> tuple[Tensor, Tensor]:
+        """A fusion model's input for NaN-padded clips of any length [B, T] (mmcl.models.long_clips):
+        features [B, 4, frames, mels] and is_longer [B, 1], as ClapFeatureExtractor(truncation="fusion")
+        makes them. A clip longer than max_length_s: its whole mel squeezed to the window (bilinear), then
+        3 windows of it, one from each third of the possible starts, chosen at random when `random`
+        (training), else the middle start of each third (the extractor always draws them). A shorter clip:
+        padded, 4 copies, not longer. In training, when no clip of the batch is longer, a random one is
+        marked longer, as the extractor does, so the fusion branch takes part in every step."""
+        wave, lengths = unmark(wave)
+        chunk = self.max_samples // self.hop + 1
+        features, longer = [], []
+        for index, length in enumerate(lengths):
+            clip = wave[index : index + 1, :length]
+            if length <= self.max_samples:
+                features.append(self(clip)[0])
+                longer.append(False)
+                continue
+            mel = self.mel(clip)[0]
+            total = mel.shape[0]
+            if total == chunk:  # longer by less than a hop: the whole clip is one window
+                features.append(mel.expand(4, -1, -1))
+                longer.append(False)
+                continue
+            starts = [part.tolist() or [0] for part in np.array_split(np.arange(total - chunk + 1), 3)]
+            if random:
+                starts = [part[int(torch.randint(len(part), ()))] for part in starts]
+            else:
+                starts = [part[len(part) // 2] for part in starts]
+            squeezed = F.interpolate(
+                mel[None, None], size=[chunk, mel.shape[1]], mode="bilinear", align_corners=False
+            )
+            features.append(torch.stack([squeezed[0, 0], *(mel[s : s + chunk] for s in starts)]))
+            longer.append(True)
+        is_longer = torch.tensor(longer, device=wave.device)[:, None]
+        if random and not is_longer.any():
+            is_longer[int(torch.randint(len(lengths), ()))] = True
+        return torch.stack(features), is_longer
 
 
 class WhisperFeatures(nn.Module):
@@ -164,7 +209,9 @@ class WaveformFeatures(nn.Module):
 # --------------------------------------------------------------------------------------- tower
 class HFAudioTower(nn.Module):
     """Waveform [B, clip_samples] -> embedding [B, embed_dim] (unnormalised): the family's features,
-    the pretrained encoder, pooling over time, and a linear projection (`proj`) to embed_dim."""
+    the pretrained encoder, pooling over time, and a linear projection (`proj`) to embed_dim, or the
+    projection given (a ClapModel's own, mmcl.models.hf_clap). With long_clips "fusion" (CLAP fusion
+    models) it takes NaN-padded whole clips [B, input_samples] (mmcl.models.long_clips)."""
 
     def __init__(
         self,
@@ -178,6 +225,9 @@ class HFAudioTower(nn.Module):
         sample_rate: int,
         clip_samples: int,
         valid_positions: int | None = None,
+        proj: nn.Module | None = None,
+        long_clips: str = "crop",
+        input_samples: int | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -188,17 +238,23 @@ class HFAudioTower(nn.Module):
         self.clip_samples = clip_samples
         self.valid_positions = valid_positions  # Whisper: encoder positions covering the clip
         self.input_name = "input_values" if family in ("ast", "wav2vec2") else "input_features"
-        self.proj = nn.Linear(width, embed_dim)
+        self.proj = nn.Linear(width, embed_dim) if proj is None else proj
+        self.long_clips = long_clips  # "fusion": whole clips, CLAP's fusion input; else one window
+        self.input_samples = input_samples or clip_samples
 
     def encoder_inputs(self, waveform: Tensor) -> dict[str, Tensor]:
         """The keyword arguments the encoder's forward takes, as its feature extractor would give them."""
-        if waveform.dim() != 2 or waveform.shape[1] != self.clip_samples:
+        if waveform.dim() != 2 or waveform.shape[1] != self.input_samples:
+            seconds = "clip_seconds" if self.long_clips != "fusion" else "max_seconds, NaN-padded"
             raise ValueError(
-                f"audio tower expects mono waveforms [batch, {self.clip_samples}] (clip_seconds x "
+                f"audio tower expects mono waveforms [batch, {self.input_samples}] ({seconds} x "
                 f"sample_rate), got {list(waveform.shape)}; crop/pad with model.media_transform(train)"
             )
         # STFTs and logs are not safe in half precision: opt out of any surrounding autocast.
         with torch.autocast(device_type=waveform.device.type, enabled=False):
+            if self.long_clips == "fusion":
+                features, is_longer = self.features.fusion(waveform.float(), random=self.training)
+                return {self.input_name: features, "is_longer": is_longer}
             inputs = {self.input_name: self.features(waveform.float())}
         if self.family == "clap" and getattr(self.encoder.config, "enable_fusion", False):
             inputs["is_longer"] = torch.zeros(len(waveform), 1, dtype=torch.bool, device=waveform.device)
@@ -289,11 +345,8 @@ def build_hf_audio_tower(cfg: AudioTowerConfig, embed_dim: int, pretrained: bool
                 f"enable_fusion={fusion} (fusion models take 'fusion', others 'rand_trunc')"
             )
         features, width = ClapFeatures(extractor, fusion), encoder.audio_encoder.num_features
-        if fusion:  # its branch for clips longer than max_length_s never runs here: frozen, so that
-            # DDP does not wait for its gradients
-            patch_embed = encoder.audio_encoder.patch_embed
-            for part in (patch_embed.fusion_model, patch_embed.mel_conv2d):
-                part.requires_grad_(False)
+        if fusion and cfg.long_clips != "fusion":
+            freeze_fusion_branch(encoder)
     elif family == "whisper":
         features, width = WhisperFeatures(extractor), config.d_model
         frames = cfg.clip_samples // extractor.hop_length
@@ -318,4 +371,14 @@ def build_hf_audio_tower(cfg: AudioTowerConfig, embed_dim: int, pretrained: bool
         sample_rate=cfg.sample_rate,
         clip_samples=cfg.clip_samples,
         valid_positions=valid_positions,
+        long_clips="fusion" if cfg.long_clips == "fusion" else "crop",
+        input_samples=round(cfg.max_seconds * cfg.sample_rate) if cfg.long_clips == "fusion" else None,
     )
+
+
+def freeze_fusion_branch(encoder: nn.Module) -> None:
+    """Freeze a CLAP fusion model's branch for clips longer than max_length_s when it never runs (clips
+    are cropped: long_clips is not fusion), so that DDP does not wait for its gradients."""
+    patch_embed = encoder.audio_encoder.patch_embed
+    for part in (patch_embed.fusion_model, patch_embed.mel_conv2d):
+        part.requires_grad_(False)

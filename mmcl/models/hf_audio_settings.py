@@ -17,6 +17,7 @@ from typing import Any
 KEY = "model.audio"
 CONFIG_FILE = "config.json"
 FEATURES_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"  # a processor's save_pretrained: the extractor's settings inside
 # feature_extractor_type -> the family whose features mmcl computes in torch (mmcl.models.hf_audio)
 FAMILIES = {
     "ClapFeatureExtractor": "clap",
@@ -37,18 +38,19 @@ DROPPED_CONFIG_KEYS = ("id2label", "label2id")
 KALDI_FRAME_MS, KALDI_SHIFT_MS = 25.0, 10.0
 
 
-def read_hf_json(name: str, filename: str) -> dict[str, Any]:
-    """`filename` of a saved model folder, or of a hub repository (from the local cache when offline)."""
+def read_hf_json(name: str, filename: str, key: str = f"{KEY}.hf_model") -> dict[str, Any]:
+    """`filename` of a saved model folder, or of a hub repository (from the local cache when offline);
+    ValueError naming `key` (the setting that gave `name`) when it cannot be read."""
     folder = Path(name).expanduser()
     if folder.is_dir():
         path = folder / filename
         if not path.is_file():
             raise ValueError(
-                f"{KEY}.hf_model={name!r}: the folder has no {filename}; save the model and its "
+                f"{key}={name!r}: the folder has no {filename}; save the model and its "
                 "feature extractor there with save_pretrained"
             )
     elif name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
-        raise ValueError(f"{KEY}.hf_model={name!r} is not a folder (nor a hub name); fix the path")
+        raise ValueError(f"{key}={name!r} is not a folder (nor a hub name); fix the path")
     else:
         try:
             from huggingface_hub import hf_hub_download
@@ -56,14 +58,29 @@ def read_hf_json(name: str, filename: str) -> dict[str, Any]:
             path = Path(hf_hub_download(name, filename))
         except Exception as err:  # offline, unknown repository, no such file, ...
             raise ValueError(
-                f"{KEY}.hf_model={name!r} is not a folder, and its {filename} could not be read from the "
+                f"{key}={name!r} is not a folder, and its {filename} could not be read from the "
                 f"Hugging Face hub or its cache ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "give a local folder written by save_pretrained"
             ) from None
     try:
         return json.loads(path.read_text("utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{KEY}.hf_model={name!r}: {path} is not readable JSON ({err})") from None
+        raise ValueError(f"{key}={name!r}: {path} is not readable JSON ({err})") from None
+
+
+def read_features(name: str, key: str = f"{KEY}.hf_model") -> dict[str, Any]:
+    """The feature extractor's settings: preprocessor_config.json, or the "feature_extractor" entry of the
+    processor_config.json that a processor's save_pretrained writes (transformers 5)."""
+    try:
+        return read_hf_json(name, FEATURES_FILE, key)
+    except ValueError as err:
+        try:
+            features = read_hf_json(name, PROCESSOR_FILE, key).get("feature_extractor")
+        except ValueError:
+            raise err from None
+        if not isinstance(features, dict):
+            raise err from None
+        return features
 
 
 def family_of(features: dict[str, Any]) -> str:
@@ -107,7 +124,7 @@ def resolve_hf_audio(data: dict[str, Any]) -> dict[str, Any]:
                     f"{KEY}.tower is hf but {KEY}.hf_model is not set; give the encoder's folder "
                     "(save_pretrained) or hub name, e.g. laion/clap-htsat-unfused"
                 )
-            values = read_hf_json(name, filename)
+            values = read_features(name) if filename == FEATURES_FILE else read_hf_json(name, filename)
             data[key] = {k: v for k, v in values.items() if k not in DROPPED_CONFIG_KEYS}
         if not isinstance(data[key], dict):
             raise ValueError(f"{KEY}.{key} must be a mapping: the content of the encoder's {filename}")

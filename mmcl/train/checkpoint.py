@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mmcl.checkpoint_folder import (
     COMPLETE,
     EXTRA_TENSORS,
     MODEL_CONFIG,
+    MODEL_FILES,
     MODEL_WEIGHTS,
     OPTIMIZER,
     PREFIX,
@@ -87,8 +89,11 @@ def save_checkpoint(
     extra: dict | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
+    model_files: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `train_state.step` atomically; prune to the newest `keep_last`."""
+    """Write a complete checkpoint for `train_state.step` atomically; prune to the newest `keep_last`.
+    `model_files(folder)` writes the files a model needs besides its weights (DualEncoder.save_model_files)
+    into the checkpoint's MODEL_FILES folder."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, train_state.step)
@@ -111,9 +116,12 @@ def save_checkpoint(
         save_file(
             {k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS
         )
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+    if model_files is not None and not model_files(tmp / MODEL_FILES):
+        shutil.rmtree(tmp / MODEL_FILES, ignore_errors=True)
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_dir(tmp)
     if final.exists():

@@ -397,6 +397,7 @@ class Trainer:
                 extra=extra,
                 extra_tensors=extra_tensors,
                 keep_last=self.cfg.train.keep_last,
+                model_files=acc.unwrap_model(self.model).save_model_files,
             )
         acc.wait_for_everyone()
         return path
