@@ -17,6 +17,14 @@ clips/s per core. The sides, each over the same shards:
 
 The clips are synthetic (tones, a sweep and noise, 16-bit mono), written as mmcl shards in --work-dir
 (default bench/out/audio_loader/, git-ignored). Results: a table on stdout and WORK_DIR/results.json.
+
+    .venv/bin/python bench/audio_loader_bench.py --train-steps 60    # + data wait in a micro training run
+
+--train-steps N then trains N steps of a micro model on the same shards with `mmcl train` in a child process
+(the machine's cores, data.workers 2, batch 32): an `hf` audio tower that is a tiny random ClapModel with
+transformers' default (HTSAT's) feature extractor, 48 kHz and 10 s windows (tests/hf_models.py), and the
+micro open_clip text tower. It reports the data-wait share of step time (`data_wait_fraction` in
+metrics.jsonl, time-weighted over the log windows after the first) and clips/s.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,9 +44,10 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
@@ -147,6 +159,38 @@ def timed(run: Callable[[], None], clips: int, repeat: int) -> dict:
     return {"median": statistics.median(rates), "best": max(rates), "runs": rates}
 
 
+def train_data_wait(work: Path, steps: int) -> dict:
+    """A micro `mmcl train` run on the shards (tiny CLAP audio tower at HTSAT's settings, 2 loader
+    workers): the data-wait share of step time after the first log window, and clips/s."""
+    import hf_models
+
+    folder = work / "tiny-clap"
+    if not (folder / "model.safetensors").exists():
+        hf_models.tiny_clap(folder, ["a tone", "a sweep", "sound number one"])
+    run_dir = work / "train"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = {
+        "run": {"output_dir": str(run_dir), "seed": 0},
+        "model": {"modality": "audio", "open_clip_name": "mmcl-micro-vit",
+                  "audio": {"tower": "hf", "hf_model": str(folder)}},
+        "data": {"sources": [{"urls": str(work / "shards")}], "batch_size": 32, "workers": 2,
+                 "shuffle_buffer": 100},
+        "train": {"steps": steps, "log_every": 10, "checkpoint_every": steps, "resume": "never"},
+    }  # fmt: skip
+    (work / "train.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # mmcl's own choice: the cores minus the loader workers
+    subprocess.run([sys.executable, "-m", "mmcl", "train", "--config", work / "train.yaml"], cwd=REPO,
+                   env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in rows if "data_wait_fraction" in r][1:]
+    seconds = [10 * 32 / r["samples_per_s"] for r in windows]
+    waited = sum(r["data_wait_fraction"] * t for r, t in zip(windows, seconds, strict=True))
+    return {"steps": steps, "batch_size": 32, "workers": 2, "steady_windows": len(windows),
+            "data_wait_fraction": waited / sum(seconds), "clips_per_s": 10 * 32 * len(windows) / sum(seconds),
+            "max_window_data_wait_fraction": max(r["data_wait_fraction"] for r in windows)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         "--clips", type=int, default=200, help="10 s clips in the shards (a multiple of 64 is timed)"
     )
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--train-steps", type=int, default=0, help="then a micro training run of this many steps (data wait)"
+    )
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "audio_loader")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -171,9 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.clips} clips of {SECONDS:g} s at {RATE} Hz, one core, median of {args.repeat} (best)")
     for name, r in results.items():
         print(f"  {name:<26} {r['median']:8.1f} clips/s ({r['best']:.1f})")
-    (args.work_dir / "results.json").write_text(
-        json.dumps({"clips": args.clips, "results": results}, indent=1)
-    )
+    out = {"clips": args.clips, "results": results}
+    if args.train_steps:
+        out["training"] = train_data_wait(args.work_dir, args.train_steps)
+        t = out["training"]
+        print(
+            f"micro training, {t['steps']} steps: data wait {100 * t['data_wait_fraction']:.1f} % of step "
+            "time "
+            f"(worst window {100 * t['max_window_data_wait_fraction']:.1f} %), {t['clips_per_s']:.1f} clips/s"
+        )
+    (args.work_dir / "results.json").write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import hf_models
 import numpy as np
 import pytest
 import soundfile
@@ -34,54 +35,21 @@ from shards_tools.run import run_sharding
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
 RATE = 16000
 SENTENCES = ["this is a sound of dog", "a rooster crows", "sea waves", "crackling fire", "a low tone"]
 CAPTIONS = ["a low tone", "a high tone", "a rising tone"]
-TINY_HTSAT = {
-    "spec_size": 256,
-    "num_mel_bins": 64,
-    "patch_embeds_hidden_size": 16,
-    "hidden_size": 128,
-    "depths": [1, 1, 1, 1],
-    "num_attention_heads": [1, 1, 1, 1],
-    "window_size": 8,
-}
-TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}
 EXTRACTOR = {"sampling_rate": RATE, "hop_length": 160, "fft_window_size": 512, "max_length_s": 1}
 TOLERANCE = 1e-5
 
 
 def tiny_clap(folder: Path, fusion: bool, seed: int) -> None:
-    """A byte-level BPE (RobertaTokenizerFast), a random ClapModel and its ClapProcessor, saved."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    bpe.train_from_iterator(
-        SENTENCES,
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
+    """A byte-level BPE (RobertaTokenizerFast), a random ClapModel and its ClapProcessor, saved; distinct
+    temperatures, to see which one goes where."""
+    extractor = {**EXTRACTOR, "frequency_max": 8000}
+    hf_models.tiny_clap(
+        folder, SENTENCES, seed=seed, fusion=fusion, extractor=extractor, logit_scales=(2.5, 1.5)
     )
-    folder.mkdir(parents=True)
-    bpe.model.save(str(folder))
-    tokenizer = transformers.RobertaTokenizerFast.from_pretrained(folder)
-    config = transformers.ClapConfig(
-        audio_config={**TINY_HTSAT, "enable_fusion": fusion},
-        text_config={**TINY_TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": 80},
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = transformers.ClapModel(config)
-    with torch.no_grad():  # distinct temperatures, to see which one goes where
-        model.logit_scale_a.fill_(2.5)
-        model.logit_scale_t.fill_(1.5)
-    extractor = transformers.ClapFeatureExtractor(
-        **EXTRACTOR, frequency_max=8000, truncation="fusion" if fusion else "rand_trunc"
-    )
-    model.save_pretrained(folder)
-    transformers.ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import hf_models
 import huggingface_hub
 import open_clip
 import pytest
@@ -25,9 +26,6 @@ from transformers import (
     BertConfig,
     BertModel,
     BertTokenizerFast,
-    RobertaConfig,
-    RobertaModel,
-    RobertaTokenizerFast,
     T5Config,
     T5EncoderModel,
     T5Model,
@@ -65,24 +63,7 @@ ARCHS = {"roberta": ("mean_pooler", "mlp"), "bert": ("cls_pooler", "linear"), "t
 
 def tiny_roberta(folder: Path) -> None:
     """A byte-level BPE trained on the sentences, as RobertaTokenizerFast, and a random RobertaModel."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe.train_from_iterator(
-        SENTENCES, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=alphabet)
-    )
-    folder.mkdir(parents=True)
-    bpe.model.save(str(folder))  # vocab.json + merges.txt
-    tokenizer = RobertaTokenizerFast.from_pretrained(folder)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=CONTEXT + 2,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY,
-    )
-    RobertaModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    hf_models.tiny_roberta(folder, SENTENCES, context=CONTEXT, sizes=TINY)
 
 
 def tiny_bert(folder: Path) -> None:
