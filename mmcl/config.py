@@ -105,6 +105,10 @@ class TrainConfig(_Strict):
                         f"remove data.{key} (it follows the model)"
                     )
                 setattr(self.data, key, model_value)
+            if self.data.image_on_device is True:
+                raise ValueError(
+                    "data.image_on_device: true is for image models; remove it (audio is cropped in workers)"
+                )
         self.noise.check_pairs_per_step(self.data.batch_size * self.train.accumulation_steps)
         if self.noise.soft_target_alpha and self.loss.kind == "siglip":
             raise ValueError(

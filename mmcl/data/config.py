@@ -6,6 +6,8 @@ says how to fix it. No torch import, so configs can be checked before anything e
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmcl.errors import UsageError
@@ -87,6 +89,14 @@ class DataConfig(_Strict):
         gt=0,
         description="image: the model's input size; lets JPEG decoding downscale early (a hint only)",
     )
+    image_on_device: bool | Literal["auto"] = Field(
+        "auto",
+        description="image: loader workers only decode and crop, handing over uint8 pixels; the resize and "
+        "normalisation run batched on the training device (mmcl.data.device_transform), which frees most of "
+        "a worker's time per image. auto: on when training on an accelerator (GPU) and the model's train "
+        "transform is open_clip's plain one; true: also on CPU (slower there), an error for a transform the "
+        "device path cannot reproduce; false: the whole transform in the workers",
+    )
     max_member_bytes: int = Field(
         DEFAULT_MAX_MEMBER_BYTES,
         gt=0,
@@ -99,6 +109,14 @@ class DataConfig(_Strict):
         description="seconds an http(s) shard may take to answer, or to deliver 64 KiB; a stalled shard is "
         "abandoned with a warning and the stream goes on",
     )
+
+    @field_validator("image_on_device", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: object) -> object:
+        # one message instead of pydantic's one per member of the union
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
 
     @model_validator(mode="after")
     def _check_schemes(self) -> DataConfig:

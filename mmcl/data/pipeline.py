@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmcl.data.audio import audio_media
 from mmcl.data.common import BadSample, derive_seed, log_and_continue, logger
 from mmcl.data.config import DataConfig
-from mmcl.data.image import image_media
+from mmcl.data.device_transform import DeviceImageSpec, pad_crops
+from mmcl.data.image import image_crop, image_media
 from mmcl.data.sources import Source, resolve_sources
 from mmcl.data.text import choose_caption, read_meta, tokenize
 from mmcl.errors import RunFailed, UsageError
@@ -263,7 +264,11 @@ def count_and_skip(samples: Iterator[dict], state: ReaderState, skip_epoch: int,
 
 @dataclass
 class SamplePreparer:
-    """Raw sample -> {"key", "media", "text", "noisy", "alignment_score", "label_index"} (picklable)."""
+    """Raw sample -> {"key", "media", "text", "noisy", "alignment_score", "label_index"} (picklable).
+
+    With `device_images` an image's "media" is its crop, not yet resized (uint8 [h, w, 3]), and the item
+    also has its "media_box" (mmcl.data.image.image_crop); the model's transform is not run.
+    """
 
     modality: Modality
     media_transform: Callable[[Any], torch.Tensor] | None
@@ -274,6 +279,7 @@ class SamplePreparer:
     random_crop: bool
     image_size: int | None
     max_seconds: float | None = None
+    device_images: DeviceImageSpec | None = None
 
     def __call__(self, sample: dict) -> dict:
         key, epoch = sample["__key__"], sample["__epoch__"]
@@ -282,7 +288,10 @@ class SamplePreparer:
         meta = read_meta(sample)
         caption = choose_caption(sample, meta, random.Random(derive_seed(self.seed, epoch, key, "text")))
         media_seed = derive_seed(self.seed, epoch, key, "media")
-        if self.modality == "image":
+        extra = {}
+        if self.modality == "image" and self.device_images is not None:
+            media, extra["media_box"] = image_crop(sample, self.device_images, media_seed)
+        elif self.modality == "image":
             media = image_media(sample, self.media_transform, media_seed, self.image_size)
         else:
             media = audio_media(
@@ -301,6 +310,7 @@ class SamplePreparer:
             "noisy": meta["noisy"] if isinstance(meta.get("noisy"), bool) else None,
             "alignment_score": _number(meta.get("alignment_score")),
             "label_index": sample_label(meta, sample.get("cls")),
+            **extra,
         }
 
 
@@ -357,9 +367,14 @@ def _optional(items: list[dict], name: str, dtype: torch.dtype, missing: object)
 
 def collate(items: list[dict]) -> dict[str, Any]:
     """Prepared samples -> the batch's tensors. Optional fields are None when no sample has them;
-    otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1."""
+    otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1. Device-path image
+    crops become "media" (padded uint8), "media_boxes" and "media_sizes" (mmcl.data.device_transform)."""
+    if "media_box" in items[0]:
+        media = pad_crops([item["media"] for item in items], [item["media_box"] for item in items])
+    else:
+        media = {"media": torch.stack([item["media"] for item in items])}
     return {
-        "media": torch.stack([item["media"] for item in items]),
+        **media,
         "text": torch.stack([item["text"] for item in items]),
         "keys": [item["key"] for item in items],
         "noisy": _optional(items, "noisy", torch.bool, False),
@@ -448,6 +463,7 @@ class TrainStream(IterableDataset):
         resume: Mapping[str, Any] | None = None,
         handler: Handler = log_and_continue,
         sources: list[Source] | None = None,
+        device_images: DeviceImageSpec | None = None,
     ) -> None:
         super().__init__()
         if modality not in ("image", "audio"):
@@ -480,6 +496,7 @@ class TrainStream(IterableDataset):
             random_crop=cfg.random_crop,
             image_size=cfg.image_size,
             max_seconds=cfg.max_seconds,
+            device_images=device_images if modality == "image" else None,
         )
 
     def new_state(self) -> StreamState:
@@ -539,6 +556,7 @@ def build_train_stream(
     resume: Mapping[str, Any] | None = None,
     handler: Handler = log_and_continue,
     sources: list[Source] | None = None,
+    device_images: DeviceImageSpec | None = None,
 ) -> TrainStream:
     """The endless batch stream for one rank (checks sources, shard counts and `resume` up front).
 
@@ -547,7 +565,9 @@ def build_train_stream(
     `rank`/`world_size` are explicit (no environment lookups). `resume`: a `StreamState.state_dict()`.
     `handler` gets every bad sample and unreadable shard; returning True skips it. `sources`: cfg's sources
     as `resolve_sources` gives them, already checked against `check_shard_counts` for this world size (what
-    the trainer's preflight did); None resolves and checks them here.
+    the trainer's preflight did); None resolves and checks them here. `device_images`: images take the
+    device path (mmcl.data.device_transform.choose_image_path; the batches then need
+    `batch_to_model_input` on the training device); None runs `media_transform` in the workers.
     """
     return TrainStream(
         cfg,
@@ -559,6 +579,7 @@ def build_train_stream(
         resume=resume,
         handler=handler,
         sources=sources,
+        device_images=device_images,
     )
 
 
@@ -574,6 +595,7 @@ def build_loader(
     handler: Handler = log_and_continue,
     pin_memory: bool = False,
     sources: list[Source] | None = None,
+    device_images: DeviceImageSpec | None = None,
 ) -> DataLoader:
     """A DataLoader over `build_train_stream(...)` with data.workers processes and batch_size=None
     (the workers batch). Keep it out of `accelerator.prepare`: the stream is already split by rank."""
@@ -587,5 +609,6 @@ def build_loader(
         resume=resume,
         handler=handler,
         sources=sources,
+        device_images=device_images,
     )
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mmcl.checkpoint_folder import CHECKPOINTS
 from mmcl.config import TrainConfig
 from mmcl.data import build_loader
+from mmcl.data.device_transform import batch_to_model_input, choose_image_path
 from mmcl.data.pipeline import read_options
 from mmcl.errors import RunFailed, UsageError, describe_load_error
 from mmcl.losses import contrastive_loss, sigmoid_loss
@@ -108,16 +109,23 @@ class Trainer:
                 )
             acc.print(f"resumed from {checkpoint.path} at step {self.state.step}")
         unwrapped = acc.unwrap_model(self.model)
+        # audio clips are cropped/padded by the data pipeline itself (seeded per sample)
+        transform = unwrapped.media_transform(train=True) if cfg.model.modality == "image" else None
+        self.device_images = None
+        if transform is not None:
+            self.device_images = choose_image_path(cfg.data.image_on_device, acc.device.type, transform)
+            if self.device_images is not None:
+                acc.print(f"data.image_on_device: images are resized and normalised on {acc.device.type}")
         self.loader = build_loader(
             cfg.data,
             modality=cfg.model.modality,
-            # audio clips are cropped/padded by the data pipeline itself (seeded per sample)
-            media_transform=unwrapped.media_transform(train=True) if cfg.model.modality == "image" else None,
+            media_transform=transform,
             tokenizer=unwrapped.tokenizer,
             rank=acc.process_index,
             world_size=acc.num_processes,
             resume=data_resume,
             sources=sources,
+            device_images=self.device_images,
         )
         self.data_state = self.loader.dataset.new_state()
         if data_resume is not None:
@@ -196,6 +204,9 @@ class Trainer:
         """Forward + backward for one optimizer step; returns the (detached) loss and how many negatives
         each sample was contrasted with (global batch - 1 when features are gathered across processes)."""
         device = self.accelerator.device
+        # media to the device; with data.image_on_device the crops are resized and normalised there, once
+        # per micro-batch, before the forward passes and the weighting's teacher use them
+        batches = [batch_to_model_input(b, device, self.device_images) for b in batches]
         if len(batches) == 1:
             batch = batches[0]
             with self.accelerator.autocast():

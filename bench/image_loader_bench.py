@@ -1,0 +1,281 @@
+"""Image loader cost at 224 px: images/s per loader core, mmcl shards of photo-like JPEGs, 256 px short side.
+
+    .venv/bin/python bench/image_loader_bench.py            # 400 images, median of 3 repeats
+    .venv/bin/python bench/image_loader_bench.py --quick    # 128 images, 1 repeat: checks that it runs
+
+Each side runs in one DataLoader worker process (torch at 1 thread, torch's worker info set, so mmcl seeds
+each sample as in training without saving and restoring the RNGs around it), after a warm-up pass; each
+figure is images/s on that one core. The sides, over the same shards (open_clip's ViT-B-32 preprocessing:
+224 px, RandomResizedCrop scale 0.9-1, bicubic, OpenAI mean/std):
+
+  decode                Pillow decodes every JPEG whole to RGB: the floor of any loader
+  decode + crop/resize  the same, then RandomResizedCrop's box and Pillow's bicubic resize to 224, kept
+                        uint8: a loader that resizes on the CPU and leaves the float conversion out
+  open_clip transform   decode + open_clip's train transform (crop + resize, ToTensor, Normalize)
+  open_clip loader      open_clip_train.data.get_wds_dataset over the shards, iterated with workers=0 (tar
+                        reading, shuffling, decode, transform, tokenizing, batching)
+  mmcl CPU path         mmcl's stream (build_train_stream) with data.image_on_device false
+  mmcl device path      mmcl's stream with the device path: the worker's half (decode, with JPEG draft when
+                        the crop allows, crop, uint8 hand-over padded per batch)
+  device half on CPU    mmcl.data.device_transform.crops_to_model_input on those batches (resize, float,
+                        normalise), timed on this CPU at 1 thread; on a GPU it runs on the training device
+
+Streams are timed over whole batches of 64 (fresh iterators each repeat, tar reading included). The images
+are bench/shard_bench.py's photo-like pictures cut to 342 x 256 (landscape and portrait alternate), JPEG
+quality 95, written as mmcl shards of 50 in --work-dir (default bench/out/image_loader/, git-ignored) and
+reused. Results: a table on stdout and WORK_DIR/results.json (results-quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import statistics
+import sys
+import time
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision.transforms import RandomResizedCrop
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+
+from host import host_facts  # noqa: E402
+from shard_bench import QUALITY, photo_like  # noqa: E402
+
+from mmcl.data import DataConfig, build_train_stream  # noqa: E402
+from mmcl.data.device_transform import crops_to_model_input, device_image_spec  # noqa: E402
+from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
+
+DATA_VERSION = 1  # bump when the images change, so cached shards are rebuilt
+SHORT, LONG, PER_SHARD, BATCH = 256, 342, 50, 64
+WDS_OLD = REPO / ".venv" / "wds-0.2.86"
+TRANSFORM = image_transform_v2(PreprocessCfg(), is_train=True)  # ViT-B-32's: 224 px, OpenAI mean/std
+SPEC = device_image_spec(TRANSFORM)
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32")  # the bundled SimpleTokenizer: works offline
+
+
+def photo_jpeg(index: int) -> bytes:
+    """shard_bench's photo-like picture, 342 x 256 or 256 x 342, as a JPEG."""
+    picture = photo_like(index, LONG)
+    box = (0, 0, LONG, SHORT) if index % 2 else (0, 0, SHORT, LONG)
+    out = io.BytesIO()
+    picture.crop(box).save(out, "JPEG", quality=QUALITY)
+    return out.getvalue()
+
+
+def build_shards(folder: Path, count: int) -> list[bytes]:
+    """Write the shards once (reused when the folder holds them for this count); returns every JPEG."""
+    stamp = folder / "_version.json"
+    want = {"version": DATA_VERSION, "count": count}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        jpegs = []
+        for shard in sorted(folder.glob("shard-*.tar")):
+            jpegs += _jpegs_of(shard)
+        return jpegs
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("shard-*.tar"):
+        old.unlink()
+    print(f"writing {count} images to {folder} ...", flush=True)
+    jpegs = [photo_jpeg(i) for i in range(count)]
+    for start in range(0, count, PER_SHARD):
+        body = b"".join(
+            sample_bytes({"__key__": f"{i:06d}", "jpg": jpegs[i], "txt": f"a photo number {i}".encode()})
+            for i in range(start, min(start + PER_SHARD, count))
+        )
+        (folder / f"shard-{start // PER_SHARD:06d}.tar").write_bytes(body + tar_end(len(body)))
+    stamp.write_text(json.dumps(want))
+    return jpegs
+
+
+def _jpegs_of(shard: Path) -> list[bytes]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+
+
+# ------------------------------------------------------------------------------------------------ sides
+
+
+def decode(jpegs: list[bytes]) -> Callable[[], None]:
+    def run() -> None:
+        for data in jpegs:
+            Image.open(io.BytesIO(data)).convert("RGB")
+
+    return run
+
+
+def decode_crop_resize(jpegs: list[bytes]) -> Callable[[], None]:
+    def run() -> None:
+        for data in jpegs:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            top, left, height, width = RandomResizedCrop.get_params(image, list(SPEC.scale), list(SPEC.ratio))
+            box = (left, top, left + width, top + height)
+            np.asarray(image.resize(SPEC.size[::-1], Image.Resampling.BICUBIC, box=box))
+
+    return run
+
+
+def open_clip_transform(jpegs: list[bytes]) -> Callable[[], None]:
+    def run() -> None:
+        for data in jpegs:
+            TRANSFORM(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    return run
+
+
+def open_clip_loader(shards: list[Path], images: int) -> Callable[[], None] | None:
+    """open_clip's own webdataset pipeline, or None without open_clip_train or webdataset 0.2.86 (its data.py
+    does not run on webdataset 1.x; `make install` puts 0.2.86 in .venv/wds-0.2.86). Imported where it runs,
+    in the worker, so that this process keeps the webdataset it has."""
+    if importlib.util.find_spec("open_clip_train") is None or not WDS_OLD.exists():
+        return None
+    args = Namespace(
+        train_data="::".join(str(s) for s in shards), train_num_samples=images, dataset_resampled=False,
+        train_data_upsampling_factors=None, seed=0, batch_size=BATCH, workers=0, world_size=1,
+    )  # fmt: skip
+
+    def run() -> None:
+        if str(WDS_OLD) not in sys.path:
+            sys.path.insert(0, str(WDS_OLD))
+        from open_clip_train.data import get_wds_dataset
+
+        info = get_wds_dataset(args, TRANSFORM, is_train=True, tokenizer=TOKENIZER)
+        batches = sum(1 for _ in info.dataloader)
+        assert batches * BATCH == images, (batches, images)
+
+    return run
+
+
+def mmcl_stream(shards: Path, images: int, device_path: bool) -> Callable[[], None]:
+    cfg = DataConfig(sources=[{"urls": str(shards)}], batch_size=BATCH, workers=1)
+
+    def run() -> None:
+        stream = iter(
+            build_train_stream(cfg, modality="image", media_transform=TRANSFORM, tokenizer=TOKENIZER,
+                               device_images=SPEC if device_path else None)
+        )  # fmt: skip
+        for _ in range(images // BATCH):
+            next(stream)
+
+    return run
+
+
+def device_half(batches: list[dict]) -> Callable[[], None]:
+    def run() -> None:
+        for batch in batches:
+            crops_to_model_input(batch["media"], batch["media_boxes"], batch["media_sizes"], SPEC)
+
+    return run
+
+
+def device_path_batches(shards: Path, images: int) -> list[dict]:
+    """The hand-over batches of the device path (built in this process, outside any timing)."""
+    cfg = DataConfig(sources=[{"urls": str(shards)}], batch_size=BATCH, workers=0)
+    stream = iter(
+        build_train_stream(cfg, modality="image", media_transform=TRANSFORM, tokenizer=TOKENIZER,
+                           device_images=SPEC)
+    )  # fmt: skip
+    return [next(stream) for _ in range(images // BATCH)]
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def timed(run: Callable[[], None], images: int, repeat: int) -> dict:
+    """images/s of each repeat (after one warm-up run), the median and the best."""
+    run()
+    rates = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        rates.append(images / (time.perf_counter() - start))
+    return {"median": statistics.median(rates), "best": max(rates), "runs": rates}
+
+
+class _TimedInWorker(IterableDataset):
+    """Yields the timing of `run`, measured inside the DataLoader worker that iterates it."""
+
+    def __init__(self, run: Callable[[], None], images: int, repeat: int) -> None:
+        super().__init__()
+        self.run, self.images, self.repeat = run, images, repeat
+
+    def __iter__(self):
+        yield timed(self.run, self.images, self.repeat)
+
+
+def in_worker(run: Callable[[], None], images: int, repeat: int) -> dict:
+    """`timed` inside one forked DataLoader worker: one core, torch at 1 thread, worker info set."""
+    loader = DataLoader(
+        _TimedInWorker(run, images, repeat), batch_size=None, num_workers=1, multiprocessing_context="fork"
+    )
+    return next(iter(loader))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--images", type=int, default=400, help="images in the shards (streams time whole batches of 64)"
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="128 images, 1 repeat: a check that it runs")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "image_loader")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.repeat = 128, 1
+    torch.set_num_threads(1)
+    folder = args.work_dir / f"shards-{args.images}"
+    jpegs = build_shards(folder, args.images)
+    shards = sorted(folder.glob("shard-*.tar"))
+    streamed = args.images // BATCH * BATCH
+    handed_over = device_path_batches(folder, streamed)
+    sides: dict[str, tuple[Callable[[], None] | None, int]] = {
+        "decode": (decode(jpegs), len(jpegs)),
+        "decode + crop/resize uint8": (decode_crop_resize(jpegs), len(jpegs)),
+        "open_clip transform": (open_clip_transform(jpegs), len(jpegs)),
+        "open_clip loader": (open_clip_loader(shards, streamed), streamed),
+        "mmcl CPU path": (mmcl_stream(folder, streamed, device_path=False), streamed),
+        "mmcl device path, worker": (mmcl_stream(folder, streamed, device_path=True), streamed),
+        "device half on CPU": (device_half(handed_over), streamed),
+    }
+    results = {
+        name: in_worker(run, images, args.repeat) if run is not None else None
+        for name, (run, images) in sides.items()
+    }
+    padded = sum(b["media"].numel() for b in handed_over) / streamed
+    print(
+        f"{args.images} JPEGs of {LONG}x{SHORT} at 224 px, one core: images/s, median of {args.repeat} (best)"
+    )
+    floor = results["decode"]["median"]
+    for name, r in results.items():
+        if r is None:
+            print(f"  {name:<28} (needs open_clip_train and .venv/wds-0.2.86: make install)")
+            continue
+        share = 100 * r["median"] / floor
+        print(f"  {name:<28} {r['median']:8.1f} ({r['best']:.1f})  {share:5.1f} % of decode's rate")
+    print(
+        f"  device path hand-over: {padded / 1024:.0f} KiB uint8 per image, padded "
+        f"(the CPU path's: {3 * 224 * 224 * 4 // 1024} KiB float32)"
+    )
+    out = {"images": args.images, "repeat": args.repeat, "batch_size": BATCH, "host": host_facts(),
+           "handover_bytes_per_image": padded, "results": results}  # fmt: skip
+    name = "results-quick.json" if args.quick else "results.json"
+    (args.work_dir / name).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
