@@ -69,7 +69,66 @@ def _open_clip_child(argv: list[str]) -> None:
         flush=True,
     )
     sys.argv = ["open_clip_train.main", *rest]
-    runpy.run_module("open_clip_train.main", run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module("open_clip_train.main", run_name="__main__", alter_sys=True)
+    finally:
+        print_device_peak()
+
+
+PEAK_LINE = "[train_bench] device peak "  # + JSON, the last line a trainer child prints
+
+
+def print_device_peak() -> None:
+    """Print PEAK_LINE + JSON: the device this process trained on and, on CUDA, its peak memory
+    (torch.cuda.max_memory_allocated / max_memory_reserved, MiB); for gpu_bench.py's reader."""
+    import json
+
+    import torch
+
+    peak: dict = {"device_name": "cpu", "max_memory_allocated_mib": None, "max_memory_reserved_mib": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = {
+            "device_name": torch.cuda.get_device_name(),
+            "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "max_memory_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        }
+    print(PEAK_LINE + json.dumps(peak), flush=True)
+
+
+def open_clip_adamw(model, lr: float = 5e-4, weight_decay: float = 0.1):
+    """AdamW as open_clip_train builds it (and both trainers here run it): no weight decay on gains, biases
+    and the logit scale, betas (0.9, 0.98), eps 1e-6."""
+    import torch
+
+    def excluded(name: str, param) -> bool:
+        return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = list(model.named_parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if excluded(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not excluded(n, p)], "weight_decay": weight_decay},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+
+def bare_step(forward, loss_fn, optimizer, parameters, grad_clip: float | None = 1.0) -> float:
+    """One plain-torch training step, the compute limit of a trainer: `forward()` returns (media features,
+    text features, logit scale), then ClipLoss, backward, gradient clipping (unless None), AdamW; returns
+    the loss."""
+    import torch
+
+    media_features, text_features, logit_scale = forward()
+    loss = loss_fn(media_features, text_features, logit_scale)
+    optimizer.zero_grad()
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def _bare_child(argv: list[str]) -> None:
@@ -87,22 +146,7 @@ def _bare_child(argv: list[str]) -> None:
     torch.manual_seed(0)
     model = open_clip.create_model(Path(model_json).stem, precision="fp32", device="cpu")
     model.train()
-    no_decay = [
-        p
-        for n, p in model.named_parameters()
-        if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-    ]
-    decay = [
-        p
-        for n, p in model.named_parameters()
-        if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)
-    ]
-    optimizer = torch.optim.AdamW(
-        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.1}],
-        lr=5e-4,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    optimizer = open_clip_adamw(model)
     loss_fn = open_clip.ClipLoss()
     size = model.visual.image_size
     images = torch.randn(batch, 3, *(size if isinstance(size, tuple) else (size, size)))
@@ -110,13 +154,7 @@ def _bare_child(argv: list[str]) -> None:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = model(images, texts)
-        loss = loss_fn(out[0], out[1], out[2])  # image features, text features, logit scale
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        loss.item()
+        bare_step(lambda: model(images, texts), loss_fn, optimizer, model.parameters())
         times.append(time.perf_counter() - start)
         if len(times) == 1 or len(times) % 10 == 0:
             print(f"[bare] step {len(times)}", flush=True)  # progress for the bench's own clock
@@ -150,19 +188,7 @@ def _ab_child(argv: list[str]) -> None:
     m_opt = torch.optim.AdamW(param_groups(m_model, 0.1), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
     m_model, m_opt = acc.prepare(m_model, m_opt)
     o_model = open_clip.create_model(name, precision="fp32", device="cpu")
-
-    def excluded(n, p):
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-
-    o_opt = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in o_model.named_parameters() if excluded(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in o_model.named_parameters() if not excluded(n, p)], "weight_decay": 0.1},
-        ],
-        lr=5e-4,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    o_opt = open_clip_adamw(o_model)
     o_loss = open_clip.ClipLoss()
     size = o_model.visual.image_size
     images = torch.randn(batch, 3, *(size if isinstance(size, tuple) else (size, size)))
@@ -180,13 +206,7 @@ def _ab_child(argv: list[str]) -> None:
         loss.item()
 
     def open_clip_step() -> None:
-        image_features, text_features, logit_scale = o_model(images, texts)
-        loss = o_loss(image_features, text_features, logit_scale)
-        o_opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(o_model.parameters(), 1.0)
-        o_opt.step()
-        loss.item()
+        bare_step(lambda: o_model(images, texts), o_loss, o_opt, o_model.parameters())
 
     times: dict[str, list[float]] = {"mmcl": [], "open_clip": []}
     for i in range(steps):
@@ -333,9 +353,17 @@ def make_images(work: Path, count: int) -> tuple[Path, str]:
     return manifest, source
 
 
-def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: str) -> dict:
-    """The first COUNT rows of the manifest as shards of SHARD_SIZE (cached); returns the set's
-    description."""
+def make_shards(
+    work: Path,
+    manifest: Path,
+    count: int,
+    shard_size: int,
+    name: str,
+    image_size: int = IMAGE_SIZE,
+    workers: int = 2,
+) -> dict:
+    """The first COUNT rows of the manifest as shards of SHARD_SIZE, images at IMAGE_SIZE, sharded by WORKERS
+    processes (cached); returns the set's description."""
     out = work / "shards" / name
     sub_manifest = work / f"{name}.csv"
     done = out / "manifest.json"
@@ -354,24 +382,17 @@ def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: s
             "--output",
             str(out),
             "--image-size",
-            str(IMAGE_SIZE),
+            str(image_size),
             "--shard-size",
             str(shard_size),
             "--workers",
-            "2",
+            str(workers),
             "--quiet",
         ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
         print(f"sharded {name}: {count} samples in {time.perf_counter() - t0:.1f} s", flush=True)
-    shards = sorted(out.glob("*.tar"))
-    prefixes = {re.sub(r"\d+\.tar$", "", p.name) for p in shards}
-    numbers = [int(re.search(r"(\d+)\.tar$", p.name).group(1)) for p in shards]
-    if len(prefixes) != 1 or numbers != list(range(len(shards))):
-        raise SystemExit(f"{out}: unexpected shard names {[p.name for p in shards[:3]]}...")
-    prefix = prefixes.pop()
-    digits = len(re.search(r"(\d+)\.tar$", shards[0].name).group(1))
-    pattern = f"{out}/{prefix}{{{0:0{digits}d}..{len(shards) - 1:0{digits}d}}}.tar"
+    pattern, shards = shard_pattern(out)
     return {
         "name": name,
         "dir": str(out),
@@ -381,6 +402,19 @@ def make_shards(work: Path, manifest: Path, count: int, shard_size: int, name: s
         "shard_size": shard_size,
         "bytes": sum(p.stat().st_size for p in shards),
     }
+
+
+def shard_pattern(folder: Path) -> tuple[str, list[Path]]:
+    """The brace pattern open_clip's --train-data takes for the numbered shards in FOLDER (PREFIX0..N.tar, no
+    gaps), and the shard files."""
+    shards = sorted(folder.glob("*.tar"))
+    prefixes = {re.sub(r"\d+\.tar$", "", p.name) for p in shards}
+    numbers = [int(m.group(1)) if (m := re.search(r"(\d+)\.tar$", p.name)) else -1 for p in shards]
+    if len(prefixes) != 1 or numbers != list(range(len(shards))):
+        raise SystemExit(f"{folder}: unexpected shard names {[p.name for p in shards[:3]]}...")
+    prefix = prefixes.pop()
+    digits = len(re.search(r"(\d+)\.tar$", shards[0].name).group(1))
+    return f"{folder}/{prefix}{{{0:0{digits}d}..{len(shards) - 1:0{digits}d}}}.tar", shards
 
 
 # ------------------------------------------------------------------------------------------ monitoring
@@ -477,76 +511,63 @@ def thread_env(threads: int) -> dict:
     return env
 
 
-def run_mmcl(options: Options, shards: dict, tag: str) -> dict:
-    run_dir = options.work_dir / "runs" / tag
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    config = {
+def mmcl_train_config(
+    run_dir: Path,
+    shards: str,
+    batch_size: int,
+    workers: int,
+    steps: int,
+    model: str = MODEL_NAME,
+    log_every: int = 10,
+) -> dict:
+    """The `mmcl train` config of the side-by-side runs (a dict to dump as YAML): the settings of
+    open_clip_train_args (lr 5e-4, 10 warm-up steps, AdamW defaults, clipping at 1.0), no checkpoints but
+    the last, a fresh run."""
+    return {
         "run": {"output_dir": str(run_dir), "seed": 0},
-        "model": {"modality": "image", "open_clip_name": MODEL_NAME},
+        "model": {"modality": "image", "open_clip_name": model},
         "data": {
-            "sources": [{"urls": shards["dir"]}],
-            "batch_size": options.batch_size,
-            "workers": options.workers,
+            "sources": [{"urls": shards}],
+            "batch_size": batch_size,
+            "workers": workers,
             "shuffle_buffer": 1000,
         },
         "optim": {"lr": 5.0e-4, "warmup_steps": 10},
-        "train": {"steps": options.steps, "log_every": 10, "checkpoint_every": 100000, "resume": "never"},
+        "train": {"steps": steps, "log_every": log_every, "checkpoint_every": 100000, "resume": "never"},
     }
-    config_path = run_dir.parent / f"{tag}.yaml"
-    config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
-    cmd = [str(VENV / "bin" / "mmcl"), "train", "--config", str(config_path)]
-    progress = last_step(run_dir / "metrics.jsonl", re.compile(r'"step": (\d+)'))
-    result = run_process(
-        cmd, thread_env(options.threads), run_dir.parent / f"{tag}.log", options.timeout, progress
-    )
-    result.update(tool="mmcl", tag=tag, shard_set=shards["name"], command=" ".join(cmd))
-    metrics = run_dir / "metrics.jsonl"
-    windows = []
-    if metrics.exists():
-        last = 0
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            steps = rec["step"] - last
-            seconds = steps * options.batch_size / rec["samples_per_s"]
-            windows.append(
-                {
-                    "first": last + 1,
-                    "last": rec["step"],
-                    "seconds": seconds,
-                    "wait_s": rec["data_wait_fraction"] * seconds,
-                    "loss": rec["loss"],
-                }
-            )
-            last = rec["step"]
-    result.update(summarize(windows, options))
-    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
-    return result
 
 
-def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
-    logs = options.work_dir / "runs"
-    run_dir = logs / tag
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    oc_args = [
+def open_clip_train_args(
+    train_data: str,
+    samples: int,
+    batch_size: int,
+    workers: int,
+    logs: Path,
+    name: str,
+    model: str = MODEL_NAME,
+    log_every: int = 10,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> list[str]:
+    """`open_clip_train.main` arguments for the same run as mmcl_train_config: one epoch of SAMPLES from the
+    shards TRAIN_DATA (a brace pattern), logs in LOGS/NAME."""
+    return [
         "--train-data",
-        shards["pattern"],
+        train_data,
         "--train-num-samples",
-        str(options.steps * options.batch_size),
+        str(samples),
         "--dataset-type",
         "webdataset",
         "--batch-size",
-        str(options.batch_size),
+        str(batch_size),
         "--workers",
-        str(options.workers),
+        str(workers),
         "--model",
-        MODEL_NAME,
+        model,
         "--device",
-        "cpu",
+        device,
         "--precision",
-        "fp32",
+        precision,
         "--epochs",
         "1",
         "--lr",
@@ -572,21 +593,59 @@ def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
         "--logs",
         str(logs),
         "--name",
-        tag,
+        name,
         "--log-every-n-steps",
-        "10",
+        str(log_every),
     ]
-    cmd = [
-        str(VENV / "bin" / "python"),
-        str(Path(__file__).resolve()),
-        "_open_clip",
-        str(MODEL_JSON),
-        "--",
-        *oc_args,
-    ]
-    env = thread_env(options.threads)
-    env["PYTHONPATH"] = str(WDS_OLD)
-    progress = last_step(logs / f"{tag}.log", re.compile(r"Train Epoch: \d+ \[\s*(\d+)/"), options.batch_size)
+
+
+OPEN_CLIP_PROGRESS = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/")  # samples done, at each log line
+MMCL_PROGRESS = re.compile(r'"step": (\d+)')  # in metrics.jsonl, one line per log window
+
+
+def open_clip_command(oc_args: list[str]) -> tuple[list[str], dict]:
+    """The command and environment that run `python -m open_clip_train.main OC_ARGS` with webdataset 0.2.86
+    first on PYTHONPATH and configs/models registered (this file's `_open_clip` child); torch threads are
+    the caller's to set in the environment."""
+    cmd = [str(VENV / "bin" / "python"), str(Path(__file__).resolve()), "_open_clip", str(MODEL_JSON), "--"]
+    return cmd + oc_args, {"PYTHONPATH": str(WDS_OLD)}
+
+
+def run_mmcl(options: Options, shards: dict, tag: str) -> dict:
+    run_dir = options.work_dir / "runs" / tag
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    config = mmcl_train_config(run_dir, shards["dir"], options.batch_size, options.workers, options.steps)
+    config_path = run_dir.parent / f"{tag}.yaml"
+    config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    cmd = [str(VENV / "bin" / "mmcl"), "train", "--config", str(config_path)]
+    progress = last_step(run_dir / "metrics.jsonl", MMCL_PROGRESS)
+    result = run_process(
+        cmd, thread_env(options.threads), run_dir.parent / f"{tag}.log", options.timeout, progress
+    )
+    result.update(tool="mmcl", tag=tag, shard_set=shards["name"], command=" ".join(cmd))
+    result.update(summarize(mmcl_windows(run_dir / "metrics.jsonl", options.batch_size), options))
+    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
+    return result
+
+
+def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
+    logs = options.work_dir / "runs"
+    run_dir = logs / tag
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    oc_args = open_clip_train_args(
+        shards["pattern"],
+        options.steps * options.batch_size,
+        options.batch_size,
+        options.workers,
+        logs,
+        tag,
+    )
+    cmd, extra_env = open_clip_command(oc_args)
+    env = thread_env(options.threads) | extra_env
+    progress = last_step(logs / f"{tag}.log", OPEN_CLIP_PROGRESS, options.batch_size)
     result = run_process(cmd, env, logs / f"{tag}.log", options.timeout, progress)
     result.update(
         tool="open_clip",
@@ -594,10 +653,46 @@ def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
         shard_set=shards["name"],
         command=f"PYTHONPATH={WDS_OLD} python -m open_clip_train.main " + " ".join(oc_args),
     )
-    windows, last = [], 0
     log_text = (logs / f"{tag}.log").read_text()
+    windows = open_clip_windows(log_text, options.batch_size)
+    threads = re.search(r"\[train_bench\] torch threads (\d+)", log_text)
+    result["torch_threads"] = int(threads.group(1)) if threads else None
+    result.update(summarize(windows, options))
+    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
+    return result
+
+
+def mmcl_windows(metrics: Path, batch_size: int) -> list[dict]:
+    """mmcl's log windows from its metrics.jsonl: steps (first, last), seconds (from samples_per_s), seconds
+    blocked on the loader (data_wait_fraction) and the window's mean loss; [] when it is missing."""
+    windows: list[dict] = []
+    if not metrics.exists():
+        return windows
+    last = 0
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "samples_per_s" not in rec:  # an evaluation record
+            continue
+        seconds = (rec["step"] - last) * batch_size / rec["samples_per_s"]
+        windows.append(
+            {
+                "first": last + 1,
+                "last": rec["step"],
+                "seconds": seconds,
+                "wait_s": rec["data_wait_fraction"] * seconds,
+                "loss": rec["loss"],
+            }
+        )
+        last = rec["step"]
+    return windows
+
+
+def open_clip_windows(log_text: str, batch_size: int) -> list[dict]:
+    """open_clip_train's log windows from its `Train Epoch` lines, as mmcl_windows: the window mean of
+    `Batch (t)` times its steps, and of `Data (t)` (time waiting for the loader)."""
+    windows, last = [], 0
     for m in OPEN_CLIP_LINE.finditer(log_text):
-        step = int(m.group(2)) // options.batch_size
+        step = int(m.group(2)) // batch_size
         steps = step - last
         data_t, batch_t = float(m.group(5)), float(m.group(6))
         loss = re.search(r" Loss: ([\d.]+)", log_text[m.end() : m.end() + 400])
@@ -611,11 +706,7 @@ def run_open_clip(options: Options, shards: dict, tag: str) -> dict:
             }
         )
         last = step
-    threads = re.search(r"\[train_bench\] torch threads (\d+)", log_text)
-    result["torch_threads"] = int(threads.group(1)) if threads else None
-    result.update(summarize(windows, options))
-    result.update(bench_clock(result["events"], options.exclude_steps, options.batch_size))
-    return result
+    return windows
 
 
 def run_child(options: Options, tag: str, kind: str, progress=None) -> tuple[dict, dict | None]:

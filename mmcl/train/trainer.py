@@ -108,7 +108,8 @@ class Trainer:
                     "afresh"
                 )
             acc.print(f"resumed from {checkpoint.path} at step {self.state.step}")
-        unwrapped = acc.unwrap_model(self.model)
+        # the model without Accelerate's wrappers (DDP, DeepSpeed), once: unwrap_model walks every module
+        self.unwrapped = unwrapped = acc.unwrap_model(self.model)
         # audio clips are cropped/padded by the data pipeline itself (seeded per sample)
         transform = unwrapped.media_transform(train=True) if cfg.model.modality == "image" else None
         self.device_images = None
@@ -196,7 +197,7 @@ class Trainer:
             if cfg.optim.grad_clip is not None:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
-            self.weighter.after_update(acc.unwrap_model(self.model))
+            self.weighter.after_update(self.unwrapped)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, negatives, all_finite
 
@@ -352,7 +353,7 @@ class Trainer:
         self.state.bad_samples = int(skipped)
         self._last_loss = mean_loss
         elapsed = time.perf_counter() - window["start"]
-        logit_scale, _ = acc.unwrap_model(self.model).logit_params()
+        logit_scale, _ = self.unwrapped.logit_params()
         record = {
             "loss": mean_loss,
             "lr": lr,
