@@ -175,6 +175,7 @@ def train_data_wait(work: Path, steps: int) -> dict:
                   "audio": {"tower": "hf", "hf_model": str(folder)}},
         "data": {"sources": [{"urls": str(work / "shards")}], "batch_size": 32, "workers": 2,
                  "shuffle_buffer": 100},
+        "optim": {"warmup_steps": steps // 10},
         "train": {"steps": steps, "log_every": 10, "checkpoint_every": steps, "resume": "never"},
     }  # fmt: skip
     (work / "train.yaml").write_text(yaml.safe_dump(config))
