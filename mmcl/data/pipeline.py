@@ -54,7 +54,7 @@ from mmcl.data.config import DataConfig
 from mmcl.data.device_transform import DeviceImageSpec, pad_crops
 from mmcl.data.image import image_crop, image_media
 from mmcl.data.sources import Source, resolve_sources
-from mmcl.data.text import choose_caption, read_meta, tokenize
+from mmcl.data.text import choose_caption, read_meta
 from mmcl.errors import RunFailed, UsageError
 from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_label
 from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions, iter_samples
@@ -264,7 +264,7 @@ def count_and_skip(samples: Iterator[dict], state: ReaderState, skip_epoch: int,
 
 @dataclass
 class SamplePreparer:
-    """Raw sample -> {"key", "media", "text", "noisy", "alignment_score", "label_index"} (picklable).
+    """Raw sample -> {"key", "media", "caption", "noisy", "alignment_score", "label_index"} (picklable).
 
     With `device_images` an image's "media" is its crop, not yet resized (uint8 [h, w, 3]), and the item
     also has its "media_box" (mmcl.data.image.image_crop); the model's transform is not run.
@@ -306,7 +306,7 @@ class SamplePreparer:
         return {
             "key": key,
             "media": media,
-            "text": tokenize(self.tokenizer, caption),
+            "caption": caption,
             "noisy": meta["noisy"] if isinstance(meta.get("noisy"), bool) else None,
             "alignment_score": _number(meta.get("alignment_score")),
             "label_index": sample_label(meta, sample.get("cls")),
@@ -365,8 +365,10 @@ def _optional(items: list[dict], name: str, dtype: torch.dtype, missing: object)
     return torch.tensor([missing if v is None else v for v in values], dtype=dtype)
 
 
-def collate(items: list[dict]) -> dict[str, Any]:
-    """Prepared samples -> the batch's tensors. Optional fields are None when no sample has them;
+def collate(items: list[dict], tokenizer: Callable[[list[str]], torch.Tensor]) -> dict[str, Any]:
+    """Prepared samples -> the batch's tensors, the captions tokenized in one call (every tokenizer mmcl
+    builds pads to its context length, so a batch's tokens equal its samples' one by one). Optional fields
+    are None when no sample has them;
     otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1. Device-path image
     crops become "media" (padded uint8), "media_boxes" and "media_sizes" (mmcl.data.device_transform)."""
     if "media_box" in items[0]:
@@ -375,7 +377,7 @@ def collate(items: list[dict]) -> dict[str, Any]:
         media = {"media": torch.stack([item["media"] for item in items])}
     return {
         **media,
-        "text": torch.stack([item["text"] for item in items]),
+        "text": tokenizer([item["caption"] for item in items]).long(),
         "keys": [item["key"] for item in items],
         "noisy": _optional(items, "noisy", torch.bool, False),
         "alignment_score": _optional(items, "alignment_score", torch.float32, float("nan")),
@@ -383,14 +385,19 @@ def collate(items: list[dict]) -> dict[str, Any]:
     }
 
 
-def batched(items: Iterator[dict], batch_size: int, state: ReaderState) -> Iterator[dict[str, Any]]:
-    """Full batches only, each stamped with the reader's position after its last sample."""
+def batched(
+    items: Iterator[dict],
+    batch_size: int,
+    state: ReaderState,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+) -> Iterator[dict[str, Any]]:
+    """Full batches only (`collate`), each stamped with the reader's position after its last sample."""
     batch: list[dict] = []
     for item in items:
         batch.append(item)
         if len(batch) == batch_size:
             yield {
-                **collate(batch),
+                **collate(batch, tokenizer),
                 "worker": state.worker,
                 "epoch": state.epoch,
                 "position": state.position,
@@ -535,7 +542,7 @@ class TrainStream(IterableDataset):
         # stream: decoded, transformed, tokenized samples; bad ones skipped and counted
         items = prepare(fresh, self.preparer, state, self.handler)
         # stream: batches with the reader's metadata
-        return batched(items, self.cfg.batch_size, state)
+        return batched(items, self.cfg.batch_size, state, self.preparer.tokenizer)
 
 
 def read_options(cfg: DataConfig) -> ReadOptions:

@@ -1,4 +1,5 @@
-"""Text of a sample: parse its JSON, pick one caption among several, tokenize with the model's tokenizer.
+"""Text of a sample: parse its JSON, pick one caption among several (the batch tokenizes them, in
+mmcl.data.pipeline.collate).
 
 Caption sources, first that has a non-empty one wins: the JSON "text" list (mmcl and LAION-CLAP
 shards; a plain string is one caption), the .txt file (mmcl's first caption, img2dataset), the JSON
@@ -8,9 +9,6 @@ shards; a plain string is one caption), the .txt file (mmcl's first caption, img
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-
-import torch
 
 from mmcl.data.common import BadSample
 from shards_tools.shard_format import parse_json_object
@@ -47,8 +45,3 @@ def choose_caption(sample: dict, meta: dict, rng: random.Random) -> str:
     if not captions:
         raise BadSample(sample["__key__"], "no caption (empty or missing json text / .txt / json caption)")
     return captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
-
-
-def tokenize(tokenizer: Callable[[list[str]], torch.Tensor], caption: str) -> torch.Tensor:
-    """Token ids [context_length] (long) from an open_clip-style tokenizer (list[str] -> [N, context])."""
-    return tokenizer([caption])[0].long()
