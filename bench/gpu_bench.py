@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from host import host_facts, wait_for_quiet  # noqa: E402
-from step_bench import fresh, image_model_section, photo_shards  # noqa: E402
+from step_bench import fmt, fresh, image_model_section, photo_shards  # noqa: E402
 from train_bench import (  # noqa: E402
     MMCL_PROGRESS,
     OPEN_CLIP_PROGRESS,
@@ -260,10 +260,6 @@ def figures(options: Options, run: dict, windows: list[dict], log: Path) -> dict
         "peak_main_rss_mib": run["peak_main_rss_mib"],
         "others_cpu_cores": run["others_cpu_cores"],
     }
-
-
-def fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(options: Options, runs: list[dict], flops: float) -> None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from localhost import clear_proxies
 from media_files import COLOURS, make_image
 
@@ -37,3 +38,14 @@ def image_csv(tmp_path: Path) -> Path:
 @pytest.fixture
 def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     clear_proxies(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 shared cores: a second OpenMP thread only adds contention (several times slower).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`; the setting is
+    restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

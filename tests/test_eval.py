@@ -49,13 +49,7 @@ TINY_CLIP = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models on 2 shared cores: a second OpenMP thread only adds contention (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

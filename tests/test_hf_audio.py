@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from hf_models import TINY_HTSAT, TINY_TEXT
 from media_files import make_tone
 from processes import run_mmcl
 
@@ -31,17 +32,6 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 CAPTIONS = ["a low tone", "a high tone", "a rising tone"]
-TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}
-# HTSAT at its real spec_size (the time axis is resized to it) but 16 channels and one block a stage.
-TINY_HTSAT = {
-    "spec_size": 256,
-    "num_mel_bins": 64,
-    "patch_embeds_hidden_size": 16,
-    "hidden_size": 128,  # = 16 * 2 ** 3, the width after the last stage
-    "depths": [1, 1, 1, 1],
-    "num_attention_heads": [1, 1, 1, 1],
-    "window_size": 8,
-}
 CLAP_FEATURES = {"sampling_rate": 16000, "hop_length": 160, "fft_window_size": 512, "max_length_s": 1}
 
 
@@ -120,12 +110,7 @@ def encoders(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tower_cfg(folder: Path, **audio) -> AudioTowerConfig:

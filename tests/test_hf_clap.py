@@ -60,12 +60,7 @@ def claps(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in ("unfused", "fused")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def waves(lengths: list[int], seed: int = 0) -> list[np.ndarray]:

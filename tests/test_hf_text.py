@@ -124,13 +124,7 @@ def encoders(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on 2 shared cores: one torch thread is faster; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_cfg(modality: str, folder: Path, arch: str = "roberta", **overrides) -> ModelConfig:

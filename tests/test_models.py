@@ -72,14 +72,7 @@ def media_for(model) -> torch.Tensor:
     return images() if model.modality == "image" else waveforms()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny ops are dominated by threading overhead, and on 2 shared cores two OpenMP threads
-    fighting other processes made this module ~3x slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
