@@ -42,6 +42,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +76,7 @@ from fault_training import (  # noqa: E402
     TRAIN_STEPS,
     build_train_shards,
     check_bad_sample_metric,
+    check_elastic_epoch,
     check_epoch,
     check_resumed_run,
     config_case_files,
@@ -86,6 +89,8 @@ from fault_training import (  # noqa: E402
     run_config_case,
     train_config,
     train_env,
+    trained_keys,
+    usable_keys,
 )
 from host import machine_line  # noqa: E402
 from processes import kill9, run_mmcl  # noqa: E402
@@ -314,7 +319,7 @@ def checkpoint_state(run: Path) -> dict:
     }
 
 
-def bench_training(work: Path, trials: int, rng: random.Random) -> list[Row]:
+def bench_training(work: Path, trials: int, elastic_trials: int, rng: random.Random) -> list[Row]:
     env = train_env()
     shards = build_train_shards(work / "train")
     reference = work / "runs" / "reference"
@@ -327,6 +332,7 @@ def bench_training(work: Path, trials: int, rng: random.Random) -> list[Row]:
     return [
         bench_bad_shards(work, shards, env),
         bench_training_kills(work, shards, reference, env, trials, rng),
+        bench_elastic_kills(work, shards, env, elastic_trials, rng),
         bench_sigterm(work, shards, reference, env, rng),
         bench_damaged_checkpoints(work, shards, reference, env),
     ]
@@ -366,6 +372,93 @@ def bench_training_kills(
         log(f"training kill trial {trial}: {[(k['target'], k.get('logged_step_at_kill')) for k in landed]}; "
             f"{resumed_from.strip()} -> {'identical' if not problems else problems}")  # fmt: skip
     row.inputs = TRAIN_STEPS * 8 * row.runs
+    return row
+
+
+LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]  # (processes, loader workers)
+
+
+def launch_command(processes: int, *args: str) -> list[str]:
+    """`mmcl ARGS` on `processes` CPU processes: plain, or through `accelerate launch` (gloo)."""
+    if processes == 1:
+        return [sys.executable, "-m", "mmcl", *map(str, args)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port), "--multi_gpu",
+        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "mmcl", *map(str, args),
+    ]  # fmt: skip
+
+
+def saved_and_past(run: Path, step: int) -> bool:
+    """The run has a complete checkpoint and has logged `step`."""
+    return bool(checkpoint_state(run)["complete"]) and logged_step(run) >= step
+
+
+def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: random.Random) -> Row:
+    """kill -9 a run on one layout of processes x loader workers at a random step after its first checkpoint,
+    resume on another layout: every sample of epoch 0 trained on exactly once (train.log_sample_keys)."""
+    row = Row("training", f"kill -9, resume on other processes x workers ({TRAIN_STEPS} steps)")
+    env = {**env, "ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo"}
+    expected = usable_keys(shards)
+    for trial in range(trials):
+        before = rng.choice(LAYOUTS)
+        after = rng.choice([layout for layout in LAYOUTS if layout != before])
+        run = work / "runs" / f"elastic-{trial}"
+        configs = [
+            train_config(
+                work / "configs" / f"elastic-{trial}-{i}.yaml",
+                shards,
+                run,
+                data={"workers": workers},
+                train={"log_sample_keys": True, "checkpoint_every": 3},
+            )  # fmt: skip
+            for i, (_, workers) in enumerate((before, after))
+        ]
+        log_path = work / "logs" / f"elastic-{trial}.log"
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(
+                launch_command(before[0], "train", "--config", configs[0]),
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+            step = rng.randint(4, TRAIN_STEPS - 4)
+            hit = wait_for(partial(saved_and_past, run, step), proc, 900)
+            time.sleep(rng.uniform(0, 0.5))
+            if not hit or proc.poll() is not None:
+                proc.wait()
+                row.runs += 1
+                row.problems.append(f"trial {trial}: the run ended before its kill (see {log_path})")
+                continue
+            kill = {"logged_step_at_kill": logged_step(run), **checkpoint_state(run)}
+            orphans = kill9(proc, whole_group=True, grace=10.0)
+        row.faults += 1
+        resumed = subprocess.run(
+            launch_command(after[0], "train", "--config", configs[1]),
+            cwd=REPO, capture_output=True, text=True, env=env, timeout=900,
+        )  # fmt: skip
+        problems = (
+            [f"resume exit {resumed.returncode}: {resumed.stderr[-600:]}"] if resumed.returncode else []
+        )
+        if not problems:
+            problems = check_elastic_epoch(run, expected)
+            if "elastic resume" not in resumed.stdout:
+                problems.append("the resumed run did not report an elastic resume")
+            steps = [r["step"] for r in metrics_rows(run)]
+            if steps != list(range(1, TRAIN_STEPS + 1)):
+                problems.append(f"metrics.jsonl steps {steps}")
+        if orphans:
+            problems.append("loader workers outlived the killed process")
+        row.runs += 1
+        row.survived += not problems
+        row.lost += len(expected) - len({k for e, k in trained_keys(run) if e == 0} & expected)
+        row.problems += [f"trial {trial}: {p}" for p in problems]
+        row.details.append({"trial": trial, "before": before, "after": after, **kill, "ok": not problems})
+        outcome = problems or "each sample once"
+        log(f"elastic kill trial {trial}: {before} killed after step {kill['logged_step_at_kill']} "
+            f"(checkpoints {kill['complete']}), resumed on {after} -> {outcome}")  # fmt: skip
+    row.inputs = len(expected) * row.runs
     return row
 
 
@@ -684,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--sharding-trials", type=int, default=10, help="kill -9 trials of a sharding run")
     parser.add_argument("--training-trials", type=int, default=5, help="kill -9 trials of a training run")
+    parser.add_argument(
+        "--elastic-trials", type=int, default=10, help="kill -9 trials resumed on other processes x workers"
+    )
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "faults")
     parser.add_argument("--images", type=int, default=400, help="images in the sharding kill corpus")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill points")
@@ -706,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_bad_inputs(work)
         rows.append(bench_sharding_kills(work, args.sharding_trials, rng, args.images))
     if "training" in areas:
-        rows += bench_training(work, args.training_trials, rng)
+        rows += bench_training(work, args.training_trials, args.elastic_trials, rng)
     if "loading" in areas:
         rows += bench_loading_and_config(work, train_env())
 

@@ -68,6 +68,14 @@ class TrainLoopConfig(_Strict):
     max_steps_per_run: int | None = Field(
         None, ge=1, description="checkpoint and exit after this many steps (for time-limited job slots)"
     )
+    elastic_batch: Literal["per_process", "global"] = Field(
+        "per_process",
+        description="resumed on another number of processes: keep data.batch_size per process, or keep the "
+        "global batch (data.batch_size becomes the saved global batch / processes / accumulation_steps)",
+    )
+    log_sample_keys: bool = Field(
+        False, description="write the keys every step trained on to RUN/sample_keys/rank-R.jsonl"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

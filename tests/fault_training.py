@@ -86,6 +86,33 @@ def check_resumed_run(run: Path, reference: Path, steps: int = TRAIN_STEPS) -> l
     return problems
 
 
+def trained_keys(run: Path, until: int | None = None) -> list[tuple[int, str]]:
+    """(epoch, key) of every sample the run trained on, from its train.log_sample_keys files (every rank),
+    up to step `until` (None: all)."""
+    keys = []
+    for path in sorted((Path(run) / "sample_keys").glob("rank-*.jsonl")):
+        for line in path.read_text("utf-8").splitlines():
+            row = json.loads(line)
+            if until is None or row["step"] <= until:
+                keys += [(epoch, key) for epoch, key in row["samples"]]
+    return keys
+
+
+def check_elastic_epoch(run: Path, expected: set[str]) -> list[str]:
+    """After a resume on other counts: every key of epoch 0 trained on exactly once, no (epoch, key) twice."""
+    from collections import Counter
+
+    keys = trained_keys(run)
+    problems = []
+    twice = [k for k, n in Counter(keys).items() if n > 1]
+    if twice:
+        problems.append(f"{len(twice)} samples trained twice in one epoch, e.g. {twice[:3]}")
+    epoch0 = {key for epoch, key in keys if epoch == 0}
+    if epoch0 != expected:
+        problems.append(f"epoch 0: {len(expected - epoch0)} samples lost, {len(epoch0 - expected)} unknown")
+    return problems
+
+
 def train_env() -> dict:
     """The environment of a training process: one OpenMP thread (CPU, deterministic, and fair to a shared
     machine), the Hugging Face hub offline."""
@@ -275,7 +302,9 @@ def check_bad_sample_metric(
     counts = [r["bad_samples"] for r in metrics_rows(run)]
     state = json.loads((Path(run) / "checkpoints" / f"step-{steps:08d}" / "state.json").read_text("utf-8"))
     readers = sum(
-        w["skipped"] for rank in state["train_state"]["data"].values() for w in rank["workers"].values()
+        w["skipped"]
+        for rank in state["train_state"]["data"]["ranks"].values()
+        for w in rank["workers"].values()
     )
     if counts != sorted(counts) or not counts or counts[-1] < facts["bad"] or counts[-1] != readers:
         problems.append(

@@ -26,7 +26,7 @@ from PIL import Image
 from processes import HANG_GUARD_S
 from pydantic import ValidationError
 
-from mmcl.data import DataConfig, StreamState, build_loader, build_train_stream
+from mmcl.data import DataConfig, DataProgress, StreamState, build_loader, build_train_stream
 from mmcl.errors import UsageError
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")  # the bundled SimpleTokenizer: works offline
@@ -321,20 +321,24 @@ def test_exact_resume_with_two_workers(tmp_path):
     state = StreamState(num_workers=2)
     for batch in fresh[:k]:
         state.update(batch)
-    saved = json.loads(json.dumps(state.state_dict()))  # as a checkpoint stores it
-    assert saved["next_worker"] == k % 2 and set(saved["workers"]) == {"0", "1"}
-    resumed = take(build_loader(cfg, resume=saved, **kwargs), m)
+    progress = DataProgress(world_size=1, num_workers=2, resampled=False)
+    progress.record(k, [state.state_dict()], [state.take_consumed()])
+    saved = json.loads(json.dumps(progress.state_dict()))  # as a checkpoint stores it
+    assert saved["ranks"]["0"]["next_worker"] == k % 2 and set(saved["ranks"]["0"]["workers"]) == {"0", "1"}
+    loader = build_loader(cfg, resume=saved, **kwargs)
+    assert loader.dataset.elastic is None  # the same layout replays
+    resumed = take(loader, m)
 
     for want, got in zip(fresh[k:], resumed, strict=True):
         assert got["keys"] == want["keys"]
         assert torch.equal(got["media"], want["media"]) and torch.equal(got["text"], want["text"])
         for name in ("worker", "epoch", "position", "skipped"):
             assert got[name] == want[name]
-        for name in ("noisy", "alignment_score", "label_index"):
+        for name in ("noisy", "alignment_score", "label_index", "consumed"):
             assert torch.equal(got[name], want[name])
 
-    with pytest.raises(UsageError, match="num_workers=2"):
-        build_loader(config(sources, workers=1), resume=saved, **kwargs)
+    # another layout continues from the ledger instead (tests/test_elastic_resume.py)
+    assert build_loader(config(sources, workers=1), resume=saved, **kwargs).dataset.elastic is not None
 
 
 def test_shard_cut_inside_a_tar_header_is_reported(tmp_path, caplog):

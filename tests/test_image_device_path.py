@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import ColorJitter, Compose, InterpolationMode, Normalize, RandomResizedCrop
 
 from mmcl.config import load_train_config
-from mmcl.data import DataConfig, build_train_stream
+from mmcl.data import DataConfig, DataProgress, build_train_stream
 from mmcl.data.common import call_seeded
 from mmcl.data.device_transform import (
     DeviceImageSpec,
@@ -240,7 +240,9 @@ def test_device_path_stream_resumes_exactly(tmp_path: Path) -> None:
     ).new_state()
     for batch in batches[:3]:
         state.update(batch)
-    resumed = stream(json.loads(json.dumps(state.state_dict())))
+    progress = DataProgress(world_size=1, num_workers=1, resampled=False)
+    progress.record(3, [state.state_dict()], [state.take_consumed()])
+    resumed = stream(json.loads(json.dumps(progress.state_dict())))
     for want in batches[3:]:
         got = next(resumed)
         assert got["keys"] == want["keys"]

@@ -209,7 +209,7 @@ def test_two_processes_through_accelerate_use_global_negatives(image_shards: Pat
     assert [r["negatives"] for r in rows] == [15] * 4  # 2 processes x 8 samples, all gathered
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["train_state"]["samples_seen"] == 4 * 8 * 2
-    assert set(state["train_state"]["data"]) == {"0", "1"}
+    assert set(state["train_state"]["data"]["ranks"]) == {"0", "1"}
 
 
 def test_audio_model_trains_on_audio_shards(tmp_path: Path) -> None:

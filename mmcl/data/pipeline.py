@@ -14,29 +14,28 @@ anew. An epoch ends once every source has been read through once; a source that 
 (a small or heavily weighted one) starts another pass with a fresh shard order, so the mixing
 weights hold for the whole epoch. Batches run across epoch boundaries.
 
-Resume. Every batch carries "worker", "epoch" and "position": the raw samples of that epoch the
-worker has taken from the shuffle stage (bad ones included) up to and including this batch, and
-"skipped", the bad samples it has dropped so far. `StreamState` keeps the latest of these per worker
-plus which worker yields next; its `state_dict()` is the resume state:
+Resume (mmcl.data.progress). Every batch carries "worker", "epoch" and "position": the raw samples of
+that epoch the worker has taken from the shuffle stage (bad ones included) up to and including this
+batch, "skipped", the bad samples it has dropped so far, and "consumed": where each raw sample it
+accounts for lies, (epoch, source, pass, shard, index). `build_loader(resume=DataProgress state)`:
 
-    {"num_workers": W, "rank": r, "world_size": n, "next_worker": j,
-     "workers": {"0": {"epoch": e, "position": p, "skipped": s}, ...}}
-
-Passed back as `resume`, worker w starts at its epoch e and drops the first p raw samples *before
-decoding*, and the DataLoader's round robin is rotated so that worker j yields first. With the same
-workers, world size and batch size the resumed loader yields exactly the batches an uninterrupted
-one would have yielded next (a worker absent from the state starts from the beginning). Other batch
-sizes still neither repeat nor lose samples.
-
-Cost of resuming. Nothing is decoded or transformed twice, but the skipped part of each worker's
-current epoch is read again as raw tar bytes, because the shard order, the mixing and the shuffle
-buffer are replayed to reach the same state: up to one epoch of one worker's shards per worker, and
-for http(s) shards that part is downloaded again. More, smaller shards (shorter epochs per worker)
-keep it short. A shard that fails to read only sometimes (a flaky server) makes replays differ.
+- with the same world size and data.workers, worker w starts at its epoch e and drops the first p raw
+  samples *before decoding*, and the DataLoader's round robin is rotated so that the worker that was due
+  next yields first: the resumed loader yields exactly the batches an uninterrupted one would have
+  yielded next. The skipped part of each worker's current epoch is read again as raw tar bytes (the
+  shard order, the mixing and the shuffle buffer are replayed to reach the same state).
+- with any other layout, the epochs the ledger holds are shared out anew: for each source and pass, the
+  shards with samples left are dealt, in the epoch's shard order, to the reader with the least work so
+  far, and each reader reads its shards skipping the consumed samples as raw bytes; fully consumed shards
+  are not opened. The readers' mixing and shuffling are seeded afresh (with the checkpoint's step). Every
+  sample of those epochs not yet consumed is read exactly once, then the stream goes on with fresh epochs
+  as a run of the new layout would. With data.resampled there is nothing to share out: the readers draw
+  afresh from the epoch they were in.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import random
@@ -53,6 +52,7 @@ from mmcl.data.common import BadSample, derive_seed, log_and_continue, logger
 from mmcl.data.config import DataConfig
 from mmcl.data.device_transform import DeviceImageSpec, pad_crops
 from mmcl.data.image import image_crop, image_media
+from mmcl.data.progress import DataProgress, ElasticResume, StreamState, skip_consumed
 from mmcl.data.sources import Source, resolve_sources
 from mmcl.data.text import choose_caption, read_meta
 from mmcl.errors import RunFailed, UsageError
@@ -75,6 +75,8 @@ class ReaderState:
     position: int = 0
     skipped: int = 0
     bad_run: int = 0
+    # where the bad samples dropped since the reader's last batch lie (the next batch reports them)
+    dropped: list[tuple[int, ...]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,15 @@ class ReaderPlan:
     shuffle_buffer: int
     read_options: ReadOptions
     extensions: tuple[str, ...]  # the members a sample of this modality needs
+    elastic: ElasticResume | None = None  # resumed on another layout: the open epochs come from its ledger
+
+    def from_ledger(self, epoch: int) -> bool:
+        """Whether this reader's share of `epoch` is what the ledger leaves (an elastic resume)."""
+        return self.elastic is not None and epoch <= self.elastic.last_epoch
+
+    def salt(self, epoch: int) -> tuple:
+        """Extra seed parts for the mixing, shuffling and resampling of an epoch continued elastically."""
+        return ("elastic", self.elastic.salt) if self.from_ledger(epoch) else ()
 
 
 def check_shard_counts(sources: list[Source], readers: int, resampled: bool) -> None:
@@ -107,20 +118,52 @@ def check_shard_counts(sources: list[Source], readers: int, resampled: bool) -> 
             )
 
 
-def reader_shards(plan: ReaderPlan, source_index: int, epoch: int, pass_index: int) -> list[str]:
-    """The shard URLs one reader reads from one source in one pass of one epoch.
+def reader_shards(plan: ReaderPlan, source_index: int, epoch: int, pass_index: int) -> list[int]:
+    """The shards (indices into the source's URLs) one reader reads from one source in one pass of one epoch.
 
     The permutation depends on (seed, source, epoch, pass) only, so all ranks and workers agree on it
-    and take disjoint slices. Resampled: each reader draws its own shards with replacement, as many
-    as its slice would hold.
+    and take disjoint slices; an epoch continued from a ledger is dealt by `share_remaining` instead.
+    Resampled: each reader draws its own shards with replacement, as many as its slice would hold.
     """
-    urls = list(plan.sources[source_index].urls)
+    count = len(plan.sources[source_index].urls)
     if plan.resampled:
-        rng = random.Random(derive_seed(plan.seed, "resample", source_index, epoch, pass_index, plan.reader))
-        return rng.choices(urls, k=-(-len(urls) // plan.readers))
+        rng = random.Random(
+            derive_seed(
+                plan.seed, "resample", source_index, epoch, pass_index, plan.reader, *plan.salt(epoch)
+            )
+        )
+        return rng.choices(range(count), k=-(-count // plan.readers))
+    order = list(range(count))
     if plan.shard_shuffle:
-        random.Random(derive_seed(plan.seed, "shards", source_index, epoch, pass_index)).shuffle(urls)
-    return urls[plan.reader :: plan.readers]
+        random.Random(derive_seed(plan.seed, "shards", source_index, epoch, pass_index)).shuffle(order)
+    if plan.from_ledger(epoch):
+        return share_remaining(plan, source_index, epoch, pass_index, order)
+    return order[plan.reader :: plan.readers]
+
+
+def share_remaining(
+    plan: ReaderPlan, source_index: int, epoch: int, pass_index: int, order: list[int]
+) -> list[int]:
+    """This reader's share of the shards with samples left in the ledger: dealt in the epoch's shard order,
+    each to the reader with the fewest samples so far (counts from the index files; a shard no index lists
+    counts as an average one), so the readers of the new layout finish the epoch together."""
+    assert plan.elastic is not None
+    source = plan.sources[source_index]
+    counts = [source.shard_counts.get(url) for url in source.urls]
+    known = [c for c in counts if c is not None]
+    typical = max(1, round(sum(known) / len(known))) if known else 1
+    loads = [(0, reader) for reader in range(plan.readers)]
+    mine = []
+    for shard in order:
+        done = plan.elastic.ledger.consumed((epoch, source_index, pass_index, shard)).bit_count()
+        left = counts[shard] - done if counts[shard] is not None else max(typical - done, 1)
+        if left <= 0:
+            continue
+        load, reader = heapq.heappop(loads)
+        heapq.heappush(loads, (load + left, reader))
+        if reader == plan.reader:
+            mine.append(shard)
+    return mine
 
 
 def keyed_samples(
@@ -159,11 +202,16 @@ class TruncatedShardError(Exception):
 
 
 def mix_sources(
-    passes: list[Callable[[int], Iterator[dict]]], weights: list[float], rng: random.Random
+    passes: list[Callable[[int], Iterator[dict]]],
+    weights: list[float],
+    rng: random.Random,
+    consumed_passes: list[int] | None = None,
 ) -> Iterator[dict]:
     """Interleave sources, drawing the source of each next sample by weight; `passes[i](p)` streams
     pass p of source i. A source that runs out starts its next pass; the epoch ends when every
-    source has finished its first. A pass with no samples at all drops its source for the epoch."""
+    source has finished its first. A pass with no samples at all drops its source for the epoch, unless
+    it is one of the first `consumed_passes[i]` (continued from a ledger: it may have nothing left)."""
+    consumed_passes = consumed_passes or [0] * len(passes)
     streams = [make(0) for make in passes]
     pass_index = [0] * len(passes)
     seen_in_pass = [False] * len(passes)
@@ -179,7 +227,7 @@ def mix_sources(
         finished[s] = True
         if all(finished):
             return
-        if not seen_in_pass[s]:
+        if not seen_in_pass[s] and pass_index[s] >= consumed_passes[s]:
             logger.warning(
                 "source %d has no readable samples for this worker: left out for the rest of the epoch", s
             )
@@ -210,40 +258,60 @@ def shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterat
 def source_pass(
     plan: ReaderPlan, source_index: int, epoch: int, handler: Handler, pass_index: int
 ) -> Iterator[dict]:
-    """Raw samples of one pass over one source's shards for this reader."""
-    shards = reader_shards(plan, source_index, epoch, pass_index)
-    return keyed_samples(
-        shards, handler, plan.sources[source_index].shard_counts, plan.read_options, plan.extensions
-    )
+    """Raw samples of one pass over one source's shards for this reader, each with its "__where__"
+    (source, pass, shard, index in the shard); samples a ledger holds are dropped unread."""
+    source = plan.sources[source_index]
+    for shard in reader_shards(plan, source_index, epoch, pass_index):
+        url = source.urls[shard]
+        samples = keyed_samples([url], handler, source.shard_counts, plan.read_options, plan.extensions)
+        # stream: the same, tagged with where they lie; an elastic resume drops the consumed ones
+        tagged = _tagged(samples, source_index, pass_index, shard)
+        if plan.from_ledger(epoch):
+            tagged = skip_consumed(
+                tagged, plan.elastic.ledger.consumed((epoch, source_index, pass_index, shard))
+            )
+        yield from tagged
+
+
+def _tagged(samples: Iterator[dict], source_index: int, pass_index: int, shard: int) -> Iterator[dict]:
+    for index, sample in enumerate(samples):
+        sample["__where__"] = (source_index, pass_index, shard, index)
+        yield sample
 
 
 def epoch_samples(plan: ReaderPlan, epoch: int, handler: Handler) -> Iterator[dict]:
     """One epoch of one reader's raw samples, mixed and shuffled; a pure function of its arguments."""
+    salt = plan.salt(epoch)
     # stream: per source, pass number -> that pass's raw samples
     passes = [partial(source_pass, plan, i, epoch, handler) for i in range(len(plan.sources))]
+    consumed_passes = None
+    if plan.from_ledger(epoch) and not plan.resampled:
+        consumed_passes = [max(1, plan.elastic.ledger.passes(epoch, i)) for i in range(len(plan.sources))]
     # stream: raw samples of all sources, interleaved by weight
     mixed = mix_sources(
         passes,
         [s.weight for s in plan.sources],
-        random.Random(derive_seed(plan.seed, "mix", epoch, plan.rank, plan.worker)),
+        random.Random(derive_seed(plan.seed, "mix", epoch, plan.rank, plan.worker, *salt)),
+        consumed_passes,
     )
     # stream: the same raw samples, shuffled within a buffer
     return shuffle(
         mixed,
         plan.shuffle_buffer,
-        random.Random(derive_seed(plan.seed, "shuffle", epoch, plan.rank, plan.worker)),
+        random.Random(derive_seed(plan.seed, "shuffle", epoch, plan.rank, plan.worker, *salt)),
     )
 
 
 def epochs(plan: ReaderPlan, start: int, handler: Handler) -> Iterator[dict]:
-    """Epochs start, start+1, ... back to back; each raw sample is tagged with its "__epoch__"."""
+    """Epochs start, start+1, ... back to back; each raw sample is tagged with its "__epoch__". An epoch
+    continued from a ledger may leave a reader nothing."""
     for epoch in itertools.count(start):
         empty = True
         for sample in epoch_samples(plan, epoch, handler):
             empty = False
             sample["__epoch__"] = epoch
             yield sample
-        if empty:
+        if empty and not plan.from_ledger(epoch):
             raise RunFailed(
                 f"reader {plan.reader} (rank {plan.rank}, worker {plan.worker}) got no samples in epoch "
                 f"{epoch}: its shards are empty or unreadable (see the warnings above)"
@@ -305,6 +373,7 @@ class SamplePreparer:
             )
         return {
             "key": key,
+            "where": (epoch, *sample["__where__"]),
             "media": media,
             "caption": caption,
             "noisy": meta["noisy"] if isinstance(meta.get("noisy"), bool) else None,
@@ -346,6 +415,7 @@ def prepare(
         except BadSample as err:
             if not handler(err):
                 raise
+            state.dropped.append((sample["__epoch__"], *sample["__where__"]))
             state.skipped += 1
             state.bad_run += 1
             if state.bad_run >= MAX_BAD_RUN:
@@ -391,64 +461,24 @@ def batched(
     state: ReaderState,
     tokenizer: Callable[[list[str]], torch.Tensor],
 ) -> Iterator[dict[str, Any]]:
-    """Full batches only (`collate`), each stamped with the reader's position after its last sample."""
+    """Full batches only (`collate`), each stamped with the reader's position after its last sample and
+    "consumed": where the raw samples it accounts for lie (its own and the bad ones dropped since the
+    reader's previous batch), [n, 5] rows of (epoch, source, pass, shard, index)."""
     batch: list[dict] = []
     for item in items:
         batch.append(item)
         if len(batch) == batch_size:
+            consumed = torch.tensor([item["where"] for item in batch] + state.dropped, dtype=torch.long)
+            state.dropped = []
             yield {
                 **collate(batch, tokenizer),
                 "worker": state.worker,
                 "epoch": state.epoch,
                 "position": state.position,
                 "skipped": state.skipped,
+                "consumed": consumed,
             }
             batch = []
-
-
-@dataclass
-class StreamState:
-    """The data state a trainer checkpoints: feed it every batch it trains on (`update`), save
-    `state_dict()`, and pass that as `resume` to `build_loader` (format in the module docstring)."""
-
-    num_workers: int
-    rank: int = 0
-    world_size: int = 1
-    next_worker: int = 0
-    workers: dict[int, dict[str, int]] = field(default_factory=dict)
-
-    def update(self, batch: Mapping[str, Any]) -> None:
-        worker = int(batch["worker"])
-        self.workers[worker] = {k: int(batch[k]) for k in ("epoch", "position", "skipped")}
-        self.next_worker = (worker + 1) % self.num_workers
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "next_worker": self.next_worker,
-            "workers": {str(w): dict(v) for w, v in sorted(self.workers.items())},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Take a saved state (raises UsageError if it was saved for another layout of readers)."""
-        for name in ("num_workers", "rank", "world_size"):
-            saved = state.get(name)
-            if saved is not None and saved != getattr(self, name):
-                raise UsageError(
-                    f"the data state was saved with {name}={saved}, this run has {getattr(self, name)}: "
-                    f"resume with the same world size and data.workers (shard assignment depends on them)"
-                )
-        workers = {
-            int(w): {k: int(v.get(k, 0)) for k in ("epoch", "position", "skipped")}
-            for w, v in state.get("workers", {}).items()
-        }
-        unknown = sorted(w for w in workers if not 0 <= w < self.num_workers)
-        if unknown:
-            raise UsageError(f"the data state names workers {unknown}, but there are {self.num_workers}")
-        self.workers = workers
-        self.next_worker = int(state.get("next_worker", 0)) % self.num_workers
 
 
 class TrainStream(IterableDataset):
@@ -467,7 +497,7 @@ class TrainStream(IterableDataset):
         tokenizer: Callable[[list[str]], torch.Tensor],
         rank: int = 0,
         world_size: int = 1,
-        resume: Mapping[str, Any] | None = None,
+        resume: Mapping[str, Any] | DataProgress | None = None,
         handler: Handler = log_and_continue,
         sources: list[Source] | None = None,
         device_images: DeviceImageSpec | None = None,
@@ -491,8 +521,25 @@ class TrainStream(IterableDataset):
             check_shard_counts(sources, world_size * self.num_workers, cfg.resampled)
         self.sources = sources
         self.resume_state = self.new_state()
+        self.progress = DataProgress(world_size, self.num_workers, cfg.resampled)
+        self.elastic: ElasticResume | None = None
         if resume:
-            self.resume_state.load_state_dict(resume)
+            saved = resume if isinstance(resume, DataProgress) else DataProgress.from_state_dict(resume)
+            self.progress.ledger, self.progress.step = saved.ledger, saved.step
+            self.progress.elastic_until = saved.elastic_until
+            if saved.can_replay(world_size, self.num_workers) and saved.resampled == cfg.resampled:
+                self.resume_state.load_state_dict(saved.ranks[rank])
+            else:
+                self.elastic = saved.elastic()
+                self.progress.elastic_until = self.elastic.last_epoch
+                self.resume_state.start_epoch = self.elastic.start_epoch
+                if rank == 0:  # the old readers' bad-sample count carries on in one reader
+                    skipped = self.elastic.carried_skipped
+                    self.resume_state.workers[0] = {
+                        "epoch": self.elastic.start_epoch,
+                        "position": 0,
+                        "skipped": skipped,
+                    }
         self.preparer = SamplePreparer(
             modality=modality,
             media_transform=media_transform,
@@ -507,8 +554,19 @@ class TrainStream(IterableDataset):
         )
 
     def new_state(self) -> StreamState:
-        """An empty StreamState for this stream's layout (what a trainer updates with each batch)."""
-        return StreamState(num_workers=self.num_workers, rank=self.rank, world_size=self.world_size)
+        """An empty StreamState for this stream's layout."""
+        return StreamState(
+            num_workers=self.num_workers,
+            rank=self.rank,
+            world_size=self.world_size,
+            track_consumed=not self.cfg.resampled,
+        )
+
+    def initial_state(self) -> StreamState:
+        """The StreamState this stream starts from (what a trainer updates with each batch it trains on)."""
+        state = self.new_state()
+        state.load_state_dict(self.resume_state.state_dict())
+        return state
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -520,7 +578,9 @@ class TrainStream(IterableDataset):
             )
         # Rotate ids so that the worker that is due next after a resume is the DataLoader's first.
         worker = (dataloader_worker + self.resume_state.next_worker) % num_workers
-        start = self.resume_state.workers.get(worker, {"epoch": 0, "position": 0, "skipped": 0})
+        start = self.resume_state.workers.get(
+            worker, {"epoch": self.resume_state.start_epoch, "position": 0, "skipped": 0}
+        )
         plan = ReaderPlan(
             sources=tuple(self.sources),
             seed=self.cfg.seed,
@@ -533,6 +593,7 @@ class TrainStream(IterableDataset):
             shuffle_buffer=self.cfg.shuffle_buffer,
             read_options=read_options(self.cfg),
             extensions=(*MEDIA_EXTENSIONS[self.preparer.modality], *META_EXTENSIONS),
+            elastic=self.elastic,
         )
         state = ReaderState(worker=worker, epoch=start["epoch"], skipped=start["skipped"])
         # stream: raw samples (tar bytes per key) of epochs start, start+1, ..., mixed and shuffled
@@ -560,7 +621,7 @@ def build_train_stream(
     tokenizer: Callable[[list[str]], torch.Tensor],
     rank: int = 0,
     world_size: int = 1,
-    resume: Mapping[str, Any] | None = None,
+    resume: Mapping[str, Any] | DataProgress | None = None,
     handler: Handler = log_and_continue,
     sources: list[Source] | None = None,
     device_images: DeviceImageSpec | None = None,
@@ -569,7 +630,9 @@ def build_train_stream(
 
     `media_transform`: the model's per-sample transform (PIL image -> [3, H, W]; for audio an optional
     waveform -> waveform step after the crop). `tokenizer`: list[str] -> LongTensor [N, context].
-    `rank`/`world_size` are explicit (no environment lookups). `resume`: a `StreamState.state_dict()`.
+    `rank`/`world_size` are explicit (no environment lookups). `resume`: a DataProgress (or its state_dict())
+    saved by any layout (mmcl.data.progress: the same layout replays exactly, another continues from the
+    ledger).
     `handler` gets every bad sample and unreadable shard; returning True skips it. `sources`: cfg's sources
     as `resolve_sources` gives them, already checked against `check_shard_counts` for this world size (what
     the trainer's preflight did); None resolves and checks them here. `device_images`: images take the
@@ -598,7 +661,7 @@ def build_loader(
     tokenizer: Callable[[list[str]], torch.Tensor],
     rank: int = 0,
     world_size: int = 1,
-    resume: Mapping[str, Any] | None = None,
+    resume: Mapping[str, Any] | DataProgress | None = None,
     handler: Handler = log_and_continue,
     pin_memory: bool = False,
     sources: list[Source] | None = None,

@@ -1,5 +1,6 @@
-"""Where a run's metrics go: one JSON row per `log` in RUN/metrics.jsonl, and TensorBoard (RUN/tensorboard),
-written by the main process only. Another tracker (e.g. Accelerate's `log_with`) is one more call in `log`.
+"""Where a run's records go: one JSON row per `log` in RUN/metrics.jsonl, and TensorBoard (RUN/tensorboard),
+written by the main process only (another tracker, e.g. Accelerate's `log_with`, is one more call in `log`);
+with train.log_sample_keys, RUN/sample_keys/rank-R.jsonl from every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from shards_tools.writer import open_new
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+SAMPLE_KEYS = "sample_keys"
 
 
 class MetricsSink:
@@ -29,7 +31,7 @@ class MetricsSink:
         self.tb = None
         if not main_process:
             return
-        _keep_metrics_until(self.output / METRICS, start_step)
+        keep_rows_until(self.output / METRICS, start_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(self.output / TENSORBOARD)
@@ -53,9 +55,10 @@ class MetricsSink:
             self.tb = None
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Keep the complete rows of metrics.jsonl up to `step`, where this run starts: a run killed after its
-    last checkpoint logged steps that are now redone, and may have left a torn last line."""
+def keep_rows_until(path: Path, step: int) -> None:
+    """Keep the complete rows of a JSON-lines log (metrics.jsonl, a sample key log) up to `step`, where this
+    run starts: a run killed after its last checkpoint logged steps that are now redone, and may have left a
+    torn last line."""
     if not path.exists():
         return
     kept = []
@@ -70,3 +73,35 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     with open_new(tmp) as handle:  # never through a link planted in a shared run folder
         handle.write("".join(kept).encode("utf-8"))
     os.replace(tmp, path)
+
+
+class SampleKeyLog:
+    """RUN/sample_keys/rank-R.jsonl: per step, the samples this rank trained on, as
+    {"step": s, "samples": [[epoch, key], ...]}. With the resumed run's rows dropped past its checkpoint
+    (`keep_sample_logs_until`, by the main process before any rank writes), the files of all ranks together
+    list each trained sample once per time it was trained on, whatever layouts the run was resumed on."""
+
+    def __init__(self, output: Path, rank: int) -> None:
+        folder = Path(output) / SAMPLE_KEYS
+        folder.mkdir(parents=True, exist_ok=True)
+        self.handle = open(folder / f"rank-{rank}.jsonl", "a", encoding="utf-8")
+
+    def write(self, step: int, batches: list[dict]) -> None:
+        samples = [
+            [int(epoch), key]
+            for batch in batches
+            for epoch, key in zip(
+                batch["consumed"][: len(batch["keys"]), 0].tolist(), batch["keys"], strict=True
+            )
+        ]
+        self.handle.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def keep_sample_logs_until(output: Path, step: int) -> None:
+    """Drop every rank's sample key rows past `step` (the checkpoint a run resumes from)."""
+    for path in sorted((Path(output) / SAMPLE_KEYS).glob("rank-*.jsonl")):
+        keep_rows_until(path, step)

@@ -3,8 +3,10 @@ readability). The data flows one way: shards -> stream -> batch -> model -> loss
 
 Accelerate owns devices, processes and mixed precision; the model and optimizer go through
 `accelerator.prepare`, the WebDataset loader does not (it already splits shards by rank and worker).
-Resume is step-exact: weights, optimizer, per-rank RNG and per-rank data positions are restored, and the
-learning rate is a pure function of the step.
+Resume is step-exact with the same processes and loader workers: weights, optimizer, per-rank RNG and
+per-rank data positions are restored, and the learning rate is a pure function of the step. With other
+counts the data stream continues from the checkpoint's ledger of consumed samples (mmcl.data.progress):
+every sample of the open epoch is still seen exactly once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mmcl.config import TrainConfig
 from mmcl.data import build_loader
 from mmcl.data.device_transform import batch_to_model_input, choose_image_path
 from mmcl.data.pipeline import read_options
+from mmcl.data.progress import DataProgress, SampleLedger
 from mmcl.errors import RunFailed, UsageError, describe_load_error
 from mmcl.losses import contrastive_loss, sigmoid_loss
 from mmcl.models import build_model
@@ -39,7 +42,14 @@ from mmcl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mmcl.train.metrics_sink import METRICS, TENSORBOARD, MetricsSink
+from mmcl.train.metrics_sink import (
+    METRICS,
+    SAMPLE_KEYS,
+    TENSORBOARD,
+    MetricsSink,
+    SampleKeyLog,
+    keep_sample_logs_until,
+)
 from mmcl.train.optim import lr_at, param_groups, set_lr
 from mmcl.train.preflight import preflight
 from mmcl.train.state import TrainState
@@ -60,6 +70,7 @@ class Trainer:
         self.stop_requested = False
         self._previous_handlers: dict = {}
         self.metrics: MetricsSink | None = None
+        self.sample_log: SampleKeyLog | None = None
         self._last_loss = float("nan")
 
     # ----------------------------------------------------------------- setup
@@ -95,19 +106,10 @@ class Trainer:
         self.weighter.to(acc.device)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        set_seed(cfg.run.seed + acc.process_index)  # different augmentations per rank
         data_resume = None
-        if checkpoint is not None:
-            if len(checkpoint.rng) == acc.num_processes:
-                set_rng_state(checkpoint.rng[acc.process_index])
-                data_resume = self.state.data.get(str(acc.process_index))
-            else:
-                acc.print(
-                    f"warning: {checkpoint.path} was written by {len(checkpoint.rng)} processes, this run "
-                    f"has {acc.num_processes}: weights and optimizer resume, the data stream and RNG start "
-                    "afresh"
-                )
-            acc.print(f"resumed from {checkpoint.path} at step {self.state.step}")
+        if checkpoint is not None and self.state.data:
+            data_resume = DataProgress.from_state_dict(self.state.data)
+            self._fit_batch_to_layout(data_resume)
         # the model without Accelerate's wrappers (DDP, DeepSpeed), once: unwrap_model walks every module
         self.unwrapped = unwrapped = acc.unwrap_model(self.model)
         # audio clips are cropped/padded by the data pipeline itself (seeded per sample)
@@ -128,20 +130,60 @@ class Trainer:
             sources=sources,
             device_images=self.device_images,
         )
-        self.data_state = self.loader.dataset.new_state()
-        if data_resume is not None:
-            self.data_state.load_state_dict(data_resume)
+        stream = self.loader.dataset
+        self.data_state = stream.initial_state()
+        self.progress = stream.progress  # the main process records every rank's into it at each checkpoint
+        # different augmentations per rank; a replayed resume restores each rank's generators as they were
+        set_seed(
+            (cfg.run.seed + acc.process_index + (self.state.step * 1000 if stream.elastic else 0)) % 2**32
+        )
+        if checkpoint is not None:
+            if stream.elastic is None and len(checkpoint.rng) == acc.num_processes:
+                set_rng_state(checkpoint.rng[acc.process_index])
+            elif stream.elastic is not None:
+                old = f"{data_resume.world_size} x {data_resume.num_workers}"
+                acc.print(
+                    f"elastic resume from {old} to {acc.num_processes} x {stream.num_workers} process(es) x "
+                    "loader worker(s): epoch "
+                    f"{stream.elastic.start_epoch} continues from the checkpoint's ledger "
+                    f"({stream.elastic.ledger.samples()} samples consumed), each remaining sample once"
+                )
+            acc.print(f"resumed from {checkpoint.path} at step {self.state.step}")
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
             if cfg.train.resume == "never":
                 _set_aside_earlier_run(self.output, acc.print)
             (self.output / "config.json").write_text(cfg.model_dump_json(indent=1))
         self.metrics = MetricsSink(self.output, start_step=self.state.step, main_process=acc.is_main_process)
+        if cfg.train.log_sample_keys:
+            if acc.is_main_process:
+                keep_sample_logs_until(self.output, self.state.step)
+            acc.wait_for_everyone()
+            self.sample_log = SampleKeyLog(self.output, acc.process_index)
         # restored by cleanup(): a process that trains in-process (a notebook, a test) and later forks
         # workers must not leave them a SIGTERM that only sets a flag (multiprocessing.Pool.terminate hangs)
         self._previous_handlers = {
             sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+
+    def _fit_batch_to_layout(self, saved: DataProgress) -> None:
+        """train.elastic_batch=global on another number of processes: data.batch_size becomes the saved global
+        batch over processes x accumulation steps, so the steps and the schedule keep their meaning."""
+        cfg, n = self.cfg, self.accelerator.num_processes
+        if cfg.train.elastic_batch != "global" or saved.world_size == n or saved.global_batch is None:
+            return
+        per_step = n * cfg.train.accumulation_steps
+        if saved.global_batch % per_step:
+            raise UsageError(
+                f"train.elastic_batch=global: the checkpoint's global batch {saved.global_batch} does not "
+                f"split over {n} processes x {cfg.train.accumulation_steps} accumulation steps; change "
+                "train.accumulation_steps, or set train.elastic_batch=per_process to keep data.batch_size"
+            )
+        cfg.data.batch_size = saved.global_batch // per_step
+        self.accelerator.print(
+            f"train.elastic_batch=global: data.batch_size {cfg.data.batch_size} per process keeps the global "
+            f"batch at {saved.global_batch} on {n} process(es)"
+        )
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -317,6 +359,8 @@ class Trainer:
 
             local_samples = sum(len(b["keys"]) for b in batches)
             self.state.step += 1
+            if self.sample_log is not None:
+                self.sample_log.write(self.state.step, batches)
             self.state.samples_seen += local_samples * acc.num_processes
             window["samples"] += local_samples * acc.num_processes
             if all_finite:
@@ -348,7 +392,7 @@ class Trainer:
         count = acc.reduce(count, reduction="sum")
         mean_loss = (count[0] / count[1]).item() if count[1] > 0 else float("nan")
         # every reader of this rank (a batch only carries its own reader's count), summed over ranks
-        local_skipped = sum(w["skipped"] for w in self.data_state.workers.values())
+        local_skipped = self.data_state.skipped()
         skipped = acc.reduce(torch.tensor(float(local_skipped), device=acc.device), reduction="sum").item()
         self.state.bad_samples = int(skipped)
         self._last_loss = mean_loss
@@ -393,11 +437,24 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Gather per-rank RNG and data positions, then the main process writes one atomic checkpoint."""
         acc = self.accelerator
-        per_rank = gather_object([{"rng": rng_state(), "data": self.data_state.state_dict()}])
+        mine = {
+            "rng": rng_state(),
+            "data": self.data_state.state_dict(),
+            "consumed": self.data_state.take_consumed().state_dict(),
+        }
+        per_rank = gather_object([mine])
         full_state = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed: every rank calls it
         path = None
         if acc.is_main_process:
-            self.state.data = {str(rank): entry["data"] for rank, entry in enumerate(per_rank)}
+            self.progress.record(
+                self.state.step,
+                [entry["data"] for entry in per_rank],
+                [SampleLedger.from_state_dict(entry["consumed"]) for entry in per_rank],
+            )
+            self.progress.global_batch = (
+                self.cfg.data.batch_size * self.cfg.train.accumulation_steps * acc.num_processes
+            )
+            self.state.data = self.progress.state_dict()
             extra, extra_tensors = self.weighter.state_dict()
             path = save_checkpoint(
                 self.output / CHECKPOINTS,
@@ -419,6 +476,8 @@ class Trainer:
             self.weighter.plot(self.output / NOISE_PLOT, self.state.step)
         if self.metrics is not None:
             self.metrics.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
         self.accelerator.end_training()
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
@@ -426,7 +485,7 @@ class Trainer:
 
 
 NOISE_PLOT = "noise_weights.png"
-RUN_OUTPUTS = (METRICS, CHECKPOINTS, TENSORBOARD, NOISE_PLOT)
+RUN_OUTPUTS = (METRICS, CHECKPOINTS, TENSORBOARD, NOISE_PLOT, SAMPLE_KEYS)
 
 
 def _set_aside_earlier_run(output: Path, say) -> None:
