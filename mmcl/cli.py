@@ -17,6 +17,7 @@ from shards_tools.cli import HelpfulFormatter, add_shard_parser
 
 def build_parser() -> argparse.ArgumentParser:
     from mmcl.convert import add_convert_parser
+    from mmcl.curate.score import add_score_parser
     from mmcl.eval.cli import add_eval_parser
     from mmcl.export import add_export_parser
     from mmcl.train.cli import add_train_parser
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mmcl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_shard_parser(subparsers)
+    add_shard_parser(subparsers, add_score_parser)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     add_export_parser(subparsers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from shards_tools.config import build_config
@@ -53,7 +54,11 @@ class HelpfulFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDe
     """Keeps the examples in descriptions as written and shows defaults (every `mmcl` subcommand's help)."""
 
 
-def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_shard_parser(
+    subparsers: argparse._SubParsersAction,
+    more: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> None:
+    """`mmcl shard ...`; `more(subcommands)` adds the subcommands that need torch (`score`, from mmcl)."""
     shard = subparsers.add_parser(
         "shard",
         help="convert datasets to WebDataset shards",
@@ -63,6 +68,8 @@ def add_shard_parser(subparsers: argparse._SubParsersAction) -> None:
         + "  mmcl shard verify shards/cc\n",
     )
     sub = shard.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", required=True)
+    if more is not None:
+        more(sub)
     for modality, example in (("image", IMAGE_EXAMPLE), ("audio", AUDIO_EXAMPLE)):
         p = sub.add_parser(
             f"{modality}-text",

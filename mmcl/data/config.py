@@ -40,6 +40,15 @@ class SourceConfig(_Strict):
         description="samples in the source; overrides sizes.json / manifest.json beside the shards",
     )
 
+    scores: str | None = Field(
+        None,
+        description="a scores folder written by `mmcl shard score` for these shards: each sample's "
+        "alignment_score is read from its sidecar (score_field) instead of its .json",
+    )
+    score_field: Literal["score", "weight"] = Field(
+        "score", description="which number of the sidecar rows is the alignment_score"
+    )
+
     @field_validator("urls")
     @classmethod
     def _non_empty(cls, urls: str | list[str]) -> str | list[str]:

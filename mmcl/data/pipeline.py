@@ -56,6 +56,7 @@ from mmcl.data.progress import DataProgress, ElasticResume, StreamState, skip_co
 from mmcl.data.sources import Source, resolve_sources
 from mmcl.data.text import choose_caption, read_meta
 from mmcl.errors import RunFailed, UsageError
+from shards_tools.scores import shard_scores
 from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_label
 from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions, iter_samples
 
@@ -264,6 +265,9 @@ def source_pass(
     for shard in reader_shards(plan, source_index, epoch, pass_index):
         url = source.urls[shard]
         samples = keyed_samples([url], handler, source.shard_counts, plan.read_options, plan.extensions)
+        if source.scores is not None:
+            # stream: the same, each with its score from the shard's sidecar (None without a row)
+            samples = with_scores(samples, shard_scores(source.scores, url, source.score_field))
         # stream: the same, tagged with where they lie; an elastic resume drops the consumed ones
         tagged = _tagged(samples, source_index, pass_index, shard)
         if plan.from_ledger(epoch):
@@ -271,6 +275,12 @@ def source_pass(
                 tagged, plan.elastic.ledger.consumed((epoch, source_index, pass_index, shard))
             )
         yield from tagged
+
+
+def with_scores(samples: Iterator[dict], scores: Mapping[str, float]) -> Iterator[dict]:
+    for sample in samples:
+        sample["__score__"] = scores.get(sample["__key__"])
+        yield sample
 
 
 def _tagged(samples: Iterator[dict], source_index: int, pass_index: int, shard: int) -> Iterator[dict]:
@@ -377,7 +387,9 @@ class SamplePreparer:
             "media": media,
             "caption": caption,
             "noisy": meta["noisy"] if isinstance(meta.get("noisy"), bool) else None,
-            "alignment_score": _number(meta.get("alignment_score")),
+            "alignment_score": sample["__score__"]
+            if "__score__" in sample
+            else _number(meta.get("alignment_score")),
             "label_index": sample_label(meta, sample.get("cls")),
             **extra,
         }

@@ -25,6 +25,7 @@ from mmcl.data.config import DataConfig, SourceConfig
 from mmcl.errors import UsageError
 from shards_tools.http_client import USER_AGENT, BodyTooLarge, Deadline, read_body, watched_opener
 from shards_tools.manifest import MANIFEST, SIZES, shard_list_problem, sizes_problem
+from shards_tools.scores import scored_shards, sidecar_path
 from shards_tools.shard_format import (
     HTTP_SCHEMES,
     MAX_META_BYTES,
@@ -46,6 +47,8 @@ class Source:
     num_samples: int | None  # None when neither the config nor an index file says
     name: str  # for messages: the config's first url entry
     shard_counts: Mapping[str, int] = field(default_factory=dict)  # url -> samples, where an index file says
+    scores: str | None = None  # a `mmcl shard score` folder for these shards (shards_tools.scores)
+    score_field: str = "score"
 
 
 def local_path(url: str) -> Path:
@@ -201,8 +204,23 @@ def resolve_source(
     size = source.num_samples
     if size is None and all(url in counts for url in urls):
         size = sum(counts[url] for url in urls)
+    if source.scores is not None:
+        folder = Path(source.scores).expanduser()
+        if not folder.is_dir() or not scored_shards(folder):
+            raise UsageError(
+                f"{where}.scores: {folder} is not a folder of score sidecars; write it with "
+                f"`mmcl shard score {entries[0]} --output {folder} ...`"
+            )
+        if not any(sidecar_path(folder, url).is_file() for url in urls):
+            raise UsageError(f"{where}.scores: {folder} holds no sidecar for any of these shards")
     return Source(
-        urls=tuple(urls), weight=source.weight, num_samples=size, name=entries[0], shard_counts=counts
+        urls=tuple(urls),
+        weight=source.weight,
+        num_samples=size,
+        name=entries[0],
+        shard_counts=counts,
+        scores=str(Path(source.scores).expanduser()) if source.scores is not None else None,
+        score_field=source.score_field,
     )
 
 

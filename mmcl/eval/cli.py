@@ -68,7 +68,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Classify labelled media by comparing them with prompts for every class\n"
         "(acc1, acc5, mean per-class recall, confusion matrix).\n\n" + LAYOUTS + "\n" + ZERO_SHOT_EXAMPLE,
     )
-    _add_model(zero_shot)
+    add_model_flags(zero_shot)
     g = zero_shot.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset root, shard folder, .tar or brace pattern")
     g.add_argument("--format", default="auto", choices=["auto", *CLASSIFICATION_FORMATS], help="data layout")
@@ -98,7 +98,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Recall@1/5/10 and mean/median rank in both directions on shards whose items carry one\n"
         'or several captions (.json "text" list or .txt).\n\n' + RETRIEVAL_EXAMPLE,
     )
-    _add_model(retrieval)
+    add_model_flags(retrieval)
     g = retrieval.add_argument_group("data")
     g.add_argument("--data", required=True, help="shard folder, .tar or brace pattern")
     g.add_argument("--name", help="dataset name in the report; without it, the folder's name")
@@ -107,7 +107,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     retrieval.set_defaults(run=_run_retrieval, prog_name="mmcl eval retrieval")
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser) -> None:
     from mmcl.models.config import LONG_CLIP_MODES
 
     g = p.add_argument_group("model (one of --checkpoint, --open-clip, --hf-clap)")
@@ -175,14 +175,14 @@ def _read_options(args: argparse.Namespace):
     return ReadOptions(max_member_bytes=args.max_bytes, allow_pipe=args.allow_pipe)
 
 
-def _check_run_flags(args: argparse.Namespace) -> str:
+def check_run_flags(args: argparse.Namespace) -> str:
     """Validate the numeric flags; returns the device to use."""
     import torch
 
     for flag, value, least in (
         ("--batch-size", args.batch_size, 1),
         ("--workers", args.workers, 0),
-        ("--max-samples", args.max_samples, 1),
+        ("--max-samples", getattr(args, "max_samples", None), 1),
     ):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
@@ -250,7 +250,7 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
     from mmcl.eval.templates import load_templates
     from mmcl.eval.zero_shot import evaluate_zero_shot
 
-    device = _check_run_flags(args)
+    device = check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
     audio, folds, padding = _audio_overrides(args), args.folds, "repeat"
     if args.protocol is not None:
@@ -316,7 +316,7 @@ def _run_retrieval(args: argparse.Namespace) -> int:
     from mmcl.eval.report import write_report
     from mmcl.eval.retrieval import evaluate_retrieval
 
-    device = _check_run_flags(args)
+    device = check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
     audio, padding = _audio_overrides(args), "repeat"
     if args.protocol is not None:

@@ -44,6 +44,11 @@ class NoiseConfig(BaseModel):
         None,
         description="alignment_score: scores mapped linearly to weights 0..1 (None: fit the mixture on them)",
     )
+    combine_scores: bool = Field(
+        False,
+        description="local_fdr, loss_mixture, teacher: multiply their weights by each pair's alignment_score "
+        "mapped through score_range, from the first step (precomputed scores and the in-training estimate)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NoiseConfig:
@@ -53,6 +58,11 @@ class NoiseConfig(BaseModel):
             raise ValueError(
                 "noise.unlearn_weight needs a noise.method (it acts on the pairs the estimate doubts); "
                 "set noise.method, e.g. loss_mixture, or unlearn_weight: 0"
+            )
+        if self.combine_scores and (self.method in ("none", "alignment_score") or self.score_range is None):
+            raise ValueError(
+                "noise.combine_scores multiplies an in-training estimate by the mapped alignment scores: it "
+                "needs noise.method local_fdr, loss_mixture or teacher, and noise.score_range [low, high]"
             )
         if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
             raise ValueError(

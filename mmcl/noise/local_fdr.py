@@ -55,14 +55,17 @@ BOOTSTRAP_PERCENTILE = 5.0
 
 
 @torch.no_grad()
-def null_pvalues(media_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+def null_pvalues(
+    media_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, gather: bool = True
+) -> Tensor:
     """For each of this rank's pairs, the fraction of this rank's mismatched (off-diagonal) media-text
     combinations whose symmetric contrastive loss is at or below the pair's own.
 
     The loss of combination (media i, text j) is what the pair would have had in the batch:
     (-log softmax over all texts of media i at j  -log softmax over all media of text j at i) / 2, both
     softmaxes over the global batch; on the diagonal it is the CLIP loss's per-sample loss. Features are
-    L2-normalized ``[B, D]``; needs B >= 2 (B (B - 1) null values).
+    L2-normalized ``[B, D]``; needs B >= 2 (B (B - 1) null values). `gather` False: this process's batch
+    alone (a scorer whose processes read different shards).
     """
     batch = media_features.shape[0]
     if batch < 2:
@@ -70,7 +73,7 @@ def null_pvalues(media_features: Tensor, text_features: Tensor, logit_scale: Ten
             "null_pvalues needs at least 2 pairs per process (the off-diagonal pairs are the null)"
         )
     media, text = media_features.float(), text_features.float()
-    all_media, all_text = gather_no_grad(media), gather_no_grad(text)
+    all_media, all_text = (gather_no_grad(media), gather_no_grad(text)) if gather else (media, text)
     media_lse = torch.logsumexp(logit_scale * media @ all_text.T, dim=1)
     text_lse = torch.logsumexp(logit_scale * text @ all_media.T, dim=1)
     losses = (media_lse[:, None] + text_lse[None, :]) / 2 - logit_scale * media @ text.T

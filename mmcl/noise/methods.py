@@ -117,10 +117,11 @@ class AlignmentScoreMethod(Method):
 
     def signal(self, batches: list[dict], outputs: Outputs) -> Signal:
         scores = [b["alignment_score"] for b in batches]
-        if any(s is None for s in scores):
+        if any(s is None for s in scores) or torch.isnan(torch.cat(scores)).any():
             raise RunFailed(
-                "noise.method alignment_score needs an 'alignment_score' in every sample's .json; "
-                "add it when sharding (a manifest column) or choose another noise.method"
+                "noise.method alignment_score needs an alignment_score for every sample: a scores "
+                "sidecar (data.sources[i].scores, written by `mmcl shard score`) or an 'alignment_score' in "
+                "its .json (a manifest column when sharding); or choose another noise.method"
             )
         return Signal(-torch.cat(scores).to(outputs["media_features"].device))
 

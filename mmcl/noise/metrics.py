@@ -7,25 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for detecting `positives` (Mann-Whitney U, ties averaged);
-    nan when only one class is present."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives, dtype=bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks of ties
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(scores)]])
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+from shards_tools.scores import auroc
 
 
 def detection_metrics(weights: np.ndarray, noisy: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmcl.errors import RunFailed
 from mmcl.losses.distributed import gather_no_grad
 from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr
@@ -61,6 +62,9 @@ class NoiseWeighting:
         global_values = gather_no_grad(values.float())  # every rank's, so every rank fits the same estimate
         global_pvalues = None if pvalues is None else gather_no_grad(pvalues)
         weights = self.pair_weighter.weights(step, values.float(), global_values, pvalues, global_pvalues)
+        if self.cfg.combine_scores:
+            weights = weights * score_weights(batches, self.cfg.score_range).to(weights)
+            weights = weights.clamp(min=self.cfg.floor)
         noisy = [b["noisy"] for b in batches]
         truth = None if any(n is None for n in noisy) else torch.cat(noisy)
         self.pair_weighter.record(weights, values, truth)
@@ -104,6 +108,18 @@ class NoiseWeighting:
             self.pair_weighter.load_state_dict(extra["noise"])
         if self.method is not None and tensors:
             self.method.load_tensors(tensors)
+
+
+def score_weights(batches: list[dict], score_range: tuple[float, float]) -> Tensor:
+    """The batches' precomputed alignment scores mapped linearly onto weights 0..1 by `score_range`."""
+    scores = [b["alignment_score"] for b in batches]
+    if any(s is None for s in scores) or torch.isnan(torch.cat(scores)).any():
+        raise RunFailed(
+            "noise.combine_scores needs an alignment_score for every sample: from a scores sidecar "
+            "(data.sources[i].scores, written by `mmcl shard score`) or the samples' .json"
+        )
+    low, high = score_range
+    return ((torch.cat(scores).double() - low) / (high - low)).clamp(0.0, 1.0)
 
 
 class PairWeighter:

@@ -77,7 +77,8 @@ def keep_rows_until(path: Path, step: int) -> None:
 
 class SampleKeyLog:
     """RUN/sample_keys/rank-R.jsonl: per step, the samples this rank trained on, as
-    {"step": s, "samples": [[epoch, key], ...]}. With the resumed run's rows dropped past its checkpoint
+    {"step": s, "samples": [[epoch, key], ...]} and, with noise weighting on, "weights": each pair's weight
+    (what `mmcl shard score --from-run` exports). With the resumed run's rows dropped past its checkpoint
     (`keep_sample_logs_until`, by the main process before any rank writes), the files of all ranks together
     list each trained sample once per time it was trained on, whatever layouts the run was resumed on."""
 
@@ -86,7 +87,8 @@ class SampleKeyLog:
         folder.mkdir(parents=True, exist_ok=True)
         self.handle = open(folder / f"rank-{rank}.jsonl", "a", encoding="utf-8")
 
-    def write(self, step: int, batches: list[dict]) -> None:
+    def write(self, step: int, batches: list[dict], weights=None) -> None:
+        """One step's row; `weights`: the weighting's tensor for the batches' pairs, in order (or None)."""
         samples = [
             [int(epoch), key]
             for batch in batches
@@ -94,7 +96,10 @@ class SampleKeyLog:
                 batch["consumed"][: len(batch["keys"]), 0].tolist(), batch["keys"], strict=True
             )
         ]
-        self.handle.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        row: dict = {"step": step, "samples": samples}
+        if weights is not None:
+            row["weights"] = [round(w, 5) for w in weights.detach().float().flatten().cpu().tolist()]
+        self.handle.write(json.dumps(row) + "\n")
         self.handle.flush()
 
     def close(self) -> None:

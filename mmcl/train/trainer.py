@@ -71,6 +71,7 @@ class Trainer:
         self._previous_handlers: dict = {}
         self.metrics: MetricsSink | None = None
         self.sample_log: SampleKeyLog | None = None
+        self._pair_weights: torch.Tensor | None = None  # the last step's weights of this rank's pairs
         self._last_loss = float("nan")
 
     # ----------------------------------------------------------------- setup
@@ -255,6 +256,7 @@ class Trainer:
             with self.accelerator.autocast():
                 out = self.forward(batch["media"].to(device), batch["text"].to(device))
                 weights, soft = self.weighter.weigh(self.state.step, batches, out)
+                self._pair_weights = weights
                 loss = self._loss(
                     out["media_features"],
                     out["text_features"],
@@ -287,6 +289,7 @@ class Trainer:
         bias = bias.detach().float().requires_grad_(True) if bias is not None else None
         features = {"media_features": media, "text_features": text, "logit_scale": scale, "logit_bias": bias}
         weights, soft = self.weighter.weigh(self.state.step, batches, features)
+        self._pair_weights = weights
         loss = self._loss(media, text, scale, bias, weights, soft)
         leaves = [media, text, scale] + ([bias] if bias is not None else [])
         grads = torch.autograd.grad(loss["loss"], leaves)
@@ -360,7 +363,7 @@ class Trainer:
             local_samples = sum(len(b["keys"]) for b in batches)
             self.state.step += 1
             if self.sample_log is not None:
-                self.sample_log.write(self.state.step, batches)
+                self.sample_log.write(self.state.step, batches, self._pair_weights)
             self.state.samples_seen += local_samples * acc.num_processes
             window["samples"] += local_samples * acc.num_processes
             if all_finite:
