@@ -400,7 +400,8 @@ def saved_and_past(run: Path, step: int) -> bool:
 def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: random.Random) -> Row:
     """kill -9 a run on one layout of processes x loader workers at a random step after its first checkpoint,
     resume on another layout: every sample of epoch 0 trained on exactly once (train.log_sample_keys)."""
-    row = Row("training", f"kill -9, resume on other processes x workers ({TRAIN_STEPS} steps)")
+    steps = 2 * TRAIN_STEPS  # 2 to 4 epochs, so that kills land in every epoch
+    row = Row("training", f"kill -9, resume on other processes x workers ({steps} steps)")
     env = {**env, "ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo"}
     expected = usable_keys(shards)
     for trial in range(trials):
@@ -413,7 +414,7 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
                 shards,
                 run,
                 data={"workers": workers},
-                train={"log_sample_keys": True, "checkpoint_every": 3},
+                train={"steps": steps, "log_sample_keys": True, "checkpoint_every": 3},
             )  # fmt: skip
             for i, (_, workers) in enumerate((before, after))
         ]
@@ -423,9 +424,9 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
                 launch_command(before[0], "train", "--config", configs[0]),
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
-            step = rng.randint(4, TRAIN_STEPS - 4)
+            step = rng.randint(4, steps - 6)
             hit = wait_for(partial(saved_and_past, run, step), proc, 900)
-            time.sleep(rng.uniform(0, 0.5))
+            time.sleep(rng.uniform(0, 0.05))  # within the next step or two (a micro step takes ~50 ms)
             if not hit or proc.poll() is not None:
                 proc.wait()
                 row.runs += 1
@@ -445,9 +446,9 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
             problems = check_elastic_epoch(run, expected)
             if "elastic resume" not in resumed.stdout:
                 problems.append("the resumed run did not report an elastic resume")
-            steps = [r["step"] for r in metrics_rows(run)]
-            if steps != list(range(1, TRAIN_STEPS + 1)):
-                problems.append(f"metrics.jsonl steps {steps}")
+            logged = [r["step"] for r in metrics_rows(run)]
+            if logged != list(range(1, steps + 1)):
+                problems.append(f"metrics.jsonl steps {logged}")
         if orphans:
             problems.append("loader workers outlived the killed process")
         row.runs += 1
@@ -458,7 +459,7 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
         outcome = problems or "each sample once"
         log(f"elastic kill trial {trial}: {before} killed after step {kill['logged_step_at_kill']} "
             f"(checkpoints {kill['complete']}), resumed on {after} -> {outcome}")  # fmt: skip
-    row.inputs = len(expected) * row.runs
+    row.inputs = sum(len(trained_keys(work / "runs" / f"elastic-{t}")) for t in range(trials))
     return row
 
 
