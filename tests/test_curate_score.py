@@ -219,3 +219,29 @@ def test_a_missing_scores_folder_is_named(noisy_shards, tmp_path) -> None:
         "--check", check=False,
     )  # fmt: skip
     assert result.returncode == 2 and "data.sources[0].scores" in result.stderr
+
+
+def test_audio_pairs_are_scored_alike(tmp_path) -> None:
+    """Audio-text pairs, scored by a (tiny, random) transformers CLAP model: the same cosine similarities as
+    the model gives in-process."""
+    from test_hf_clap import tiny_clap, tone_shards
+
+    shards = tone_shards(tmp_path)
+    tiny_clap(tmp_path / "clap", fusion=False, seed=0)
+    out = run_mmcl(
+        "shard", "score", shards, "--hf-clap", tmp_path / "clap", "--output", tmp_path / "s",
+        "--workers", "0", "--quiet",
+    )  # fmt: skip
+    assert "scored 24 pairs in 3 shard(s)" in out.stdout
+    model = load_eval_model(hf_clap=str(tmp_path / "clap"))
+    decode = MediaDecoder.for_model(model)
+    shard = sorted(shards.glob("*.tar"))[1]
+    samples = list(keyed_samples([str(shard)], lambda e: False))
+    ext = next(e for e in ("flac", "wav") if e in samples[0])
+    with torch.no_grad():
+        audio = model.encode_media(
+            torch.stack([decode(s[ext], s["__key__"]) for s in samples]), normalize=True
+        )
+        text = model.encode_text(model.tokenizer([captions_of(s, read_meta(s))[0] for s in samples]))
+    rows = list(read_sidecar(sidecar_path(tmp_path / "s", shard.name)))
+    assert np.allclose([r["score"] for r in rows], (audio * text).sum(-1).numpy(), atol=1e-5)
