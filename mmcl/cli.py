@@ -17,7 +17,7 @@ from shards_tools.cli import HelpfulFormatter, add_shard_parser
 
 def build_parser() -> argparse.ArgumentParser:
     from mmcl.convert import add_convert_parser
-    from mmcl.curate.score import add_score_parser
+    from mmcl.curate.cli import add_score_parser
     from mmcl.eval.cli import add_eval_parser
     from mmcl.export import add_export_parser
     from mmcl.train.cli import add_train_parser

@@ -19,7 +19,6 @@ Sidecars may come from elsewhere: every row is checked, and a file over its size
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,6 +36,7 @@ FIELDS = ("score", "p_value", "weight")  # the numbers a row may hold; filter an
 MAX_ROW_BYTES = 4096  # a row is a key and a few numbers
 MAX_SIDECAR_BYTES = 1 << 30
 HISTOGRAM_BINS = 50
+MAX_VALUE = 1e6  # scores, weights and p-values are small; a huge one would break the histograms
 
 
 def shard_name(url: str) -> str:
@@ -80,9 +80,9 @@ def row_problem(row: dict) -> str | None:
     for name in FIELDS:
         value = row.get(name)
         if value is not None and not (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= MAX_VALUE
         ):
-            return f"{name} {str(value)[:40]!r} is not a finite number"
+            return f"{name} {str(value)[:40]!r} is not a number within +-{MAX_VALUE:g}"
     for name in ("step", "label_index"):
         value = row.get(name)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):

@@ -19,7 +19,6 @@ sidecars present when it ends.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Iterator
@@ -43,50 +42,6 @@ from shards_tools.scores import shard_name, sidecar_path, summarize, write_sidec
 from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_label
 from shards_tools.tar_stream import ReadOptions
 
-EXAMPLE = (
-    "example:\n"
-    "  mmcl shard score shards/cc --checkpoint runs/early --output scores/cc --p-values --embeddings\n"
-    "  mmcl shard score shards/cc --open-clip ViT-B-32 --pretrained laion2b_s34b_b79k --output scores/cc\n"
-    "  mmcl shard score shards/clotho --hf-clap laion/clap-htsat-unfused --output scores/clotho --part 0/4\n"
-    "  mmcl shard score shards/cc --from-run runs/micro --output scores/cc-run\n"
-)
-
-
-def add_score_parser(shard_commands: argparse._SubParsersAction) -> None:
-    """Register `mmcl shard score` beside the torch-free shard subcommands."""
-    from mmcl.eval.cli import add_model_flags
-    from shards_tools.cli import HelpfulFormatter, add_max_bytes
-
-    p = shard_commands.add_parser(
-        "score",
-        help="score every pair of a shard set with a model (or a run's weights)",
-        formatter_class=HelpfulFormatter,
-        description="Score every image-text or audio-text pair of a shard set, writing a sidecar per shard "
-        "into --output (shards are not rewritten).\n\n" + EXAMPLE,
-    )
-    p.add_argument("shards", help="shard folder, .tar or brace pattern")
-    p.add_argument("--output", required=True, type=Path, help="the scores folder")
-    add_model_flags(p)
-    p.add_argument(
-        "--from-run", type=Path, help="export a run's pair weights (train.log_sample_keys) instead"
-    )
-    g = p.add_argument_group("scores")
-    g.add_argument("--p-values", action="store_true", help="also the in-batch p-value local_fdr uses")
-    g.add_argument("--embeddings", action="store_true", help="also keep the embeddings (float16 .npy)")
-    g.add_argument(
-        "--batch-size", type=int, default=64, help="pairs per forward pass (and per p-value batch)"
-    )
-    g.add_argument(
-        "--workers", type=int, default=2, help="DataLoader processes decoding media (0: in-process)"
-    )
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--part", help="score part K of N (0-based), e.g. 3/16, for job arrays")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("untrusted data")
-    g.add_argument("--allow-pipe", action="store_true", help="accept pipe:COMMAND shard paths (runs a shell)")
-    add_max_bytes(g, "skip any tar member larger than this (the sample is not scored)")
-    p.set_defaults(run=run_score, prog_name="mmcl shard score")
-
 
 def parse_part(text: str | None) -> tuple[int, int]:
     if text is None:
@@ -100,7 +55,7 @@ def parse_part(text: str | None) -> tuple[int, int]:
     return k, n
 
 
-def run_score(args: argparse.Namespace) -> int:
+def run_score(args) -> int:
     """Check the flags, then score (or export) the shards of this part and process."""
     from mmcl.eval.cli import check_run_flags
     from shards_tools.shard_format import check_shard_url
