@@ -81,6 +81,7 @@ def add_shard_parser(
         _add_image(p) if modality == "image" else _add_audio(p)
         p.set_defaults(run=_run_shard, modality=modality, prog_name=f"mmcl shard {modality}-text")
 
+    _add_subset_parsers(sub)  # filter, dedup
     merge = sub.add_parser(
         "merge",
         help="join the manifests of --part K/N runs",
@@ -107,13 +108,39 @@ def add_shard_parser(
         "stats",
         help="counts, sizes and distributions of a shard set",
         formatter_class=HelpfulFormatter,
-        description="Counts, sizes, caption lengths, image sizes or durations, errors by reason.\n\n"
-        "example:\n  mmcl shard stats shards/cc --plot cc_stats.png\n",
+        description="Counts, sizes, caption lengths, image sizes or durations, errors by reason.\n"
+        "With --scores (the folder `mmcl shard score` wrote for these shards): pairs scored, the --field's\n"
+        "quantiles and histogram and, where the shards were made with --noise-rate, the AUROC of a low\n"
+        "score (a high p_value) for the noisy pairs and the precision and recall at --threshold.\n\n"
+        "example:\n  mmcl shard stats shards/cc --plot cc_stats.png\n"
+        "  mmcl shard stats shards/cc --scores scores/cc --threshold 0.2 --plot cc_stats.png\n"
+        "    (draws the scores to cc_stats.scores.png)\n",
     )
     stats.add_argument("output", type=Path)
-    stats.add_argument("--plot", type=Path, help="write histograms to this PNG")
+    stats.add_argument(
+        "--plot",
+        type=Path,
+        help="write histograms to this PNG (with --scores, the scores to NAME.scores.png)",
+    )
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     add_max_bytes(stats, "count any tar member larger than this as unreadable instead of reading it")
+    from shards_tools.scores import FIELDS
+
+    g = stats.add_argument_group("scores")
+    g.add_argument("--scores", type=Path, help="also report this scores folder's sidecars of the shards")
+    # SUPPRESS: absent unless given, so that stats can refuse them without --scores
+    g.add_argument(
+        "--field",
+        choices=FIELDS,
+        default=argparse.SUPPRESS,
+        help="with --scores: the number to report (default: score)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="with --scores: report the filter that flags the pairs below this as noisy (p_value: above)",
+    )
     stats.set_defaults(run=_run_stats, prog_name="mmcl shard stats")
 
 
@@ -317,6 +344,110 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+SUBSET_EPILOG = (
+    "--output OUT gets the kept pairs under the input's shard names, manifest.json, sizes.json and\n"
+    "removed.jsonl (one row per removed pair: key, shard, reason, value); SHARDS is never modified.\n"
+    "Check OUT with `mmcl shard verify OUT` and train on it like any shard set.\n"
+)
+
+
+def _add_subset_parsers(sub: argparse._SubParsersAction) -> None:
+    """`mmcl shard filter` and `mmcl shard dedup`: new shard sets made of a scored set's chosen pairs."""
+    from shards_tools.dedup import DEFAULT_MARGIN, EMBEDDINGS
+    from shards_tools.scores import FIELDS
+
+    filt = sub.add_parser(
+        "filter",
+        help="keep the pairs that score well (a new shard set)",
+        formatter_class=HelpfulFormatter,
+        description="Keep the pairs of SHARDS whose score (from `mmcl shard score`) is at least\n"
+        "--min-score, or the best --keep-fraction of them (of each class with --per-class); for\n"
+        "--field p_value, lower is better. Pairs without a score are removed (no_score).\n"
+        + SUBSET_EPILOG
+        + "\nexample:\n"
+        "  mmcl shard filter shards/cc --scores scores/cc --min-score 0.25 --output shards/cc-clean\n"
+        "  mmcl shard filter shards/cc --scores scores/cc --keep-fraction 0.7 --output shards/cc-70\n"
+        "  mmcl shard filter shards/inet --scores scores/inet --keep-fraction 0.8 --per-class"
+        " --output shards/inet-80\n",
+    )
+    dedup = sub.add_parser(
+        "dedup",
+        help="remove near-duplicate pairs (a new shard set)",
+        formatter_class=HelpfulFormatter,
+        description="Remove the near-duplicates among SHARDS' pairs, SemDeDup-style, from the embeddings of\n"
+        "`mmcl shard score --embeddings`: k-means, then within each cluster a pair whose cosine similarity\n"
+        "to an earlier kept pair is at least --threshold is removed (duplicate, of: the kept key).\n"
+        "Pairs without an embedding are removed (no_score).\n" + SUBSET_EPILOG + "\nexample:\n"
+        "  mmcl shard dedup shards/cc --scores scores/cc --threshold 0.95 --output shards/cc-dedup\n"
+        "  mmcl shard dedup shards/cc --scores scores/cc --threshold 0.9 --output shards/cc-dd --dry-run\n",
+    )
+    for p in (filt, dedup):
+        p.add_argument("shards", type=Path, help="the shard set (a folder written by `mmcl shard`)")
+        p.add_argument("--scores", type=Path, required=True, help="the folder `mmcl shard score` wrote")
+        p.add_argument("--output", type=Path, required=True, help="folder for the new shard set")
+    filt.add_argument("--min-score", type=float, help="keep the pairs whose --field is at least this")
+    filt.add_argument("--keep-fraction", type=float, help="keep the best ceil(F n) pairs, 0 < F <= 1")
+    filt.add_argument("--per-class", action="store_true", help="with --keep-fraction: per class")
+    filt.add_argument("--field", choices=FIELDS, default="score", help="the number to filter on")
+    dedup.add_argument("--threshold", type=float, required=True, help="cosine similarity of a duplicate")
+    dedup.add_argument("--clusters", type=int, help="k-means clusters; unset: round(sqrt(pairs))")
+    dedup.add_argument("--seed", type=int, default=0, help="seed of the k-means sample and start")
+    dedup.add_argument("--embedding", choices=EMBEDDINGS, default="media", help="which embedding to compare")
+    dedup.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="also compare a pair within its second-nearest cluster when that is this close (0: SemDeDup)",
+    )
+    dedup.add_argument("--dry-run", action="store_true", help="only write OUT/removed.jsonl and print counts")
+    for p, name in ((filt, "filter"), (dedup, "dedup")):
+        add_max_bytes(p, "remove any pair with a tar member larger than this (reason too_large)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(run=_run_filter if name == "filter" else _run_dedup, prog_name=f"mmcl shard {name}")
+
+
+def _report_subset(filtered: dict, output: Path, dry_run: bool = False) -> None:
+    reasons = ", ".join(f"{k}: {v}" for k, v in filtered.get("removed_by_reason", {}).items()) or "none"
+    total = filtered["kept"] + filtered["removed"]
+    verb = "would keep" if dry_run else "kept"
+    print(f"{verb} {filtered['kept']} of {total} pairs, removed {filtered['removed']} ({reasons})")
+    if not dry_run:
+        print(f"manifest: {output / 'manifest.json'}")
+    print(f"removed pairs: {output / 'removed.jsonl'}")
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from shards_tools.filter import Rule, filter_shards
+    from shards_tools.tar_stream import ReadOptions
+
+    rule = Rule(args.field, args.min_score, args.keep_fraction, args.per_class)
+    rule.check()
+    manifest = filter_shards(
+        args.shards, args.scores, args.output, rule,
+        options=ReadOptions(max_member_bytes=args.max_bytes), progress=not args.quiet,
+    )  # fmt: skip
+    _report_subset(manifest["filtered"], args.output)
+    return 0
+
+
+def _run_dedup(args: argparse.Namespace) -> int:
+    from shards_tools.dedup import dedup_shards
+    from shards_tools.tar_stream import ReadOptions
+
+    result = dedup_shards(
+        args.shards, args.scores, args.output, args.threshold, clusters=args.clusters, seed=args.seed,
+        embedding=args.embedding, margin=args.margin, options=ReadOptions(max_member_bytes=args.max_bytes),
+        progress=not args.quiet, dry_run=args.dry_run,
+    )  # fmt: skip
+    stats = result["dedup"]
+    print(
+        f"{stats.get('rows', 0)} pairs compared in {stats.get('clusters', 0)} clusters "
+        f"(largest {stats.get('largest_cluster', 0)}, {stats.get('boundary_rows', 0)} also in a second one)"
+    )
+    _report_subset(result, args.output, dry_run=args.dry_run)
+    return 0
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     from shards_tools.verify import verify_shards
 
@@ -328,12 +459,34 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _run_stats(args: argparse.Namespace) -> int:
     import json
 
-    from shards_tools.stats import collect_stats, format_stats, plot_stats
+    from shards_tools import stats as shard_stats
 
-    stats = collect_stats(args.output, max_member_bytes=args.max_bytes)
+    if args.scores is None:
+        given = [flag for flag in ("--field", "--threshold") if hasattr(args, flag[2:])]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(
+                f"{' and '.join(given)} only {verb} with --scores SCORES (a `mmcl shard score` folder)"
+            )
+    stats = shard_stats.collect_stats(args.output, max_member_bytes=args.max_bytes)
     public = {k: v for k, v in stats.items() if not k.startswith("_")}
-    print(json.dumps(public, indent=1) if args.json else format_stats(stats))
+    scores = None
+    if args.scores is not None:
+        scores = shard_stats.collect_score_stats(
+            args.output, args.scores, getattr(args, "field", "score"), getattr(args, "threshold", None)
+        )
+        public["scores"] = {k: v for k, v in scores.items() if not k.startswith("_")}
+    if args.json:
+        print(json.dumps(public, indent=1))
+    else:
+        print(shard_stats.format_stats(stats))
+        if scores is not None:
+            print(shard_stats.format_score_stats(scores))
+    where = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
     if args.plot:
-        plot_stats(stats, args.plot)
-        print(f"plot: {args.plot}")
+        shard_stats.plot_stats(stats, args.plot)
+        print(f"plot: {args.plot}", file=where)
+        if scores is not None:
+            shard_stats.plot_score_stats(scores, shard_stats.scores_plot_path(args.plot))
+            print(f"scores plot: {shard_stats.scores_plot_path(args.plot)}", file=where)
     return 0

@@ -32,6 +32,7 @@ ALLOWED = {
     "mmcl.config": {"mmcl.errors", "mmcl.data", "mmcl.eval", "mmcl.models", "mmcl.noise"},
     "mmcl.export": {"mmcl.errors", "mmcl.eval", "mmcl.models"},
     "mmcl.convert": {"mmcl.errors", "mmcl.models"},
+    "mmcl.curate": {"mmcl.errors", "mmcl.data", "mmcl.eval", "mmcl.models", "mmcl.noise"},
     "mmcl.train": {
         "mmcl.errors",
         "mmcl.checkpoint_folder",
