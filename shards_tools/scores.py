@@ -159,26 +159,30 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
 
 def summarize(scores: Path, header: Mapping | None = None) -> dict:
     """Rewrite scores.json from every sidecar in the folder: counts per shard, and per field its
-    histogram and mean; with ground truth, the AUROC of a low score for a noisy pair."""
+    histogram and mean; over the rows with ground truth, the AUROC of a low score for a noisy pair (a batch
+    of one pair has no p-value, so fields may count fewer rows)."""
     counts: dict[str, int] = {}
     values: dict[str, list[float]] = {name: [] for name in FIELDS}
-    noisy: list[bool | None] = []
+    truth: dict[str, list[bool | None]] = {name: [] for name in FIELDS}  # the noisy flag of each value's row
     for shard, row in all_rows(scores):
         counts[shard] = counts.get(shard, 0) + 1
         for name in FIELDS:
             if row.get(name) is not None:
                 values[name].append(float(row[name]))
-        noisy.append(row.get("noisy"))
+                truth[name].append(row.get("noisy"))
     summary = {**(header or {}), "samples": sum(counts.values()), "shards": counts, "fields": {}}
     for name, found in values.items():
         if not found:
             continue
         array = np.asarray(found)
-        entry = {"mean": round(float(array.mean()), 6), "histogram": histogram(array)}
-        if len(found) == len(noisy) and all(n is not None for n in noisy):
+        entry = {"values": len(found), "mean": round(float(array.mean()), 6), "histogram": histogram(array)}
+        known = np.array([flag is not None for flag in truth[name]])
+        if known.any():
             # a low score (or weight) should mean a noisy pair; a high p-value should
-            flagged = array if name == "p_value" else -array
-            entry["noisy_auroc"] = round(auroc(flagged, np.asarray(noisy, dtype=bool)), 6)
+            flagged = array[known] if name == "p_value" else -array[known]
+            noisy = np.array([bool(flag) for flag in truth[name]])[known]
+            area = auroc(flagged, noisy)
+            entry["noisy_auroc"] = round(area, 6) if math.isfinite(area) else None  # one class only: none
         summary["fields"][name] = entry
     write_atomic(Path(scores) / SUMMARY, json.dumps(summary, indent=1).encode("utf-8"))
     return summary
