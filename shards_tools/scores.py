@@ -19,6 +19,7 @@ Sidecars may come from elsewhere: every row is checked, and a file over its size
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
