@@ -307,7 +307,9 @@ def greedy_walk(
     index of the most similar such row in [kept, new] (-1: kept) and that similarity. Works `block` rows
     at a time, so at most block x block similarities exist at once."""
     n_ref, n_new = len(kept), len(new)
-    dim = new.shape[1] if n_new else 0
+    if n_new == 0:  # a cluster whose own rows were all decided in another one (the margin)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    dim = new.shape[1]
     pool = np.empty((n_ref + n_new, dim), dtype=np.float32)  # the kept rows, packed
     pool_index = np.empty(n_ref + n_new, dtype=np.int64)  # their index in [kept, new]
     pool[:n_ref], pool_index[:n_ref] = kept, np.arange(n_ref)

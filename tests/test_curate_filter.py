@@ -395,3 +395,12 @@ def test_dedup_core_recall_and_no_false_drops(margin: float) -> None:
     # one of each planted pair goes (the later one in the walk), and nothing else
     assert removed == {max(p) for p in pairs}
     assert all(frozenset((r, int(result.of[r]))) in pairs for r in removed)
+
+
+def test_dedup_survives_a_cluster_emptied_through_the_margin() -> None:
+    """Every row of one cluster decided in its neighbour (the margin search): nothing is left to walk."""
+    from shards_tools.dedup import EmbeddingRows, find_duplicates
+
+    x = np.array([[-1.031, -0.1263, 0.5435], [-2.807, -0.448, 0.592], [-3.941, -0.9224, 0.34]], np.float16)
+    found = find_duplicates(EmbeddingRows([np.stack([x, x], 1)]), 0.9, clusters=2, seed=0, margin=0.3)
+    assert found.of.tolist() == [-1, 0, 0]
