@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 class TrainState:
     """Saved with every checkpoint (state.json) and restored before the first resumed step.
 
-    data: per-rank data stream states {"rank": StreamState.state_dict()} (see mmcl.data.pipeline);
-      each rank restores its own entry so its data stream continues where it stopped.
+    data: the data stream's DataProgress.state_dict() (mmcl.data.progress): every rank's reader positions and
+      the ledger of consumed samples, so the stream continues where it stopped on any number of processes.
     """
 
     step: int = 0
