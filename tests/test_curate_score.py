@@ -245,3 +245,36 @@ def test_audio_pairs_are_scored_alike(tmp_path) -> None:
         text = model.encode_text(model.tokenizer([captions_of(s, read_meta(s))[0] for s in samples]))
     rows = list(read_sidecar(sidecar_path(tmp_path / "s", shard.name)))
     assert np.allclose([r["score"] for r in rows], (audio * text).sum(-1).numpy(), atol=1e-5)
+
+
+def test_combined_weights_are_the_estimate_times_the_mapped_scores(noisy_shards, tmp_path) -> None:
+    """noise.combine_scores: from the first step (local_fdr still uniform in its warm-up), each pair's weight
+    is its sidecar score mapped through score_range; here the truth itself (clean 1, swapped 0)."""
+    for shard in sorted(noisy_shards.glob("*.tar")):
+        rows = [{"key": s["__key__"], "score": 0.0 if read_meta(s)["noisy"] else 1.0}
+                for s in keyed_samples([str(shard)], lambda e: False)]  # fmt: skip
+        write_sidecar(tmp_path / "s", shard.name, rows)
+    config = train_config(
+        tmp_path / "c.yaml", noisy_shards, tmp_path / "run", train={"steps": 3, "checkpoint_every": 3},
+        noise={"method": "local_fdr", "combine_scores": True, "score_range": [0.2, 0.8], "warmup_steps": 100},
+    )  # fmt: skip
+    sources = f"data.sources=[{{urls: {noisy_shards}, scores: {tmp_path / 's'}}}]"
+    run_mmcl("train", "--config", config, sources, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    truth = {
+        s["__key__"]: read_meta(s)["noisy"]
+        for s in keyed_samples(sorted(map(str, noisy_shards.glob("*.tar"))), lambda e: False)
+    }
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "sample_keys" / "rank-0.jsonl").read_text().splitlines()
+    ]
+    pairs = [
+        (truth[key], weight)
+        for row in logged
+        for (_, key), weight in zip(row["samples"], row["weights"], strict=True)
+    ]
+    assert (
+        len(pairs) == 3 * 8
+        and {w for noisy, w in pairs if noisy} == {0.0}
+        and {w for noisy, w in pairs if not noisy} == {1.0}
+    )
