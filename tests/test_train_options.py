@@ -386,7 +386,8 @@ def test_alignment_score_without_scores_in_the_shards_is_a_clear_error(
         tmp_path / "c.yaml", image_shards, tmp_path / "run", noise={"method": "alignment_score"}
     )
     with pytest.raises(
-        RuntimeError, match=r"needs an 'alignment_score' in every sample's \.json; add it when sharding"
+        RuntimeError,
+        match=r"needs an alignment_score for every sample: a scores sidecar .* or an 'alignment_score'",
     ):
         train(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
