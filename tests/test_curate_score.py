@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from media_files import COLOURS, make_image
-from processes import REPO, kill9, run_mmcl, wait_until
+from processes import REPO, accelerate_launch, kill9, run_mmcl, wait_until
 from safetensors.torch import save_file
 
 from mmcl.data import DataConfig, build_train_stream
@@ -167,6 +167,11 @@ def test_a_runs_own_weights_export_as_sidecars(noisy_shards, tmp_path) -> None:
                                   for row in read_sidecar(path))}  # fmt: skip
     assert {k: (r["weight"], r["step"]) for k, r in rows.items()} == last
     assert all(isinstance(r["noisy"], bool) for r in rows.values())
+    # as at the checkpoint of step 5: only what the first 5 steps saw
+    run_mmcl("shard", "score", noisy_shards, "--from-run", tmp_path / "run", "--until-step", "5",
+             "--output", tmp_path / "s5")  # fmt: skip
+    early = {r["key"]: r for path in sorted((tmp_path / "s5").glob("*.jsonl")) for r in read_sidecar(path)}
+    assert early and all(r["step"] <= 5 for r in early.values()) and len(early) <= 5 * 8
 
 
 def test_sidecar_scores_reach_the_batches_like_json_scores(noisy_shards, tmp_path) -> None:
@@ -278,3 +283,29 @@ def test_combined_weights_are_the_estimate_times_the_mapped_scores(noisy_shards,
         and {w for noisy, w in pairs if noisy} == {0.0}
         and {w for noisy, w in pairs if not noisy} == {1.0}
     )
+
+
+def test_two_processes_under_accelerate_split_the_shards(noisy_shards, weights_file, tmp_path) -> None:
+    score(noisy_shards, tmp_path / "one", weights_file, "--workers", "0")
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += [
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "mmcl",
+        "shard",
+        "score",
+        str(noisy_shards),
+        "--open-clip",
+        MODEL,
+    ]
+    launch += ["--pretrained", str(weights_file), "--output", str(tmp_path / "two"), "--batch-size", "8"]
+    launch += ["--workers", "0", "--quiet"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = accelerate_launch(*launch, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("scored 32 pairs in 4 shard(s)") == 2
+    one, two = sidecars(tmp_path / "one"), sidecars(tmp_path / "two")
+    assert {k: v for k, v in one.items() if k != "scores.json"} == {
+        k: v for k, v in two.items() if k != "scores.json"
+    }

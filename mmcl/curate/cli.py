@@ -33,6 +33,11 @@ def add_score_parser(shard_commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--from-run", type=Path, help="export a run's pair weights (train.log_sample_keys) instead"
     )
+    p.add_argument(
+        "--until-step",
+        type=int,
+        help="with --from-run: the weights as they were at this step (a checkpoint's)",
+    )
     g = p.add_argument_group("scores")
     g.add_argument("--p-values", action="store_true", help="also the in-batch p-value local_fdr uses")
     g.add_argument("--embeddings", action="store_true", help="also keep the embeddings (float16 .npy)")

@@ -65,14 +65,17 @@ def run_score(args) -> int:
         raise UsageError("give exactly one of --checkpoint, --open-clip, --hf-clap and --from-run")
     if args.pretrained and not args.open_clip:
         raise UsageError("--pretrained goes with --open-clip")
+    if args.until_step is not None and (args.from_run is None or args.until_step < 1):
+        raise UsageError("--until-step takes a step >= 1, with --from-run")
     device = check_run_flags(args)
     part = parse_part(args.part)
     check_shard_url(args.shards, allow_pipe=args.allow_pipe, where="SHARDS", allow_hint="pass --allow-pipe")
     urls = expand_urls([args.shards], "SHARDS")
     options = ReadOptions(max_member_bytes=args.max_bytes, allow_pipe=args.allow_pipe)
     if args.from_run is not None:
-        written = export_run_weights(urls, args.from_run, args.output, options, part, progress=not args.quiet)
-        header = {"from_run": str(args.from_run)}
+        weights = run_weights(args.from_run, args.until_step)
+        written = export_run_weights(urls, weights, args.output, options, part, progress=not args.quiet)
+        header = {"from_run": str(args.from_run), "until_step": args.until_step}
     else:
         from accelerate import PartialState
 
@@ -239,8 +242,9 @@ def score_shards(
     return counts
 
 
-def run_weights(run: Path) -> dict[str, tuple[float, int]]:
-    """key -> (weight, step) of the last time a run trained on the pair, from its sample key logs."""
+def run_weights(run: Path, until_step: int | None = None) -> dict[str, tuple[float, int]]:
+    """key -> (weight, step) of the last time a run trained on the pair (up to `until_step`), from its sample
+    key logs."""
     folder = Path(run) / "sample_keys"
     files = sorted(folder.glob("rank-*.jsonl"))
     if not files:
@@ -256,6 +260,8 @@ def run_weights(run: Path) -> dict[str, tuple[float, int]]:
                 step, samples, weights = row["step"], row["samples"], row.get("weights")
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line of a killed run
+            if until_step is not None and step > until_step:
+                continue
             if weights is None:
                 raise UsageError(
                     f"{path}, line {number}: no pair weights; the run had no noise.method (nothing to export)"
@@ -268,10 +274,14 @@ def run_weights(run: Path) -> dict[str, tuple[float, int]]:
 
 
 def export_run_weights(
-    urls: list[str], run: Path, output: Path, options: ReadOptions, part: tuple[int, int], progress: bool
+    urls: list[str],
+    weights: dict[str, tuple[float, int]],
+    output: Path,
+    options: ReadOptions,
+    part: tuple[int, int],
+    progress: bool,
 ) -> dict[str, int]:
-    """Sidecars of the run's last pair weights, for the pairs of each shard the run saw."""
-    weights = run_weights(run)
+    """Sidecars of a run's pair weights (`run_weights`), for the pairs of each shard the run saw."""
     counts = {"shards": 0, "samples": 0, "skipped": 0, "done_before": 0}
     for url in tqdm(part_shards(urls, *part), desc="export", unit="shard", disable=not progress):
         rows = []
