@@ -25,23 +25,39 @@ TRAIN_STEPS = 24
 CHECKPOINT_EVERY = 4
 
 
-def build_train_shards(root: Path, count: int = 96, shard_size: int = 12) -> Path:
-    """`count` 40x40 images with colour captions, sharded in-process into count/shard_size shards."""
+def build_train_shards(
+    root: Path,
+    count: int = 96,
+    shard_size: int = 12,
+    *,
+    size: tuple[int, int] = (40, 40),
+    noise_rate: float = 0.0,
+    labels: bool = False,
+) -> Path:
+    """`count` size[0] x size[1] images of coloured squares captioned with their colour, sharded in-process
+    into count/shard_size shards under root/shards; `noise_rate`: that share of the captions swapped (marked
+    noisy in each .json); `labels`: the colour as each sample's class."""
     from shards_tools.config import build_config
     from shards_tools.run import run_sharding
 
     rows = []
     for i in range(count):
         colour = COLOURS[i % len(COLOURS)]
-        make_image(root / "in" / f"{i:03d}.png", colour, size=(40, 40), seed=i)
-        rows.append(f"{i:03d}.png,a photo of a {colour} square\n")
-    (root / "in" / "m.csv").write_text("path,caption\n" + "".join(rows))
+        make_image(root / "in" / f"{i:03d}.png", colour, size=size, seed=i)
+        rows.append(f"{i:03d}.png,a photo of a {colour} square" + (f",{colour}\n" if labels else "\n"))
+    (root / "in" / "m.csv").write_text("path,caption" + (",label\n" if labels else "\n") + "".join(rows))
     out = root / "shards"
+    inputs = {
+        "modality": "image",
+        "path": root / "in" / "m.csv",
+        **({"label_column": "label"} if labels else {}),
+    }
     config = {
-        "input": {"modality": "image", "path": root / "in" / "m.csv"},
+        "input": inputs,
         "output": out,
         "shard_size": shard_size,
         "workers": 1,
+        "noise_rate": noise_rate,
     }
     run_sharding(build_config(config), progress=False)
     return out

@@ -16,7 +16,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from media_files import COLOURS, make_image
+from fault_training import build_train_shards
 from processes import REPO, accelerate_launch, kill9, run_mmcl, wait_until
 from safetensors.torch import save_file
 
@@ -26,8 +26,6 @@ from mmcl.data.text import captions_of, read_meta
 from mmcl.eval.datasets import MediaDecoder
 from mmcl.eval.loading import load_eval_model
 from mmcl.noise.local_fdr import null_pvalues
-from shards_tools.config import build_config
-from shards_tools.run import run_sharding
 from shards_tools.scores import embeddings_path, read_sidecar, scored_shards, sidecar_path, write_sidecar
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,22 +35,9 @@ MODEL = "mmcl-micro-vit"
 @pytest.fixture(scope="module")
 def noisy_shards(tmp_path_factory) -> Path:
     """64 images in 8 shards, half of the captions swapped (`--noise-rate 0.5`: "noisy" in each .json)."""
-    root = tmp_path_factory.mktemp("score")
-    rows = []
-    for i in range(64):
-        colour = COLOURS[i % len(COLOURS)]
-        make_image(root / "in" / f"{i:03d}.png", colour, size=(36, 36), seed=i)
-        rows.append(f"{i:03d}.png,a photo of a {colour} square,{colour}\n")
-    (root / "in" / "m.csv").write_text("path,caption,label\n" + "".join(rows))
-    out = root / "shards"
-    config = {
-        "input": {"modality": "image", "path": root / "in" / "m.csv", "label_column": "label"},
-        "output": out,
-        "shard_size": 8,
-        "noise_rate": 0.5,
-    }
-    run_sharding(build_config(config), progress=False)
-    return out
+    return build_train_shards(
+        tmp_path_factory.mktemp("score"), 64, 8, size=(36, 36), noise_rate=0.5, labels=True
+    )
 
 
 @pytest.fixture(scope="module")

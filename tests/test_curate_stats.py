@@ -13,14 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media_files import COLOURS, make_image
+from fault_training import build_train_shards
 from PIL import Image
 from processes import run_mmcl
 
 from mmcl.cli import main
-from shards_tools.config import build_config
 from shards_tools.manifest import load_manifest
-from shards_tools.run import run_sharding
 from shards_tools.scores import sidecar_path, write_sidecar
 from shards_tools.shard_format import parse_json_object
 from shards_tools.tar_stream import iter_samples
@@ -32,25 +30,7 @@ UNSCORED = 2  # the last samples of the last shard get no row
 @pytest.fixture(scope="module")
 def noisy_shards(tmp_path_factory) -> Path:
     """48 pictures in 4 shards, half of the pairs given another pair's caption (recorded as noisy)."""
-    root = tmp_path_factory.mktemp("stats_scores")
-    rows = []
-    for i in range(48):
-        colour = COLOURS[i % len(COLOURS)]
-        make_image(root / "in" / f"{i:03d}.png", colour, size=(16, 16), seed=i)
-        rows.append(f"{i:03d}.png,a photo of a {colour} square\n")
-    (root / "in" / "m.csv").write_text("path,caption\n" + "".join(rows))
-    out = root / "shards"
-    config = build_config(
-        {
-            "input": {"modality": "image", "path": root / "in" / "m.csv"},
-            "output": out,
-            "shard_size": 12,
-            "workers": 1,
-            "noise_rate": 0.5,
-        }
-    )
-    run_sharding(config, progress=False)
-    return out
+    return build_train_shards(tmp_path_factory.mktemp("stats_scores"), 48, 12, size=(16, 16), noise_rate=0.5)
 
 
 def shard_truth(shards: Path) -> dict[str, list[tuple[str, bool]]]:

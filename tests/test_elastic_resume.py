@@ -14,15 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fault_training import trained_keys
+from fault_training import build_train_shards, trained_keys
 from processes import accelerate_launch, run_mmcl
 from test_data import TOKENIZER, TRAIN_TRANSFORM, config, write_shards
 
 from mmcl.data import build_loader
 from mmcl.data.progress import DataProgress, SampleLedger
 from mmcl.errors import UsageError
-from shards_tools.config import build_config
-from shards_tools.run import run_sharding
 
 LOADER = {"modality": "image", "media_transform": TRAIN_TRANSFORM, "tokenizer": TOKENIZER}
 
@@ -147,24 +145,8 @@ def test_ledger_bitmaps_merge_and_round_trip() -> None:
 
 @pytest.fixture(scope="module")
 def train_shards(tmp_path_factory) -> Path:
-    """96 images in 16 shards of 6, written by `mmcl shard` (manifest with the counts)."""
-    from media_files import COLOURS, make_image
-
-    root = tmp_path_factory.mktemp("elastic_train")
-    rows = []
-    for i in range(96):
-        colour = COLOURS[i % len(COLOURS)]
-        make_image(root / "in" / f"{i:03d}.png", colour, size=(36, 36), seed=i)
-        rows.append(f"{i:03d}.png,a photo of a {colour} square\n")
-    (root / "in" / "m.csv").write_text("path,caption\n" + "".join(rows))
-    out = root / "shards"
-    run_sharding(
-        build_config(
-            {"input": {"modality": "image", "path": root / "in" / "m.csv"}, "output": out, "shard_size": 6}
-        ),
-        progress=False,
-    )
-    return out
+    """96 images in 16 shards of 6, written by the project's sharder (manifest with the counts)."""
+    return build_train_shards(tmp_path_factory.mktemp("elastic_train"), 96, 6, size=(36, 36))
 
 
 def elastic_config(path: Path, shards: Path, output: Path, workers: int, **train) -> Path:
