@@ -246,7 +246,8 @@ def _add_audio(p: argparse.ArgumentParser) -> None:
     g.add_argument("--audio-format", default="flac", choices=["flac", "wav"])
 
 
-def _parse_part(text: str | None) -> tuple[int, int] | None:
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """--part K/N as (K, N); None without it. The range is checked by whoever uses it."""
     if text is None:
         return None
     try:
@@ -276,7 +277,7 @@ def config_from_args(args: argparse.Namespace):
         "shard_size": args.shard_size,
         "max_shard_bytes": args.max_shard_bytes,
         "distributor": args.distributor,
-        "part": _parse_part(args.part),
+        "part": parse_part(args.part),
         "seed": args.seed,
         "shuffle": args.shuffle,
         "noise_rate": args.noise_rate,

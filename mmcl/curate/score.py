@@ -43,21 +43,10 @@ from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_
 from shards_tools.tar_stream import ReadOptions
 
 
-def parse_part(text: str | None) -> tuple[int, int]:
-    if text is None:
-        return 0, 1
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--part: expected K/N such as 0/4, got {text!r}") from None
-    if not 0 <= k < n:
-        raise UsageError(f"--part {text}: K must be in 0..N-1")
-    return k, n
-
-
 def run_score(args) -> int:
     """Check the flags, then score (or export) the shards of this part and process."""
     from mmcl.eval.cli import check_run_flags
+    from shards_tools.cli import parse_part
     from shards_tools.shard_format import check_shard_url
 
     models = [args.checkpoint, args.open_clip, args.hf_clap, args.from_run]
@@ -68,7 +57,9 @@ def run_score(args) -> int:
     if args.until_step is not None and (args.from_run is None or args.until_step < 1):
         raise UsageError("--until-step takes a step >= 1, with --from-run")
     device = check_run_flags(args)
-    part = parse_part(args.part)
+    part = parse_part(args.part) or (0, 1)
+    if not 0 <= part[0] < part[1]:
+        raise UsageError(f"--part {args.part}: K must be in 0..N-1")
     check_shard_url(args.shards, allow_pipe=args.allow_pipe, where="SHARDS", allow_hint="pass --allow-pipe")
     urls = expand_urls([args.shards], "SHARDS")
     options = ReadOptions(max_member_bytes=args.max_bytes, allow_pipe=args.allow_pipe)
