@@ -116,14 +116,21 @@ class AlignmentScoreMethod(Method):
     """alignment_score: the precomputed score in each sample's .json (higher = better match), negated."""
 
     def signal(self, batches: list[dict], outputs: Outputs) -> Signal:
-        scores = [b["alignment_score"] for b in batches]
-        if any(s is None for s in scores) or torch.isnan(torch.cat(scores)).any():
-            raise RunFailed(
-                "noise.method alignment_score needs an alignment_score for every sample: a scores "
-                "sidecar (data.sources[i].scores, written by `mmcl shard score`) or an 'alignment_score' in "
-                "its .json (a manifest column when sharding); or choose another noise.method"
-            )
-        return Signal(-torch.cat(scores).to(outputs["media_features"].device))
+        scores = alignment_scores(batches, "noise.method alignment_score")
+        return Signal(-scores.to(outputs["media_features"].device))
+
+
+def alignment_scores(batches: list[dict], needed_by: str) -> Tensor:
+    """The batches' precomputed alignment scores in one tensor; RunFailed naming `needed_by` when a sample
+    has none (no sidecar row, no .json field)."""
+    scores = [b["alignment_score"] for b in batches]
+    if any(s is None for s in scores) or torch.isnan(torch.cat(scores)).any():
+        raise RunFailed(
+            f"{needed_by} needs an alignment_score for every sample: a scores sidecar "
+            "(data.sources[i].scores, written by `mmcl shard score`) or an 'alignment_score' in its .json "
+            "(a manifest column when sharding); or choose another noise.method"
+        )
+    return torch.cat(scores)
 
 
 METHODS: dict[str, type[Method]] = {

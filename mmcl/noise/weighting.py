@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmcl.errors import RunFailed
 from mmcl.losses.distributed import gather_no_grad
 from mmcl.noise.config import NoiseConfig
 from mmcl.noise.local_fdr import LocalFdr
-from mmcl.noise.methods import METHODS, LossFn, Method, Outputs
+from mmcl.noise.methods import METHODS, LossFn, Method, Outputs, alignment_scores
 from mmcl.noise.metrics import auroc, detection_metrics, plot_weights
 from mmcl.noise.mixture import OnlineMixture
 
@@ -112,14 +111,9 @@ class NoiseWeighting:
 
 def score_weights(batches: list[dict], score_range: tuple[float, float]) -> Tensor:
     """The batches' precomputed alignment scores mapped linearly onto weights 0..1 by `score_range`."""
-    scores = [b["alignment_score"] for b in batches]
-    if any(s is None for s in scores) or torch.isnan(torch.cat(scores)).any():
-        raise RunFailed(
-            "noise.combine_scores needs an alignment_score for every sample: from a scores sidecar "
-            "(data.sources[i].scores, written by `mmcl shard score`) or the samples' .json"
-        )
     low, high = score_range
-    return ((torch.cat(scores).double() - low) / (high - low)).clamp(0.0, 1.0)
+    scores = alignment_scores(batches, "noise.combine_scores")
+    return ((scores.double() - low) / (high - low)).clamp(0.0, 1.0)
 
 
 class PairWeighter:
