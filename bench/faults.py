@@ -42,7 +42,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -93,7 +92,7 @@ from fault_training import (  # noqa: E402
     usable_keys,
 )
 from host import machine_line  # noqa: E402
-from processes import kill9, run_mmcl  # noqa: E402
+from processes import cpu_launch_env, kill9, mmcl_command, run_mmcl  # noqa: E402
 
 # ================================================================================================ processes
 
@@ -378,20 +377,6 @@ def bench_training_kills(
 LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]  # (processes, loader workers)
 
 
-def launch_command(processes: int, *args: str) -> list[str]:
-    """`mmcl ARGS` on `processes` CPU processes: plain, or through `accelerate launch` (gloo)."""
-    if processes == 1:
-        return [sys.executable, "-m", "mmcl", *map(str, args)]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port), "--multi_gpu",
-        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "mmcl", *map(str, args),
-    ]  # fmt: skip
-
-
 def saved_and_past(run: Path, step: int) -> bool:
     """The run has a complete checkpoint and has logged `step`."""
     return bool(checkpoint_state(run)["complete"]) and logged_step(run) >= step
@@ -402,7 +387,7 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
     resume on another layout: every sample of epoch 0 trained on exactly once (train.log_sample_keys)."""
     steps = 2 * TRAIN_STEPS  # 2 to 4 epochs, so that kills land in every epoch
     row = Row("training", f"kill -9, resume on other processes x workers ({steps} steps)")
-    env = {**env, "ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo"}
+    env = cpu_launch_env(env)
     expected = usable_keys(shards)
     for trial in range(trials):
         before = rng.choice(LAYOUTS)
@@ -421,7 +406,7 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
         log_path = work / "logs" / f"elastic-{trial}.log"
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
-                launch_command(before[0], "train", "--config", configs[0]),
+                mmcl_command(before[0], "train", "--config", configs[0]),
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
             step = rng.randint(4, steps - 6)
@@ -436,7 +421,7 @@ def bench_elastic_kills(work: Path, shards: Path, env: dict, trials: int, rng: r
             orphans = kill9(proc, whole_group=True, grace=10.0)
         row.faults += 1
         resumed = subprocess.run(
-            launch_command(after[0], "train", "--config", configs[1]),
+            mmcl_command(after[0], "train", "--config", configs[1]),
             cwd=REPO, capture_output=True, text=True, env=env, timeout=900,
         )  # fmt: skip
         problems = (

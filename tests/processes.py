@@ -107,6 +107,50 @@ def wait_until(
         time.sleep(0.01)
 
 
+# `accelerate launch` options for N processes on this machine's CPU (gloo), before `--num_processes N -m mmcl`
+CPU_LAUNCH = ("--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def free_port() -> int:
+    """A TCP port the kernel has just handed out on 127.0.0.1 (free now; see accelerate_launch)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_command(*args: str, port: int) -> list[str]:
+    """`accelerate launch --main_process_port PORT ARGS` (its options, then ``-m mmcl ...``)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port), *args]
+
+
+def mmcl_command(processes: int, *args: str) -> list[str]:
+    """`mmcl ARGS` on `processes` CPU processes: a plain `python -m mmcl`, or through `accelerate launch`
+    (gloo; run it with `cpu_launch_env`)."""
+    if processes == 1:
+        return [sys.executable, "-m", "mmcl", *map(str, args)]
+    launch = (*CPU_LAUNCH, "--num_processes", str(processes), "-m", "mmcl", *map(str, args))
+    return accelerate_command(*launch, port=free_port())
+
+
+def cpu_launch_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for processes started by `accelerate launch` on the CPU, talking over the loopback interface."""
+    return {**env, "ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def run_mmcl_on(processes: int, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`mmcl ARGS` on `processes` CPU processes (`run_mmcl`, or `accelerate_launch` for 2 or more); fails
+    unless it exits 0."""
+    if processes == 1:
+        return run_mmcl(*args, env=env)
+    launch = (*CPU_LAUNCH, "--num_processes", str(processes), "-m", "mmcl", *map(str, args))
+    result = accelerate_launch(*launch, env={**env, "ACCELERATE_USE_CPU": "true"})
+    if result.returncode != 0:
+        raise AssertionError(
+            f"mmcl {' '.join(map(str, args))} on {processes} processes: {result.stderr[-3000:]}"
+        )
+    return result
+
+
 def accelerate_launch(
     *args: str, env: dict[str, str], attempts: int = 5, timeout: float = LAUNCH_HANG_GUARD_S
 ) -> subprocess.CompletedProcess:
@@ -120,17 +164,7 @@ def accelerate_launch(
     GLOO_SOCKET_IFNAME=lo: gloo uses the loopback interface instead of resolving the machine's host name."""
     env = {**env, "GLOO_SOCKET_IFNAME": "lo"}
     for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--main_process_port",
-            str(port),
-            *args,
-        ]
+        command = accelerate_command(*args, port=free_port())
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
         if result.returncode == 0 or not any(sign in result.stderr.lower() for sign in ADDRESS_IN_USE):
             return result

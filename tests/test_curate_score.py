@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from fault_training import build_train_shards
-from processes import REPO, accelerate_launch, kill9, run_mmcl, wait_until
+from processes import REPO, kill9, run_mmcl, run_mmcl_on, wait_until
 from safetensors.torch import save_file
 
 from mmcl.data import DataConfig, build_train_stream
@@ -272,23 +272,11 @@ def test_combined_weights_are_the_estimate_times_the_mapped_scores(noisy_shards,
 
 def test_two_processes_under_accelerate_split_the_shards(noisy_shards, weights_file, tmp_path) -> None:
     score(noisy_shards, tmp_path / "one", weights_file, "--workers", "0")
-    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += [
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "mmcl",
-        "shard",
-        "score",
-        str(noisy_shards),
-        "--open-clip",
-        MODEL,
-    ]
-    launch += ["--pretrained", str(weights_file), "--output", str(tmp_path / "two"), "--batch-size", "8"]
-    launch += ["--workers", "0", "--quiet"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = accelerate_launch(*launch, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_mmcl_on(
+        2, "shard", "score", noisy_shards, "--open-clip", MODEL, "--pretrained", weights_file,
+        "--output", tmp_path / "two", "--batch-size", "8", "--workers", "0", "--quiet",
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
     assert result.stdout.count("scored 32 pairs in 4 shard(s)") == 2
     one, two = sidecars(tmp_path / "one"), sidecars(tmp_path / "two")
     assert {k: v for k, v in one.items() if k != "scores.json"} == {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fault_training import build_train_shards, trained_keys
-from processes import accelerate_launch, run_mmcl
+from processes import run_mmcl_on
 from test_data import TOKENIZER, TRAIN_TRANSFORM, config, write_shards
 
 from mmcl.data import build_loader
@@ -167,25 +167,8 @@ def elastic_config(path: Path, shards: Path, output: Path, workers: int, **train
 
 
 def train_on(processes: int, config: Path, *overrides: str) -> str:
-    if processes == 1:
-        return run_mmcl(
-            "train", "--config", config, *overrides, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        ).stdout
-    launch = [
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-    ]
-    launch += ["--dynamo_backend", "no", "-m", "mmcl", "train", "--config", str(config), *overrides]
-    result = accelerate_launch(
-        *launch, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return run_mmcl_on(processes, "train", "--config", config, *overrides, env=env).stdout
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from media_files import COLOURS, make_image, make_tone
-from processes import HANG_GUARD_S, REPO, accelerate_launch, run_mmcl, wait_until
+from processes import HANG_GUARD_S, REPO, run_mmcl, run_mmcl_on, wait_until
 from safetensors.torch import load_file
 
 from mmcl.config import load_train_config
@@ -186,25 +186,7 @@ def test_two_processes_through_accelerate_use_global_negatives(image_shards: Pat
     config = write_config(
         tmp_path / "c.yaml", image_shards, tmp_path / "run", data={"workers": 1}, train={"steps": 4}
     )
-    launch = [
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "mmcl",
-        "train",
-        "--config",
-        str(config),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = accelerate_launch(*launch, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_mmcl_on(2, "train", "--config", config, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = metrics(tmp_path / "run")
     assert [r["negatives"] for r in rows] == [15] * 4  # 2 processes x 8 samples, all gathered
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
