@@ -36,7 +36,7 @@ import numpy as np
 from shards_tools import __version__
 from shards_tools.errors import UsageError
 from shards_tools.manifest import MANIFEST, SIZES, load_manifest
-from shards_tools.scores import FIELDS, read_sidecar, sidecar_path
+from shards_tools.scores import FIELDS, lower_is_better, read_sidecar, sidecar_path
 from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions, iter_samples
 from shards_tools.writer import open_new, sample_bytes, tar_end, write_atomic
 
@@ -74,7 +74,7 @@ class Rule:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.field == "p_value"
+        return lower_is_better(self.field)
 
     def describe(self) -> dict:
         """The rule as the manifest's "filtered" entry records it."""

@@ -34,6 +34,14 @@ SCORES_SUFFIX = ".scores.jsonl"
 EMBEDDINGS_SUFFIX = ".emb.npy"
 SUMMARY = "scores.json"
 FIELDS = ("score", "p_value", "weight")  # the numbers a row may hold; filter and training pick one
+
+
+def lower_is_better(field: str) -> bool:
+    """Whether a low value of `field` marks a well-matched pair: a p-value does, a score or weight the
+    opposite (and a noisy pair is flagged from the other end)."""
+    return field == "p_value"
+
+
 MAX_ROW_BYTES = 4096  # a row is a key and a few numbers
 MAX_SIDECAR_BYTES = 1 << 30
 HISTOGRAM_BINS = 50
@@ -180,7 +188,7 @@ def summarize(scores: Path, header: Mapping | None = None) -> dict:
         known = np.array([flag is not None for flag in truth[name]])
         if known.any():
             # a low score (or weight) should mean a noisy pair; a high p-value should
-            flagged = array[known] if name == "p_value" else -array[known]
+            flagged = array[known] if lower_is_better(name) else -array[known]
             noisy = np.array([bool(flag) for flag in truth[name]])[known]
             area = auroc(flagged, noisy)
             entry["noisy_auroc"] = round(area, 6) if math.isfinite(area) else None  # one class only: none

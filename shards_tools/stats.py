@@ -14,7 +14,15 @@ import numpy as np
 
 from shards_tools.errors import UsageError
 from shards_tools.manifest import load_manifest
-from shards_tools.scores import FIELDS, all_rows, auroc, histogram, shard_name, sidecar_path
+from shards_tools.scores import (
+    FIELDS,
+    all_rows,
+    auroc,
+    histogram,
+    lower_is_better,
+    shard_name,
+    sidecar_path,
+)
 from shards_tools.shard_format import parse_json_object, split_key
 from shards_tools.tar_stream import DEFAULT_MAX_MEMBER_BYTES, ShardReadError, iter_members, open_shard
 
@@ -179,7 +187,7 @@ def scores_plot_path(plot: Path) -> Path:
 
 def flag_noisy(values: np.ndarray, threshold: float, field: str) -> np.ndarray:
     """The pairs the filter "noisy below the threshold" flags: a low score or weight, or a high p-value."""
-    return values > threshold if field == "p_value" else values < threshold
+    return values > threshold if lower_is_better(field) else values < threshold
 
 
 def _cut(values: np.ndarray, noisy: np.ndarray | None, threshold: float, field: str) -> dict:
@@ -205,7 +213,7 @@ def keep_fraction_threshold(values: np.ndarray, keep_fraction: float, field: str
     weights, the lowest p-values): the k-th best value, so flag_noisy keeps it and everything better."""
     k = min(max(round(keep_fraction * len(values)), 1), len(values))
     ordered = np.sort(values)
-    return float(ordered[k - 1] if field == "p_value" else ordered[len(values) - k])
+    return float(ordered[k - 1] if lower_is_better(field) else ordered[len(values) - k])
 
 
 def collect_score_stats(
@@ -273,11 +281,11 @@ def collect_score_stats(
     }
     if noisy is not None:
         edges = np.histogram_bin_edges(values, bins=len(report["histogram"]["counts"]))
-        area = auroc(values if field == "p_value" else -values, noisy)
+        area = auroc(values if lower_is_better(field) else -values, noisy)
         report["truth"] = {
             "noisy": int(noisy.sum()),
             "clean": int((~noisy).sum()),
-            "noisy_if": "high" if field == "p_value" else "low",
+            "noisy_if": "high" if lower_is_better(field) else "low",
             "auroc": None if math.isnan(area) else round(area, 6),
             "histogram_clean": histogram(values[~noisy], bins=edges),
             "histogram_noisy": histogram(values[noisy], bins=edges),
@@ -306,7 +314,7 @@ def _describe_cut(cut: dict) -> str:
 def format_score_stats(report: dict) -> str:
     """The scores section of the console table."""
     field, q = report["field"], report["quantiles"]
-    direction = "above" if field == "p_value" else "below"
+    direction = "above" if lower_is_better(field) else "below"
     lines = [
         f"scores        {report['folder']} ({field})",
         f"scored        {report['scored']} of {report['pairs']} pairs "
@@ -364,7 +372,7 @@ def plot_score_stats(report: dict, path: Path) -> None:
     cut = report["at_threshold"] or (report["truth"] or {}).get("at_clean_fraction")
     if cut is not None:
         ax.axvline(cut["threshold"], color="black", linestyle="--", label="threshold")
-        direction = "above" if field == "p_value" else "below"
+        direction = "above" if lower_is_better(field) else "below"
         title += f"\nflag {direction} {cut['threshold']:g}: keeps {_percent(cut['kept_fraction'])}"
         if "precision" in cut:
             precision, recall = (
