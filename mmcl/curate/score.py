@@ -35,7 +35,7 @@ from mmcl.data.pipeline import keyed_samples
 from mmcl.data.sources import expand_urls
 from mmcl.data.text import captions_of, read_meta
 from mmcl.errors import UsageError
-from mmcl.eval.datasets import MediaDecoder
+from mmcl.eval.datasets import MediaDecoder, media_member
 from mmcl.models.dual_encoder import DualEncoder
 from mmcl.noise.local_fdr import null_pvalues
 from shards_tools.scores import shard_name, sidecar_path, summarize, write_sidecar
@@ -132,11 +132,7 @@ class ShardBatches(IterableDataset):
 
     def _prepare(self, sample: dict) -> dict:
         key = sample["__key__"]
-        if "__problem__" in sample:
-            raise BadSample(key, sample["__problem__"])
-        ext = next((e for e in self.extensions if e in sample), None)
-        if ext is None:
-            raise BadSample(key, f"no {self.decoder.modality} file")
+        ext = media_member(sample, self.extensions, self.decoder.modality)
         meta = read_meta(sample)
         captions = captions_of(sample, meta)
         if not captions:

@@ -232,11 +232,7 @@ class ShardItems(IterableDataset):
 
     def _prepare(self, sample: dict) -> dict[str, Any]:
         key = sample["__key__"]
-        if "__problem__" in sample:
-            raise BadSample(key, sample["__problem__"])
-        ext = next((e for e in self.extensions if e in sample), None)
-        if ext is None:
-            raise BadSample(key, f"no {self.decoder.modality} file (.{', .'.join(self.extensions)})")
+        ext = media_member(sample, self.extensions, self.decoder.modality)
         meta = read_meta(sample)
         if self.target == "label":
             target = sample_label(meta, sample.get("cls"))
@@ -249,6 +245,17 @@ class ShardItems(IterableDataset):
             if not target:
                 raise BadSample(key, "no caption")
         return {"media": self.decoder(sample[ext], key), "target": target}
+
+
+def media_member(sample: dict, extensions: Sequence[str], modality: str) -> str:
+    """The extension of a raw shard sample's media member; BadSample when the tar reader refused one of its
+    members or it has no media of `modality`."""
+    if "__problem__" in sample:
+        raise BadSample(sample["__key__"], sample["__problem__"])
+    ext = next((e for e in extensions if e in sample), None)
+    if ext is None:
+        raise BadSample(sample["__key__"], f"no {modality} file (.{', .'.join(extensions)})")
+    return ext
 
 
 def collate_items(items: list[dict[str, Any] | None]) -> dict[str, Any]:
