@@ -1,11 +1,12 @@
 """Image loader cost at 224 px: images/s per loader core, mmcl shards of photo-like JPEGs, 256 px short side.
 
-    .venv/bin/python bench/image_loader_bench.py            # 400 images, median of 3 repeats
-    .venv/bin/python bench/image_loader_bench.py --quick    # 128 images, 1 repeat: checks that it runs
+    .venv/bin/python bench/image_loader_bench.py            # 400 images, median of 5 rounds
+    .venv/bin/python bench/image_loader_bench.py --quick    # 128 images, 1 round: checks that it runs
 
-Each side runs in one DataLoader worker process (torch at 1 thread, torch's worker info set, so mmcl seeds
-each sample as in training without saving and restoring the RNGs around it), after a warm-up pass; each
-figure is images/s on that one core. The sides, over the same shards (open_clip's ViT-B-32 preprocessing:
+The sides run in one DataLoader worker process (torch at 1 thread, torch's worker info set, so mmcl seeds
+each sample as in training without saving and restoring the RNGs around it), after a warm-up pass each,
+taking turns in every round so that the machine's drift is shared; each figure is images/s on that one
+core, the median over the rounds. The sides, over the same shards (open_clip's ViT-B-32 preprocessing:
 224 px, RandomResizedCrop scale 0.9-1, bicubic, OpenAI mean/std):
 
   decode                Pillow decodes every JPEG whole to RGB: the floor of any loader
@@ -14,13 +15,16 @@ figure is images/s on that one core. The sides, over the same shards (open_clip'
   open_clip transform   decode + open_clip's train transform (crop + resize, ToTensor, Normalize)
   open_clip loader      open_clip_train.data.get_wds_dataset over the shards, iterated with workers=0 (tar
                         reading, shuffling, decode, transform, tokenizing, batching)
-  mmcl CPU path         mmcl's stream (build_train_stream) with data.image_on_device false
+  mmcl CPU path         mmcl's stream (build_train_stream) as a CPU run builds it (data.image_on_device
+                        auto or false): decode, crop and resize in the worker, uint8 hand-over
+  mmcl whole transform  mmcl's stream running the model's whole transform in the worker (float hand-over),
+                        as for transforms the uint8 hand-over does not take (colour jitter, timm's)
   mmcl device path      mmcl's stream with the device path: the worker's half (decode, with JPEG draft when
                         the crop allows, crop, uint8 hand-over padded per batch)
   device half on CPU    mmcl.data.device_transform.crops_to_model_input on those batches (resize, float,
                         normalise), timed on this CPU at 1 thread; on a GPU it runs on the training device
 
-Streams are timed over whole batches of 64 (fresh iterators each repeat, tar reading included). The images
+Streams are timed over whole batches of 64 (fresh iterators each round, tar reading included). The images
 are bench/shard_bench.py's photo-like pictures cut to 342 x 256 (landscape and portrait alternate), JPEG
 quality 95, written as mmcl shards of 50 in --work-dir (default bench/out/image_loader/, git-ignored) and
 reused. Results: a table on stdout and WORK_DIR/results.json (results-quick.json with --quick).
@@ -37,6 +41,7 @@ import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +59,7 @@ from host import host_facts  # noqa: E402
 from shard_bench import QUALITY, photo_like  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
-from mmcl.data.device_transform import crops_to_model_input, device_image_spec  # noqa: E402
+from mmcl.data.device_transform import DeviceImageSpec, crops_to_model_input, device_image_spec  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
 
 DATA_VERSION = 1  # bump when the images change, so cached shards are rebuilt
@@ -158,13 +163,13 @@ def open_clip_loader(shards: list[Path], images: int) -> Callable[[], None] | No
     return run
 
 
-def mmcl_stream(shards: Path, images: int, device_path: bool) -> Callable[[], None]:
+def mmcl_stream(shards: Path, images: int, spec: DeviceImageSpec | None) -> Callable[[], None]:
     cfg = DataConfig(sources=[{"urls": str(shards)}], batch_size=BATCH, workers=1)
 
     def run() -> None:
         stream = iter(
             build_train_stream(cfg, modality="image", media_transform=TRANSFORM, tokenizer=TOKENIZER,
-                               device_images=SPEC if device_path else None)
+                               device_images=spec)
         )  # fmt: skip
         for _ in range(images // BATCH):
             next(stream)
@@ -193,32 +198,36 @@ def device_path_batches(shards: Path, images: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def timed(run: Callable[[], None], images: int, repeat: int) -> dict:
-    """images/s of each repeat (after one warm-up run), the median and the best."""
-    run()
-    rates = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def timed_interleaved(sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> dict[str, dict]:
+    """images/s of each side per round (after one warm-up run each), the median and the best. The sides
+    take turns within each round, so the machine's drift over the minutes of a run is shared among them."""
+    for run, _ in sides.values():
         run()
-        rates.append(images / (time.perf_counter() - start))
-    return {"median": statistics.median(rates), "best": max(rates), "runs": rates}
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeat):
+        for name, (run, images) in sides.items():
+            start = time.perf_counter()
+            run()
+            rates[name].append(images / (time.perf_counter() - start))
+    return {name: {"median": statistics.median(r), "best": max(r), "runs": r} for name, r in rates.items()}
 
 
 class _TimedInWorker(IterableDataset):
-    """Yields the timing of `run`, measured inside the DataLoader worker that iterates it."""
+    """Yields `timed_interleaved`'s result, measured inside the DataLoader worker that iterates it."""
 
-    def __init__(self, run: Callable[[], None], images: int, repeat: int) -> None:
+    def __init__(self, sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> None:
         super().__init__()
-        self.run, self.images, self.repeat = run, images, repeat
+        self.sides, self.repeat = sides, repeat
 
     def __iter__(self):
-        yield timed(self.run, self.images, self.repeat)
+        yield timed_interleaved(self.sides, self.repeat)
 
 
-def in_worker(run: Callable[[], None], images: int, repeat: int) -> dict:
-    """`timed` inside one forked DataLoader worker: one core, torch at 1 thread, worker info set."""
+def in_worker(sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> dict[str, dict]:
+    """`timed_interleaved` inside one forked DataLoader worker: one core, torch at 1 thread, worker info
+    set."""
     loader = DataLoader(
-        _TimedInWorker(run, images, repeat), batch_size=None, num_workers=1, multiprocessing_context="fork"
+        _TimedInWorker(sides, repeat), batch_size=None, num_workers=1, multiprocessing_context="fork"
     )
     return next(iter(loader))
 
@@ -230,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", type=int, default=400, help="images in the shards (streams time whole batches of 64)"
     )
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="128 images, 1 repeat: a check that it runs")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds")
+    parser.add_argument("--quick", action="store_true", help="128 images, 1 round: a check that it runs")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "image_loader")
     args = parser.parse_args(argv)
     if args.quick:
@@ -247,14 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         "decode + crop/resize uint8": (decode_crop_resize(jpegs), len(jpegs)),
         "open_clip transform": (open_clip_transform(jpegs), len(jpegs)),
         "open_clip loader": (open_clip_loader(shards, streamed), streamed),
-        "mmcl CPU path": (mmcl_stream(folder, streamed, device_path=False), streamed),
-        "mmcl device path, worker": (mmcl_stream(folder, streamed, device_path=True), streamed),
+        "mmcl CPU path": (mmcl_stream(folder, streamed, replace(SPEC, resize_on_device=False)), streamed),
+        "mmcl whole transform": (mmcl_stream(folder, streamed, None), streamed),
+        "mmcl device path, worker": (mmcl_stream(folder, streamed, SPEC), streamed),
         "device half on CPU": (device_half(handed_over), streamed),
     }
-    results = {
-        name: in_worker(run, images, args.repeat) if run is not None else None
-        for name, (run, images) in sides.items()
-    }
+    timings = in_worker({name: side for name, side in sides.items() if side[0] is not None}, args.repeat)
+    results = {name: timings.get(name) for name in sides}
     padded = sum(b["media"].numel() for b in handed_over) / streamed
     print(
         f"{args.images} JPEGs of {LONG}x{SHORT} at 224 px, one core: images/s, median of {args.repeat} (best)"
@@ -266,9 +274,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         share = 100 * r["median"] / floor
         print(f"  {name:<28} {r['median']:8.1f} ({r['best']:.1f})  {share:5.1f} % of decode's rate")
+    bare, peer = results["decode + crop/resize uint8"]["median"], results["open_clip loader"]
+    print(
+        f"  mmcl CPU path: {100 * results['mmcl CPU path']['median'] / bare:.1f} % of the bare limit", end=""
+    )
+    if peer is not None:
+        cpu, device = (
+            results[name]["median"] / peer["median"] for name in ("mmcl CPU path", "mmcl device path, worker")
+        )
+        print(f"; of open_clip's loader: CPU path {cpu:.2f}x, device path's worker {device:.2f}x", end="")
+    print()
     print(
         f"  device path hand-over: {padded / 1024:.0f} KiB uint8 per image, padded "
-        f"(the CPU path's: {3 * 224 * 224 * 4 // 1024} KiB float32)"
+        f"(the CPU path's: {3 * 224 * 224 // 1024} KiB uint8; the whole transform's: "
+        f"{3 * 224 * 224 * 4 // 1024} KiB float32)"
     )
     out = {"images": args.images, "repeat": args.repeat, "batch_size": BATCH, "host": host_facts(),
            "handover_bytes_per_image": padded, "results": results}  # fmt: skip

@@ -1,4 +1,5 @@
-"""data.image_on_device: loader workers decode and crop, the training device resizes and normalises.
+"""Images handed over as uint8: loader workers decode, crop (and resize, on the CPU path), the training
+device converts and normalises (data.image_on_device: where the resize runs).
 
 Real JPEG and PNG bytes written here with Pillow, the real open_clip train transform as the reference (the
 CPU path), real shards and a real one-step training run of the micro model; no mocks.
@@ -187,11 +188,14 @@ def test_worker_crop_is_the_region_the_cpu_path_crops() -> None:
 def test_choosing_the_path() -> None:
     plain = image_transform(64, is_train=True)
     jitter = Compose([*plain.transforms[:2], ColorJitter(0.4), *plain.transforms[2:]])
-    assert choose_image_path("auto", "cpu", plain) is None
-    assert choose_image_path(False, "cuda", plain) is None
+    # a plain transform always hands over uint8; the setting and the device say where the resize runs
+    assert not choose_image_path("auto", "cpu", plain).resize_on_device
+    assert not choose_image_path(False, "cuda", plain).resize_on_device
     assert choose_image_path("auto", "cuda", plain) == choose_image_path(True, "cpu", plain)
+    assert choose_image_path(True, "cpu", plain).resize_on_device
     assert choose_image_path(True, "cpu", plain).size == (64, 64)
-    assert choose_image_path("auto", "cuda", jitter) is None  # falls back to the CPU path
+    assert choose_image_path("auto", "cuda", jitter) is None  # the whole transform in the workers
+    assert choose_image_path(False, "cpu", jitter) is None
     with pytest.raises(UsageError, match="image_on_device: true.*ColorJitter"):
         choose_image_path(True, "cuda", jitter)
     with pytest.raises(UnsupportedTransform):
@@ -212,6 +216,32 @@ def write_shards(folder: Path, count: int, per_shard: int) -> None:
             for i in range(start, min(start + per_shard, count))
         )
         (folder / f"shard-{start // per_shard:06d}.tar").write_bytes(body + tar_end(len(body)))
+
+
+def test_uint8_hand_over_equals_the_whole_transform_in_the_workers(tmp_path: Path) -> None:
+    """The CPU path's uint8 hand-over (crop and resize in the worker, ToTensor + Normalize on the device)
+    gives the model the same tensors, bit for bit, as open_clip's whole transform run in the worker, over
+    real shards: the same crops under the same seeds, the same Pillow resize, the same float32 operations."""
+    write_shards(tmp_path / "shards", count=24, per_shard=6)
+    cfg = DataConfig(sources=[{"urls": str(tmp_path / "shards")}], batch_size=4, workers=0, shuffle_buffer=8)
+    transform = image_transform(64, is_train=True)
+    spec = choose_image_path(False, "cpu", transform)
+
+    def batches(device_images):
+        stream = iter(
+            build_train_stream(cfg, modality="image", media_transform=transform, tokenizer=TOKENIZER,
+                               device_images=device_images)
+        )  # fmt: skip
+        return [next(stream) for _ in range(6)]
+
+    for handed, whole in zip(batches(spec), batches(None), strict=True):
+        assert handed["media"].dtype == torch.uint8 and handed["media"].shape == (4, 64, 64, 3)
+        assert whole["media"].dtype == torch.float32
+        assert handed["keys"] == whole["keys"] and torch.equal(handed["text"], whole["text"])
+        model_input = batch_to_model_input(handed, torch.device("cpu"), spec)["media"]
+        assert model_input.is_contiguous() and torch.equal(model_input, whole["media"])
+    with pytest.raises(ValueError, match="needs the DeviceImageSpec"):
+        batch_to_model_input(handed, torch.device("cpu"), None)
 
 
 def test_device_path_stream_resumes_exactly(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from processes import HANG_GUARD_S, REPO, run_mmcl, run_mmcl_on, wait_until
 from safetensors.torch import load_file
 
 from mmcl.config import load_train_config
+from mmcl.data.device_transform import batch_to_model_input
 from shards_tools.config import build_config
 from shards_tools.run import run_sharding
 
@@ -270,7 +271,8 @@ def test_non_finite_loss_skips_the_update(image_shards: Path, tmp_path: Path) ->
     def faulty():
         for step in range(4):
             batch = next(real)
-            if step == 2:
+            if step == 2:  # as the model's input: the loader hands images over as uint8
+                batch = batch_to_model_input(batch, torch.device("cpu"), trainer.device_images)
                 batch["media"] = torch.full_like(batch["media"], float("nan"))
             yield batch
 

@@ -100,11 +100,13 @@ class DataConfig(_Strict):
     )
     image_on_device: bool | Literal["auto"] = Field(
         "auto",
-        description="image: loader workers only decode and crop, handing over uint8 pixels; the resize and "
-        "normalisation run batched on the training device (mmcl.data.device_transform), which frees most of "
-        "a worker's time per image. auto: on when training on an accelerator (GPU) and the model's train "
-        "transform is open_clip's plain one; true: also on CPU (slower there), an error for a transform the "
-        "device path cannot reproduce; false: the whole transform in the workers",
+        description="image: where the resize runs. With open_clip's plain train transform loader workers "
+        "hand over uint8 pixels and the training device converts and normalises them (the same tensors as "
+        "the transform run whole in a worker, a quarter of the bytes). auto: on an accelerator (GPU) workers "
+        "only decode and crop, and the resize runs batched on the device too (mmcl.data.device_transform), "
+        "which frees most of a worker's time per image; on a CPU the workers resize. true: resize on the "
+        "device also on CPU (slower there), an error for a transform the device cannot reproduce; false: "
+        "resize in the workers. Other transforms (colour jitter, timm's) run whole in the workers",
     )
     max_member_bytes: int = Field(
         DEFAULT_MAX_MEMBER_BYTES,

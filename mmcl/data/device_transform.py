@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -58,6 +58,9 @@ class DeviceImageSpec:
     ratio: tuple[float, float]  # and of its aspect ratio (width / height)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # False: the workers resize as well and hand over the model-size image as uint8; only the uint8 -> float
+    # conversion and the normalisation run on the device (`images_to_model_input`)
+    resize_on_device: bool = True
 
 
 class UnsupportedTransform(ValueError):
@@ -101,20 +104,24 @@ def device_image_spec(transform: Callable[[Any], Tensor]) -> DeviceImageSpec:
 def choose_image_path(
     setting: bool | Literal["auto"], device_type: str, transform: Callable[[Any], Tensor]
 ) -> DeviceImageSpec | None:
-    """Resolve data.image_on_device for a run training on `device_type` ("cpu", "cuda", ...): the spec of
-    the device path, or None for the CPU path. auto takes the device path on any accelerator when the
-    transform allows it; true takes it anywhere and is a UsageError when the transform does not allow it."""
-    if setting is False or (setting == "auto" and device_type == "cpu"):
-        return None
+    """Resolve data.image_on_device for a run training on `device_type` ("cpu", "cuda", ...).
+
+    With open_clip's plain train transform the workers always hand over uint8 and the device normalises:
+    the spec's `resize_on_device` says whether the resize runs there too (auto: on any accelerator; true:
+    anywhere) or in the workers (auto on a CPU, false), where it is Pillow's, exactly as open_clip's
+    transform runs it. Any other transform returns None: the workers run it whole and hand over float
+    tensors; with `true` that is a UsageError instead."""
     try:
-        return device_image_spec(transform)
+        spec = device_image_spec(transform)
     except UnsupportedTransform as err:
         if setting is True:
             raise UsageError(
                 f"data.image_on_device: true, but {err}; set data.image_on_device: auto"
             ) from None
-        logger.info("data.image_on_device: auto keeps images on the CPU path: %s", err)
+        logger.info("data.image_on_device: the workers run the model's whole train transform: %s", err)
         return None
+    on_device = setting is True or (setting == "auto" and device_type != "cpu")
+    return replace(spec, resize_on_device=on_device)
 
 
 def pad_crops(crops: list[np.ndarray], boxes: list[tuple[float, float, float, float]]) -> dict[str, Tensor]:
@@ -181,21 +188,37 @@ def crops_to_model_input(crops: Tensor, boxes: Tensor, sizes: Tensor, spec: Devi
             resized = rows[:, None] @ (pixels @ cols.transpose(1, 2)[:, None])
         else:
             resized = (rows[:, None] @ pixels) @ cols.transpose(1, 2)[:, None]
-        mean = torch.tensor(spec.mean, dtype=torch.float32, device=crops.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32, device=crops.device).view(1, 3, 1, 1)
-        # the order of ToTensor + Normalize, so an identity resize gives their result bit for bit
-        return resized.clamp_(0, 255).div_(255).sub_(mean).div_(std)
+        return normalise(resized.clamp_(0, 255), spec)
+
+
+def normalise(pixels: Tensor, spec: DeviceImageSpec) -> Tensor:
+    """Float pixels in [0, 255], [B, 3, H, W] -> the model's input, in place: ToTensor's division by 255,
+    then Normalize's mean and std, as the same float32 operations in the same order, so uint8 pixels give
+    the worker-side transform's result bit for bit."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return pixels.div_(255).sub_(mean).div_(std)
+
+
+def images_to_model_input(images: Tensor, spec: DeviceImageSpec) -> Tensor:
+    """Device side of the worker-resized hand-over: uint8 images at the model's size [B, H, W, 3] -> the
+    model's input [B, 3, H, W] float32 (contiguous, as ToTensor leaves it), equal to open_clip's train
+    transform's output for the same crop."""
+    pixels = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return normalise(pixels, spec)
 
 
 def batch_to_model_input(
     batch: Mapping[str, Any], device: torch.device, spec: DeviceImageSpec | None
 ) -> dict:
-    """The batch with its media as the model's input on `device`: a device-path batch (it has
-    "media_boxes") is moved there as uint8, resized and normalised there, and loses its hand-over keys; any
-    other batch's media are only moved. Applying it twice changes nothing more."""
+    """The batch with its media as the model's input on `device`: uint8 images are moved there as uint8 and
+    converted there (a batch with "media_boxes" has crops to resize first and loses its hand-over keys);
+    float media are only moved. Applying it twice changes nothing more."""
     media = batch["media"].to(device, non_blocking=True)
+    if media.dtype == torch.uint8 and spec is None:
+        raise ValueError("a uint8 image batch needs the DeviceImageSpec its stream was built with")
     if BOXES in batch:
-        if spec is None:
-            raise ValueError("a device-path image batch needs the DeviceImageSpec its stream was built with")
         media = crops_to_model_input(media, batch[BOXES].to(device), batch[SIZES].to(device), spec)
+    elif media.dtype == torch.uint8:
+        media = images_to_model_input(media, spec)
     return {**{k: v for k, v in batch.items() if k not in (BOXES, SIZES)}, "media": media}

@@ -4,10 +4,12 @@ The transform (open_clip's train or eval preprocess) comes from the model, so th
 disagrees with it about size, crop or normalisation. Bytes are opened as the sharder opens them
 (shards_tools.decode.open_image: allowed formats only, a pixel cap before decoding).
 
-With data.image_on_device a worker runs only the first half of the train transform (`image_crop`): it draws
-the crop box from the full image's geometry as open_clip's RandomResizedCrop does, decodes no more pixels
-than the crop needs (JPEG draft) and hands over the crop as uint8; mmcl.data.device_transform does the rest
-on the training device.
+With open_clip's plain train transform a worker stops before ToTensor + Normalize and hands over uint8
+pixels (a quarter of float32's bytes); mmcl.data.device_transform converts and normalises them on the
+training device. Where the resize runs (data.image_on_device): in the worker, `image_resized` crops and
+resizes exactly as open_clip's RandomResizedCrop does on PIL images; on the device, `image_crop` draws the
+crop box from the full image's geometry, decodes no more pixels than the crop needs (JPEG draft) and hands
+over the crop unresized.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def sample_crop_box(width: int, height: int, spec: DeviceImageSpec, seed: int) -
     shape_only = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads the shape only
     scale, ratio = list(spec.scale), list(spec.ratio)
     return call_seeded(lambda image: RandomResizedCrop.get_params(image, scale, ratio), shape_only, seed)
+
+
+def image_resized(sample: dict, spec: DeviceImageSpec, seed: int, size_hint: int | None) -> np.ndarray:
+    """The sample's image as open_clip's train transform crops and resizes it, uint8 [height, width, 3]:
+    RandomResizedCrop's box drawn under `seed` (`sample_crop_box`), then Pillow's crop and bicubic resize,
+    the calls torchvision makes for a PIL image. With ToTensor + Normalize on the device
+    (device_transform.images_to_model_input) it is `image_media`'s tensor bit for bit."""
+    image = decode_image(_image_bytes(sample), sample["__key__"], size_hint)
+    top, left, crop_h, crop_w = sample_crop_box(image.width, image.height, spec, seed)
+    crop = image.crop((left, top, left + crop_w, top + crop_h))
+    return np.asarray(crop.resize(spec.size[::-1], Image.Resampling.BICUBIC))
 
 
 def image_crop(sample: dict, spec: DeviceImageSpec, seed: int) -> tuple[np.ndarray, Box]:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -51,7 +52,7 @@ from mmcl.data.audio import audio_media
 from mmcl.data.common import BadSample, derive_seed, log_and_continue, logger
 from mmcl.data.config import DataConfig
 from mmcl.data.device_transform import DeviceImageSpec, pad_crops
-from mmcl.data.image import image_crop, image_media
+from mmcl.data.image import image_crop, image_media, image_resized
 from mmcl.data.progress import DataProgress, ElasticResume, StreamState, skip_consumed
 from mmcl.data.sources import Source, resolve_sources
 from mmcl.data.text import choose_caption, read_meta
@@ -344,8 +345,9 @@ def count_and_skip(samples: Iterator[dict], state: ReaderState, skip_epoch: int,
 class SamplePreparer:
     """Raw sample -> {"key", "media", "caption", "noisy", "alignment_score", "label_index"} (picklable).
 
-    With `device_images` an image's "media" is its crop, not yet resized (uint8 [h, w, 3]), and the item
-    also has its "media_box" (mmcl.data.image.image_crop); the model's transform is not run.
+    With `device_images` the model's transform is not run and an image's "media" is uint8: resized to the
+    model's size (mmcl.data.image.image_resized), or with `device_images.resize_on_device` its crop, not yet
+    resized (uint8 [h, w, 3]), and the item also has its "media_box" (mmcl.data.image.image_crop).
     """
 
     modality: Modality
@@ -364,11 +366,14 @@ class SamplePreparer:
         if "__problem__" in sample:
             raise BadSample(key, sample["__problem__"])
         meta = read_meta(sample)
-        caption = choose_caption(sample, meta, random.Random(derive_seed(self.seed, epoch, key, "text")))
+        caption = choose_caption(sample, meta, lambda: derive_seed(self.seed, epoch, key, "text"))
         media_seed = derive_seed(self.seed, epoch, key, "media")
         extra = {}
-        if self.modality == "image" and self.device_images is not None:
-            media, extra["media_box"] = image_crop(sample, self.device_images, media_seed)
+        spec = self.device_images
+        if self.modality == "image" and spec is not None and spec.resize_on_device:
+            media, extra["media_box"] = image_crop(sample, spec, media_seed)
+        elif self.modality == "image" and spec is not None:
+            media = image_resized(sample, spec, media_seed, self.image_size)
         elif self.modality == "image":
             media = image_media(sample, self.media_transform, media_seed, self.image_size)
         else:
@@ -451,10 +456,13 @@ def collate(items: list[dict], tokenizer: Callable[[list[str]], torch.Tensor]) -
     """Prepared samples -> the batch's tensors, the captions tokenized in one call (every tokenizer mmcl
     builds pads to its context length, so a batch's tokens equal its samples' one by one). Optional fields
     are None when no sample has them;
-    otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1. Device-path image
-    crops become "media" (padded uint8), "media_boxes" and "media_sizes" (mmcl.data.device_transform)."""
+    otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1. uint8 images
+    stack into uint8 "media" [B, H, W, 3]; crops to resize on the device become "media" (padded uint8),
+    "media_boxes" and "media_sizes" (mmcl.data.device_transform)."""
     if "media_box" in items[0]:
         media = pad_crops([item["media"] for item in items], [item["media_box"] for item in items])
+    elif isinstance(items[0]["media"], np.ndarray):
+        media = {"media": torch.from_numpy(np.stack([item["media"] for item in items]))}
     else:
         media = {"media": torch.stack([item["media"] for item in items])}
     return {
@@ -647,9 +655,10 @@ def build_train_stream(
     ledger).
     `handler` gets every bad sample and unreadable shard; returning True skips it. `sources`: cfg's sources
     as `resolve_sources` gives them, already checked against `check_shard_counts` for this world size (what
-    the trainer's preflight did); None resolves and checks them here. `device_images`: images take the
-    device path (mmcl.data.device_transform.choose_image_path; the batches then need
-    `batch_to_model_input` on the training device); None runs `media_transform` in the workers.
+    the trainer's preflight did); None resolves and checks them here. `device_images`: images are handed
+    over as uint8, resized in the workers or on the device (mmcl.data.device_transform.choose_image_path;
+    the batches then need `batch_to_model_input` on the training device); None runs `media_transform`
+    whole in the workers.
     """
     return TrainStream(
         cfg,

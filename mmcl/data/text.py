@@ -9,6 +9,7 @@ shards; a plain string is one caption), the .txt file (mmcl's first caption, img
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from mmcl.data.common import BadSample
 from shards_tools.shard_format import parse_json_object
@@ -39,9 +40,10 @@ def captions_of(sample: dict, meta: dict) -> list[str]:
     return found or _clean(meta.get("caption"))
 
 
-def choose_caption(sample: dict, meta: dict, rng: random.Random) -> str:
-    """One caption, drawn with `rng` when there are several; BadSample when there is none."""
+def choose_caption(sample: dict, meta: dict, seed: Callable[[], int]) -> str:
+    """One caption, drawn with random.Random(seed()) when there are several (the seed is derived only then:
+    most samples have one); BadSample when there is none."""
     captions = captions_of(sample, meta)
     if not captions:
         raise BadSample(sample["__key__"], "no caption (empty or missing json text / .txt / json caption)")
-    return captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
+    return captions[random.Random(seed()).randrange(len(captions))] if len(captions) > 1 else captions[0]

@@ -118,7 +118,7 @@ class Trainer:
         self.device_images = None
         if transform is not None:
             self.device_images = choose_image_path(cfg.data.image_on_device, acc.device.type, transform)
-            if self.device_images is not None:
+            if self.device_images is not None and self.device_images.resize_on_device:
                 acc.print(f"data.image_on_device: images are resized and normalised on {acc.device.type}")
         self.loader = build_loader(
             cfg.data,
@@ -130,6 +130,7 @@ class Trainer:
             resume=data_resume,
             sources=sources,
             device_images=self.device_images,
+            pin_memory=acc.device.type == "cuda",  # lets the batch's copy to the GPU overlap the step
         )
         stream = self.loader.dataset
         self.data_state = stream.initial_state()
