@@ -300,3 +300,48 @@ def test_cpu_thread_count_leaves_room_for_the_loader_workers(monkeypatch: pytest
         assert torch.get_num_threads() == max(1, available_cores() - 1)
     finally:
         torch.set_num_threads(before)
+
+
+REALLOCATE = """
+import resource, sys, torch
+from mmcl.train.host_memory import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "keep" else False)
+
+def step():  # a training step's pattern: large blocks (some over glibc's 32 MiB mmap cap), freed at the end
+    blocks = [torch.ones(n) for n in [40 << 20, 6 << 20, 6 << 20, 3 << 20] * 4]
+    del blocks
+
+for _ in range(3):  # the heap settles in the first steps
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt"
+)
+def test_a_cpu_step_reuses_the_memory_the_previous_step_freed(tmp_path: Path) -> None:
+    """After keep_freed_memory, once the heap has settled, a step's allocations take the pages the previous
+    step freed, where glibc's defaults give every large block back and fault all of it in again (~880 MB a
+    step here, up to 220,000 pages). Seen over 5 steps: 0.46 to 1.1 million faults by default, 0 to 41,000
+    kept (the heap may still grow by a block where the address layout fragments it). A setting the user
+    made for the allocator wins."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+
+    def faults(mode: str, **extra: str) -> tuple[str, int]:
+        done = subprocess.run(
+            [sys.executable, "-c", REALLOCATE, mode], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        kept, count = done.stdout.split()
+        return kept, int(count)
+
+    kept, default_faults = faults("default")
+    assert kept == "False" and default_faults > 300_000
+    kept, kept_faults = faults("keep")
+    assert kept == "True" and kept_faults < default_faults / 5
+    kept, _ = faults("keep", MALLOC_TRIM_THRESHOLD_="1000000")
+    assert kept == "False"

@@ -42,6 +42,7 @@ from mmcl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmcl.train.host_memory import keep_freed_memory
 from mmcl.train.metrics_sink import (
     METRICS,
     SAMPLE_KEYS,
@@ -88,6 +89,7 @@ class Trainer:
                     f"OMP_NUM_THREADS unset: {threads} torch thread(s) per process beside "
                     f"{cfg.data.workers} loader worker(s); set OMP_NUM_THREADS to choose"
                 )
+            keep_freed_memory()  # the step's activations stay in the heap for the next step
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
         optimizer = torch.optim.AdamW(
