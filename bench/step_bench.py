@@ -6,7 +6,7 @@ Run from the repository root with the project venv:
     .venv/bin/python bench/step_bench.py --threads 1 --audio   # also the hf HTSAT audio tower (10 s, 48 kHz)
     .venv/bin/python bench/step_bench.py --smoke          # mmcl-micro-vit, 64 px, batch 4, 3 steps: it runs
 
-For every --threads value (OMP/MKL threads = torch intra-op threads of every side), four sides:
+For every --threads value (OMP/MKL threads = torch intra-op threads of every side), five sides:
 
   bare loop         the same model as mmcl's (mmcl.models.build_model, same seed), open_clip's ClipLoss,
                     plain AdamW (open_clip_train's parameter groups) and gradient clipping on one fixed
@@ -19,6 +19,9 @@ For every --threads value (OMP/MKL threads = torch intra-op threads of every sid
                     (one bare step between two of the trainer's), so the machine's load hits both alike;
                     a trainer step is timed from one hand-over to the next
   mmcl train        `mmcl train` end to end on the shards (--workers loader workers)
+  ... malloc as is  the same with glibc's allocator left at its defaults (a user setting for it, here a
+                    tunable at its default value, makes mmcl leave it: mmcl.train.host_memory), so the
+                    page faults it saves show
   open_clip         `python -m open_clip_train.main` end to end on the same shards and settings
                     (train_bench's open_clip runner: webdataset 0.2.86 first on PYTHONPATH)
 
@@ -85,6 +88,8 @@ from train_bench import (  # noqa: E402
 )
 
 PHOTO_SIZE = 256
+# a glibc tunable at its default value: mmcl then leaves the allocator as it is (mmcl.train.host_memory)
+MALLOC_AS_IS = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
 AUDIO_RATE = 48000
 FORWARD_LABEL = "step_bench.forward"  # a profiler range around each side's model forward
 BACKWARD_PREFIX = "autograd::engine::evaluate_function"
@@ -468,16 +473,19 @@ def run_steps(options: Options, model: dict, shards: str, batch: int, threads: i
     return result
 
 
-def run_mmcl_e2e(options: Options, model: dict, shards: dict, threads: int, tag: str) -> dict:
+def run_mmcl_e2e(
+    options: Options, model: dict, shards: dict, threads: int, tag: str, extra_env: dict | None = None
+) -> dict:
     """`mmcl train` on the shards; per-step CPU (main, tree) and wall after the warm-up, by the bench's
-    clock at each metrics line."""
+    clock at each metrics line. `extra_env` is added to the run's environment."""
     run_dir = options.work_dir / "runs" / tag
     fresh(run_dir)
     config = mmcl_config(options, model, shards["dir"], run_dir, options.workers, options.total_steps)
     cmd = [str(VENV / "bin" / "mmcl"), "train", "--config", str(config)]
     wait_for_quiet(options.quiet_below, options.max_wait)
     progress = last_step(run_dir / "metrics.jsonl", MMCL_PROGRESS)
-    result = run_process(cmd, thread_env(threads), run_dir.parent / f"{tag}.log", options.timeout, progress)
+    env = thread_env(threads) | (extra_env or {})
+    result = run_process(cmd, env, run_dir.parent / f"{tag}.log", options.timeout, progress)
     windows = mmcl_windows(run_dir / "metrics.jsonl", options.batch)
     return e2e_figures(options, result, windows) | {"command": " ".join(cmd)}
 
@@ -561,7 +569,7 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
 
 def print_steps_table(title: str, figures: dict, e2e: dict) -> None:
     print(f"\n{title}")
-    print(f"  {'side':36s} {'CPU ms/step':>12s} {'wall ms/step':>13s} {'tree CPU':>9s} {'vs bare CPU':>11s}")
+    print(f"  {'side':45s} {'CPU ms/step':>12s} {'wall ms/step':>13s} {'tree CPU':>9s} {'vs bare CPU':>11s}")
     bare_cpu = figures["bare"]["cpu_ms"]
     rows = [
         ("bare loop (fixed batch)", figures["bare"]["cpu_ms"], figures["bare"]["wall_ms"], None),
@@ -571,7 +579,7 @@ def print_steps_table(title: str, figures: dict, e2e: dict) -> None:
         rows.append((f"{name} (shards, end to end)", run["main_cpu_ms"], run["wall_ms"], run["tree_cpu_ms"]))
     for name, cpu, wall, tree in rows:
         ratio = cpu / bare_cpu if cpu is not None and bare_cpu else None
-        print(f"  {name:36s} {fmt(cpu):>12s} {fmt(wall):>13s} {fmt(tree):>9s} {fmt(ratio, '.3f'):>11s}")
+        print(f"  {name:45s} {fmt(cpu):>12s} {fmt(wall):>13s} {fmt(tree):>9s} {fmt(ratio, '.3f'):>11s}")
     print(
         f"  mmcl step - bare: {fmt(figures['overhead_cpu_ms'])} ms CPU per step (median of per-pair ratios "
         f"{fmt(figures['mmcl_over_bare_cpu'], '.3f')})"
@@ -722,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
             if not options.skip_e2e:
                 e2e["mmcl train"] = run_mmcl_e2e(options, image_model, shards, threads, f"mmcl-{tag}")
                 e2e["open_clip_train"] = run_open_clip_e2e(options, image_model, shards, threads, f"oc-{tag}")
+                e2e["mmcl train, malloc as is"] = run_mmcl_e2e(
+                    options, image_model, shards, threads, f"mmcl-malloc-as-is-{tag}", MALLOC_AS_IS
+                )
             figures = step_figures(steps)
             report = profile_report(steps, options.top)
             print_steps_table(
