@@ -1,4 +1,9 @@
-"""Image preprocessing on the training device, batched: the device path of the image loader.
+"""Image preprocessing on the training device, batched: what follows the uint8 hand-over of the image loader.
+
+Two hand-overs, both uint8 (a quarter of float32's bytes), chosen by `choose_image_path`: the workers resize
+(Pillow, exactly as open_clip's transform) and only the uint8 -> float conversion and the normalisation run
+here (`images_to_model_input`: the transform's own tensors, bit for bit); or the device path below, where the
+resize runs here too.
 
 Why. At 224 px a loader worker running open_clip's train transform spends most of its time after the decode:
 Pillow's bicubic resize of the crop (about half of the time for a 256-px JPEG), then ToTensor and Normalize
