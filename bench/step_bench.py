@@ -26,8 +26,9 @@ For every --threads value (OMP/MKL threads = torch intra-op threads of every sid
                     (train_bench's open_clip runner: webdataset 0.2.86 first on PYTHONPATH)
 
 Figures per step after --warmup steps: CPU time of the process (all its threads) and wall time; for the
-end-to-end runs the trainer process's CPU (main), that of its whole tree (with the loader workers) and
-wall time, read at each log line (both tools log every step, --log-every) by train_bench's process
+end-to-end runs the trainer process's CPU (main), that of its whole tree (with the loader workers), wall
+time, and the trainer process's system CPU and minor page faults (memory the kernel had to map in again),
+read at each log line (both tools log every step, --log-every) by train_bench's process
 monitor. Then the mmcl-vs-bare difference is profiled over --profile-steps more steps of each side:
 torch.profiler (self CPU time of every op, split into the model's forward, its backward, the optimizer's
 step and zero_grad, and everything else) and cProfile (Python self time outside the model's code, with the
@@ -528,6 +529,8 @@ def e2e_figures(options: Options, run: dict, windows: list[dict]) -> dict:
         "steady_steps": clock.get("bench_steady_steps"),
         "main_cpu_ms": clock["bench_main_cpu_ms_per_step"],
         "tree_cpu_ms": clock["bench_tree_cpu_ms_per_step"],
+        "main_system_ms": clock["bench_main_system_ms_per_step"],
+        "main_page_faults": clock["bench_main_page_faults_per_step"],
         "wall_ms": 1000 * options.batch / samples_per_s if samples_per_s else None,
         "tool_step_ms": tool["steady_step_ms"],
         "tool_data_wait_fraction": tool["steady_data_wait_fraction"],
@@ -569,17 +572,25 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
 
 def print_steps_table(title: str, figures: dict, e2e: dict) -> None:
     print(f"\n{title}")
-    print(f"  {'side':45s} {'CPU ms/step':>12s} {'wall ms/step':>13s} {'tree CPU':>9s} {'vs bare CPU':>11s}")
+    print(
+        f"  {'side':45s} {'CPU ms/step':>12s} {'wall ms/step':>13s} {'tree CPU':>9s} {'vs bare CPU':>11s} "
+        f"{'system ms':>10s} {'page faults':>12s}"
+    )
     bare_cpu = figures["bare"]["cpu_ms"]
     rows = [
-        ("bare loop (fixed batch)", figures["bare"]["cpu_ms"], figures["bare"]["wall_ms"], None),
-        ("mmcl Trainer step (fixed batch)", figures["mmcl"]["cpu_ms"], figures["mmcl"]["wall_ms"], None),
-    ]
+        ("bare loop (fixed batch)", figures["bare"]["cpu_ms"], figures["bare"]["wall_ms"], None, None, None),
+        ("mmcl Trainer step (fixed batch)", figures["mmcl"]["cpu_ms"], figures["mmcl"]["wall_ms"], None, None,
+         None),
+    ]  # fmt: skip
     for name, run in e2e.items():
-        rows.append((f"{name} (shards, end to end)", run["main_cpu_ms"], run["wall_ms"], run["tree_cpu_ms"]))
-    for name, cpu, wall, tree in rows:
+        rows.append((f"{name} (shards, end to end)", run["main_cpu_ms"], run["wall_ms"], run["tree_cpu_ms"],
+                     run["main_system_ms"], run["main_page_faults"]))  # fmt: skip
+    for name, cpu, wall, tree, system, faults in rows:
         ratio = cpu / bare_cpu if cpu is not None and bare_cpu else None
-        print(f"  {name:45s} {fmt(cpu):>12s} {fmt(wall):>13s} {fmt(tree):>9s} {fmt(ratio, '.3f'):>11s}")
+        print(
+            f"  {name:45s} {fmt(cpu):>12s} {fmt(wall):>13s} {fmt(tree):>9s} {fmt(ratio, '.3f'):>11s} "
+            f"{fmt(system):>10s} {fmt(faults, '.0f'):>12s}"
+        )
     print(
         f"  mmcl step - bare: {fmt(figures['overhead_cpu_ms'])} ms CPU per step (median of per-pair ratios "
         f"{fmt(figures['mmcl_over_bare_cpu'], '.3f')})"

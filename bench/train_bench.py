@@ -446,6 +446,8 @@ def bench_clock(events: list, exclude_steps: int, batch_size: int) -> dict:
             "bench_samples_per_s": None,
             "bench_main_cpu_ms_per_step": None,
             "bench_tree_cpu_ms_per_step": None,
+            "bench_main_system_ms_per_step": None,
+            "bench_main_page_faults_per_step": None,
         }
     steps, seconds = end[1] - start[1], end[0] - start[0]
     return {
@@ -453,6 +455,8 @@ def bench_clock(events: list, exclude_steps: int, batch_size: int) -> dict:
         "bench_samples_per_s": steps * batch_size / seconds,
         "bench_main_cpu_ms_per_step": 1000 * (end[2] - start[2]) / steps,
         "bench_tree_cpu_ms_per_step": 1000 * (end[3] - start[3]) / steps,
+        "bench_main_system_ms_per_step": 1000 * (end[4] - start[4]) / steps,
+        "bench_main_page_faults_per_step": (end[5] - start[5]) / steps,
     }
 
 
@@ -489,7 +493,7 @@ def run_process(cmd: list[str], env: dict, log: Path, timeout: float, progress=N
         "max_single_process_hwm_mib": usage.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
         "processes": monitor.max_processes,
         # (seconds since start, step, main CPU s, tree CPU s) at every new log line
-        "events": [(round(e[0] - t0, 3), e[1], e[2], e[3]) for e in monitor.events],
+        "events": [(round(e[0] - t0, 3), *e[1:]) for e in monitor.events],
         "first_log_s": monitor.events[0][0] - t0 if monitor.events else None,
         "after_last_log_s": wall - (monitor.events[-1][0] - t0) if monitor.events else None,
     }

@@ -213,6 +213,14 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK, (int(fields[13]) + int(fields[14])) / CLK_TCK
 
 
+def system_and_faults(pid: int) -> tuple[float, int]:
+    """(system CPU s, minor page faults) of the process itself; zeros when it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0, 0
+    return int(fields[12]) / CLK_TCK, int(fields[7])
+
+
 def kill9(proc: subprocess.Popen, whole_group: bool, grace: float = HANG_GUARD_S) -> list[int]:
     """SIGKILL the process (or its whole process group) and wait until its descendants have exited too;
     returns those still running `grace` s later (orphans), which are then killed (they are ours). The wait
@@ -293,7 +301,8 @@ class TreeMonitor(threading.Thread):
         self.child_hwm: dict[int, int] = {}
         self.max_processes = 0
         self.samples = 0
-        self.events: list[tuple[float, int, float, float]] = []
+        # (time, step, main CPU s, tree CPU s, main system CPU s, main minor page faults)
+        self.events: list[tuple[float, int, float, float, float, int]] = []
         self.killed = False
         self._halt = threading.Event()
 
@@ -341,4 +350,5 @@ class TreeMonitor(threading.Thread):
         if step is not None and (not self.events or step > self.events[-1][1]):
             own, reaped = cpu_seconds(self.pid)
             tree = own + reaped + sum(cpu_seconds(pid)[0] for pid in pids[1:])
-            self.events.append((now, step, own, tree))
+            system, faults = system_and_faults(self.pid)
+            self.events.append((now, step, own, tree, system, faults))

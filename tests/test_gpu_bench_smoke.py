@@ -59,6 +59,7 @@ def test_step_bench_smoke_reports_every_side_and_the_profile(tmp_path: Path) -> 
     assert set(image["e2e"]) == {"mmcl train", "open_clip_train", "mmcl train, malloc as is"}
     for name, run in image["e2e"].items():
         assert run["returncode"] == 0 and finite(run["tool_step_ms"]), (name, run)
+        assert run["main_page_faults"] >= 0 and run["main_system_ms"] >= 0, (name, run)
     profile = image["profile"]
     assert {"forward", "backward", "optimizer"} <= set(profile["op_classes_ms"]["mmcl"])
     assert profile["python_mmcl_only_ms"] and "candidates_ms" in profile
