@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -320,9 +321,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt"
-)
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_a_cpu_step_reuses_the_memory_the_previous_step_freed(tmp_path: Path) -> None:
     """After keep_freed_memory, once the heap has settled, a step's allocations take the pages the previous
     step freed, where glibc's defaults give every large block back and fault all of it in again (~880 MB a

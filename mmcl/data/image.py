@@ -20,7 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.functional import resized_crop
 
 from mmcl.data.common import BadSample, call_seeded
 from mmcl.data.device_transform import DeviceImageSpec
@@ -76,13 +77,13 @@ def sample_crop_box(width: int, height: int, spec: DeviceImageSpec, seed: int) -
 
 def image_resized(sample: dict, spec: DeviceImageSpec, seed: int, size_hint: int | None) -> np.ndarray:
     """The sample's image as open_clip's train transform crops and resizes it, uint8 [height, width, 3]:
-    RandomResizedCrop's box drawn under `seed` (`sample_crop_box`), then Pillow's crop and bicubic resize,
-    the calls torchvision makes for a PIL image. With ToTensor + Normalize on the device
+    RandomResizedCrop's box drawn under `seed` (`sample_crop_box`), then torchvision's own resized_crop, the
+    call RandomResizedCrop makes with it. With ToTensor + Normalize on the device
     (device_transform.images_to_model_input) it is `image_media`'s tensor bit for bit."""
     image = decode_image(_image_bytes(sample), sample["__key__"], size_hint)
     top, left, crop_h, crop_w = sample_crop_box(image.width, image.height, spec, seed)
-    crop = image.crop((left, top, left + crop_w, top + crop_h))
-    return np.asarray(crop.resize(spec.size[::-1], Image.Resampling.BICUBIC))
+    size = list(spec.size)
+    return np.asarray(resized_crop(image, top, left, crop_h, crop_w, size, InterpolationMode.BICUBIC))
 
 
 def image_crop(sample: dict, spec: DeviceImageSpec, seed: int) -> tuple[np.ndarray, Box]:
