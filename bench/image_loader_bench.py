@@ -23,6 +23,9 @@ core, the median over the rounds. The sides, over the same shards (open_clip's V
                         the crop allows, crop, uint8 hand-over padded per batch)
   device half on CPU    mmcl.data.device_transform.crops_to_model_input on those batches (resize, float,
                         normalise), timed on this CPU at 1 thread; on a GPU it runs on the training device
+  tar reading           the part of the streams that reads the shards into samples: mmcl's reader
+                        (shards_tools.tar_stream.iter_samples, grouped into samples) and tarfile's
+                        as webdataset's tar_file_iterator uses it (stream mode, extractfile().read())
 
 Streams are timed over whole batches of 64 (fresh iterators each round, tar reading included). The images
 are bench/shard_bench.py's photo-like pictures cut to 342 x 256 (landscape and portrait alternate), JPEG
@@ -38,6 +41,7 @@ import io
 import json
 import statistics
 import sys
+import tarfile
 import time
 from argparse import Namespace
 from collections.abc import Callable
@@ -60,6 +64,7 @@ from shard_bench import QUALITY, photo_like  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from mmcl.data.device_transform import DeviceImageSpec, crops_to_model_input, device_image_spec  # noqa: E402
+from shards_tools.tar_stream import iter_samples  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
 
 DATA_VERSION = 1  # bump when the images change, so cached shards are rebuilt
@@ -104,8 +109,6 @@ def build_shards(folder: Path, count: int) -> list[bytes]:
 
 
 def _jpegs_of(shard: Path) -> list[bytes]:
-    import tarfile
-
     with tarfile.open(shard) as tar:
         return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
 
@@ -173,6 +176,29 @@ def mmcl_stream(shards: Path, images: int, spec: DeviceImageSpec | None) -> Call
         )  # fmt: skip
         for _ in range(images // BATCH):
             next(stream)
+
+    return run
+
+
+def tar_reading_mmcl(shards: list[Path]) -> Callable[[], None]:
+    def run() -> None:
+        for shard in shards:
+            for _ in iter_samples(str(shard), handler=lambda err: False):
+                pass
+
+    return run
+
+
+def tar_reading_tarfile(shards: list[Path]) -> Callable[[], None]:
+    """Every member read as webdataset's tar_file_iterator reads it: tarfile in stream mode,
+    extractfile().read()."""
+
+    def run() -> None:
+        for shard in shards:
+            with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+                for info in tar:
+                    tar.extractfile(info).read()
+                    tar.members = []
 
     return run
 
@@ -260,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "mmcl whole transform": (mmcl_stream(folder, streamed, None), streamed),
         "mmcl device path, worker": (mmcl_stream(folder, streamed, SPEC), streamed),
         "device half on CPU": (device_half(handed_over), streamed),
+        "tar reading, mmcl": (tar_reading_mmcl(shards), len(jpegs)),
+        "tar reading, tarfile": (tar_reading_tarfile(shards), len(jpegs)),
     }
     timings = in_worker({name: side for name, side in sides.items() if side[0] is not None}, args.repeat)
     results = {name: timings.get(name) for name in sides}
@@ -284,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"; of open_clip's loader: CPU path {cpu:.2f}x, device path's worker {device:.2f}x", end="")
     print()
+    mmcl_tar, tarfile_tar = (1e6 / results[f"tar reading, {n}"]["median"] for n in ("mmcl", "tarfile"))
+    print(f"  tar reading, microseconds a sample: mmcl {mmcl_tar:.1f}, tarfile {tarfile_tar:.1f}")
     print(
         f"  device path hand-over: {padded / 1024:.0f} KiB uint8 per image, padded "
         f"(the CPU path's: {3 * 224 * 224 // 1024} KiB uint8; the whole transform's: "

@@ -158,7 +158,7 @@ def _open_tar(tar_path: str) -> _OpenTar:
     """Open a (possibly compressed) tar and index its regular members; a truncated tar keeps what it has."""
     handle = open(tar_path, "rb")  # closed with the TarFile when the cache evicts it
     try:
-        tar = open_tarfile(handle, stream=False)
+        tar = open_tarfile(handle)
     except Exception as err:  # tarfile and its decompressors: a damaged or hostile archive
         handle.close()
         raise ItemError(

@@ -8,6 +8,13 @@ tarfile's own header records (pax headers, GNU long names) are capped the same w
 them whole. After a refused member in a compressed or remote stream the rest of the shard is not read
 (skipping it would mean inflating or downloading what an attacker sized); in a plain local tar it is a seek.
 
+A plain local tar is read by a short header reader for the one record shards are made of, a POSIX or GNU
+ustar header of a regular file with a valid checksum and octal fields (`_ustar_regular`), at half of
+tarfile's cost a sample (tarfile sums each header's checksum both ways over Python ints and builds a file
+object per member: 3-5 % of a loader worker's time an image; docs/BENCHMARKS.md, "Image loader"). The
+first header it does not take (pax, GNU long names, links, sparse, base-256 numbers, a bad checksum, the
+end) goes to tarfile from that header on, so every other record means exactly what it means to tarfile.
+
 Members are grouped into samples by webdataset's rule (consecutive members sharing the key, the name up to
 the first dot of its base name), so a sample is what webdataset's `tarfile_to_samples` would give:
 ``{"__key__", "__url__", EXT: bytes, ...}``, plus ``"__problem__"`` (why a member was refused) when one was.
@@ -66,23 +73,21 @@ class _CappedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)
 
 
-def open_tarfile(fileobj: BinaryIO, stream: bool) -> tarfile.TarFile:
-    """A TarFile over `fileobj` that refuses oversized header records; `stream` for non-seekable input."""
-    return tarfile.open(fileobj=fileobj, mode="r|*" if stream else "r:*", tarinfo=_CappedTarInfo)
+def open_tarfile(fileobj: BinaryIO, mode: str = "r:*") -> tarfile.TarFile:
+    """A TarFile over `fileobj` that refuses oversized header records; `mode` as tarfile.open's ("r|*" for
+    non-seekable input, "r:" where the tar is known to be uncompressed)."""
+    return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_CappedTarInfo)
 
 
-def member_problem(info: tarfile.TarInfo, max_member_bytes: int) -> str | None:
+def member_problem(name: str, size: int, max_member_bytes: int, *, sparse: bool = False) -> str | None:
     """Why a regular member must not be read, or None. Checked on the header alone, before any data."""
-    if len(info.name) > MAX_NAME_CHARS:
-        return f"member name of {len(info.name):,} characters"
-    if info.issparse():
-        return f"{info.name}: a sparse member ({info.size:,} bytes when read back)"
-    limit = MAX_META_BYTES if split_key(info.name)[1] in META_EXTENSIONS else max_member_bytes
-    if info.size > limit:
-        return (
-            f"{info.name}: {info.size:,} bytes, over the cap of {limit:,} (--max-bytes / "
-            "data.max_member_bytes)"
-        )
+    if len(name) > MAX_NAME_CHARS:
+        return f"member name of {len(name):,} characters"
+    if sparse:
+        return f"{name}: a sparse member ({size:,} bytes when read back)"
+    limit = MAX_META_BYTES if split_key(name)[1] in META_EXTENSIONS else max_member_bytes
+    if size > limit:
+        return f"{name}: {size:,} bytes, over the cap of {limit:,} (--max-bytes / data.max_member_bytes)"
     return None
 
 
@@ -104,13 +109,19 @@ def iter_members(
     a header (tarfile stops there without a word; detected for seekable plain tars).
     """
     try:
-        with open_tarfile(fileobj, stream) as tar:
+        start = None if stream else fileobj.tell()
+        if not stream:
+            yield from _ustar_members(fileobj, max_member_bytes, wanted)
+        # the rest (all of a compressed or streamed tar) through tarfile; a plain tar the header reader
+        # began is known to be uncompressed, so tarfile must not try to inflate its middle
+        resumed = start is not None and fileobj.tell() != start
+        with open_tarfile(fileobj, "r:" if resumed else "r|*" if stream else "r:*") as tar:
             plain = tar.fileobj is fileobj  # not inflated through gzip/bz2/xz, not a stream
             for info in tar:
                 tar.members = []  # keep no index: memory must not grow with the shard
                 if not info.isreg():
                     continue
-                problem = member_problem(info, max_member_bytes)
+                problem = member_problem(info.name, info.size, max_member_bytes, sparse=info.issparse())
                 if problem is not None:
                     yield Member(info.name, None, problem)
                     if stream or not plain:
@@ -132,6 +143,66 @@ def iter_members(
         raise
     except Exception as err:  # tarfile, zlib, bz2, lzma and their parsers: a damaged or hostile archive
         raise ShardReadError(f"not a readable tar ({type(err).__name__}: {_short(err)})") from None
+
+
+USTAR_MAGICS = (b"ustar\x0000", b"ustar  \x00")  # POSIX, GNU
+# the numbers tarfile parses in every header: checksum, mode, uid, gid, size, mtime, devmajor, devminor
+_OCTAL_FIELDS = tuple(slice(a, b) for a, b in ((148, 156), (100, 108), (108, 116), (116, 124), (124, 136),
+                                                (136, 148), (329, 337), (337, 345)))  # fmt: skip
+_NOT_OCTAL = bytes(b for b in range(256) if b not in b"01234567")
+
+
+def _ustar_members(
+    fileobj: BinaryIO, max_member_bytes: int, wanted: Callable[[str], bool] | None
+) -> Iterator[Member]:
+    """iter_members over a plain seekable tar for as long as its headers are `_ustar_regular`; returns with
+    `fileobj` at the first header that is not (or at the end), for tarfile to go on from."""
+    offset = fileobj.tell()
+    end = fileobj.seek(0, os.SEEK_END)
+    fileobj.seek(offset)
+    while True:
+        found = _ustar_regular(fileobj.read(tarfile.BLOCKSIZE))
+        if found is None:
+            fileobj.seek(offset)
+            return
+        name, size = found
+        offset += tarfile.BLOCKSIZE + size + -size % tarfile.BLOCKSIZE
+        problem = member_problem(name, size, max_member_bytes)
+        if problem is not None or (wanted is not None and not wanted(name)):
+            yield Member(name, None, problem)
+        else:
+            data = fileobj.read(size)
+            if len(data) != size:
+                raise ShardReadError(f"{name}: cut short (the shard is truncated)")
+            yield Member(name, data)
+        if offset > end:  # the member's data or padding runs past the end of the file
+            raise ShardReadError(f"{name}: cut short (the shard is truncated)")
+        fileobj.seek(offset)
+
+
+def _ustar_regular(header: bytes) -> tuple[str, int] | None:
+    """(name, size) when `header` is a ustar header of a regular file that tarfile reads the same way: full
+    block, ustar magic, type '0' (or NUL, not naming a directory), no name prefix, every number in octal
+    digits, the checksum as an unsigned sum. None for anything else: tarfile decides what it is."""
+    if (
+        len(header) != tarfile.BLOCKSIZE
+        or header[257:265] not in USTAR_MAGICS
+        or header[156:157] not in (tarfile.REGTYPE, tarfile.AREGTYPE)
+        or header[345] != 0
+    ):
+        return None
+    numbers = []
+    for field in _OCTAL_FIELDS:
+        digits = header[field].split(b"\0", 1)[0].strip(b" ")
+        if digits.translate(None, _NOT_OCTAL) != digits:
+            return None
+        numbers.append(int(digits, 8) if digits else 0)
+    if numbers[0] != sum(header) - sum(header[148:156]) + 8 * 0x20:
+        return None
+    name = header[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+    if header[156:157] == tarfile.AREGTYPE and name.endswith("/"):
+        return None
+    return name, numbers[4]
 
 
 def _check_end(tar: tarfile.TarFile) -> None:
