@@ -4,7 +4,8 @@
     .venv/bin/python bench/image_loader_bench.py --quick    # 128 images, 1 round: checks that it runs
 
 The sides run in one DataLoader worker process (torch at 1 thread, torch's worker info set, so mmcl seeds
-each sample as in training without saving and restoring the RNGs around it), after a warm-up pass each,
+each sample as in training without saving and restoring the RNGs around it; glibc keeping freed memory as
+in mmcl's loader workers, mmcl.data.pipeline.init_loader_worker, for every side), after a warm-up pass each,
 taking turns in every round so that the machine's drift is shared; each figure is images/s on that one
 core, the median over the rounds. The sides, over the same shards (open_clip's ViT-B-32 preprocessing:
 224 px, RandomResizedCrop scale 0.9-1, bicubic, OpenAI mean/std):
@@ -64,6 +65,7 @@ from shard_bench import QUALITY, photo_like  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from mmcl.data.device_transform import DeviceImageSpec, crops_to_model_input, device_image_spec  # noqa: E402
+from mmcl.data.pipeline import init_loader_worker  # noqa: E402
 from shards_tools.tar_stream import iter_samples  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
 
@@ -253,7 +255,11 @@ def in_worker(sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> 
     """`timed_interleaved` inside one forked DataLoader worker: one core, torch at 1 thread, worker info
     set."""
     loader = DataLoader(
-        _TimedInWorker(sides, repeat), batch_size=None, num_workers=1, multiprocessing_context="fork"
+        _TimedInWorker(sides, repeat),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="fork",
+        worker_init_fn=init_loader_worker,
     )
     return next(iter(loader))
 

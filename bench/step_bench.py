@@ -20,7 +20,7 @@ For every --threads value (OMP/MKL threads = torch intra-op threads of every sid
                     a trainer step is timed from one hand-over to the next
   mmcl train        `mmcl train` end to end on the shards (--workers loader workers)
   ... malloc as is  the same with glibc's allocator left at its defaults (a user setting for it, here a
-                    tunable at its default value, makes mmcl leave it: mmcl.train.host_memory), so the
+                    tunable at its default value, makes mmcl leave it: mmcl.host_memory), so the
                     page faults it saves show
   open_clip         `python -m open_clip_train.main` end to end on the same shards and settings
                     (train_bench's open_clip runner: webdataset 0.2.86 first on PYTHONPATH)
@@ -89,7 +89,7 @@ from train_bench import (  # noqa: E402
 )
 
 PHOTO_SIZE = 256
-# a glibc tunable at its default value: mmcl then leaves the allocator as it is (mmcl.train.host_memory)
+# a glibc tunable at its default value: mmcl then leaves the allocator as it is (mmcl.host_memory)
 MALLOC_AS_IS = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
 AUDIO_RATE = 48000
 FORWARD_LABEL = "step_bench.forward"  # a profiler range around each side's model forward

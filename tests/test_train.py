@@ -304,20 +304,44 @@ def test_cpu_thread_count_leaves_room_for_the_loader_workers(monkeypatch: pytest
 
 
 REALLOCATE = """
-import resource, sys, torch
-from mmcl.train.host_memory import keep_freed_memory
-print(keep_freed_memory() if sys.argv[1] == "keep" else False)
+import argparse, io, resource, sys, tempfile, torch
+from pathlib import Path
+from mmcl.eval.cli import check_run_flags
+from mmcl.host_memory import keep_freed_memory
 
 def step():  # a training step's pattern: large blocks (some over glibc's 32 MiB mmap cap), freed at the end
     blocks = [torch.ones(n) for n in [40 << 20, 6 << 20, 6 << 20, 3 << 20] * 4]
     del blocks
 
-for _ in range(3):  # the heap settles in the first steps
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def faults_over_steps() -> int:
+    for _ in range(3):  # the heap settles in the first steps
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+if sys.argv[1] == "loader-worker":  # the pattern in a worker of build_loader, the main process set nothing
+    from PIL import Image
+    from mmcl.data import DataConfig, build_loader
+    from shards_tools.writer import sample_bytes, tar_end
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    body = sample_bytes({"__key__": "000000", "png": png.getvalue(), "txt": b"a square"})
+    folder = Path(tempfile.mkdtemp())
+    (folder / "shard-000000.tar").write_bytes(body + tar_end(len(body)))
+    loader = build_loader(
+        DataConfig(sources=[{"urls": str(folder)}], batch_size=1, workers=1), modality="image",
+        media_transform=lambda image: torch.tensor([float(faults_over_steps())]),
+        tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long),
+    )
+    print("worker", int(next(iter(loader))["media"].item()))
+    sys.exit()
+if sys.argv[1] == "eval-flags":  # what `mmcl eval` and `mmcl shard score` do before loading a model
+    print(check_run_flags(argparse.Namespace(batch_size=64, workers=0, max_samples=None, device="auto")))
+else:
+    print(keep_freed_memory() if sys.argv[1] == "keep" else False)
+print(faults_over_steps())
 """
 
 
@@ -326,8 +350,9 @@ def test_a_cpu_step_reuses_the_memory_the_previous_step_freed(tmp_path: Path) ->
     """After keep_freed_memory, once the heap has settled, a step's allocations take the pages the previous
     step freed, where glibc's defaults give every large block back and fault all of it in again (~880 MB a
     step here, up to 220,000 pages). Seen over 5 steps: 0.46 to 1.1 million faults by default, 0 to 41,000
-    kept (the heap may still grow by a block where the address layout fragments it). A setting the user
-    made for the allocator wins."""
+    kept (the heap may still grow by a block where the address layout fragments it). Eval and scoring on a
+    CPU keep it the same way, and so do training's loader workers on any device. A setting the user made
+    for the allocator wins."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
 
     def faults(mode: str, **extra: str) -> tuple[str, int]:
@@ -342,5 +367,11 @@ def test_a_cpu_step_reuses_the_memory_the_previous_step_freed(tmp_path: Path) ->
     assert kept == "False" and default_faults > 300_000
     kept, kept_faults = faults("keep")
     assert kept == "True" and kept_faults < default_faults / 5
+    device, eval_faults = faults("eval-flags", CUDA_VISIBLE_DEVICES="")
+    assert device == "cpu" and eval_faults < default_faults / 5
+    _, worker_faults = faults("loader-worker")
+    assert worker_faults < default_faults / 5
+    _, worker_faults = faults("loader-worker", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+    assert worker_faults > 300_000
     kept, _ = faults("keep", MALLOC_TRIM_THRESHOLD_="1000000")
     assert kept == "False"

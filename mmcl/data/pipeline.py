@@ -57,6 +57,7 @@ from mmcl.data.progress import DataProgress, ElasticResume, StreamState, skip_co
 from mmcl.data.sources import Source, resolve_sources
 from mmcl.data.text import choose_caption, read_meta
 from mmcl.errors import RunFailed, UsageError
+from mmcl.host_memory import keep_freed_memory
 from shards_tools.scores import shard_scores
 from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_label
 from shards_tools.tar_stream import DEFAULT_READ_OPTIONS, ReadOptions, iter_samples
@@ -702,4 +703,17 @@ def build_loader(
         sources=sources,
         device_images=device_images,
     )
-    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.workers,
+        pin_memory=pin_memory,
+        worker_init_fn=init_loader_worker,
+    )
+
+
+def init_loader_worker(worker_id: int) -> None:
+    """Each loader worker keeps the memory a batch frees for the next (mmcl.host_memory), on any training
+    device: otherwise every batch and shuffle buffer faults in fresh pages, ~15 page faults an image at
+    224 px (2-3 % of a worker's time an image; docs/BENCHMARKS.md, "Image loader")."""
+    keep_freed_memory()

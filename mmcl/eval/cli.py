@@ -176,8 +176,11 @@ def _read_options(args: argparse.Namespace):
 
 
 def check_run_flags(args: argparse.Namespace) -> str:
-    """Validate the numeric flags; returns the device to use."""
+    """Validate the numeric flags; returns the device to use. On a CPU the process keeps the memory a batch
+    frees for the next (mmcl.host_memory): with glibc's defaults every batch's activations fault in anew."""
     import torch
+
+    from mmcl.host_memory import keep_freed_memory
 
     for flag, value, least in (
         ("--batch-size", args.batch_size, 1),
@@ -187,14 +190,18 @@ def check_run_flags(args: argparse.Namespace) -> str:
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        chosen = args.device
     try:
-        device = torch.device(args.device)
+        device = torch.device(chosen)
     except RuntimeError:
         raise UsageError(f"--device {args.device!r} is not a device; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    return args.device
+    if device.type == "cpu":
+        keep_freed_memory()
+    return chosen
 
 
 def _print_summary(

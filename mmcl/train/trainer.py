@@ -31,6 +31,7 @@ from mmcl.data.device_transform import batch_to_model_input, choose_image_path
 from mmcl.data.pipeline import read_options
 from mmcl.data.progress import DataProgress, SampleLedger
 from mmcl.errors import RunFailed, UsageError, describe_load_error
+from mmcl.host_memory import keep_freed_memory
 from mmcl.losses import contrastive_loss, sigmoid_loss
 from mmcl.models import build_model
 from mmcl.models.weights import load_weights
@@ -42,7 +43,6 @@ from mmcl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mmcl.train.host_memory import keep_freed_memory
 from mmcl.train.metrics_sink import (
     METRICS,
     SAMPLE_KEYS,

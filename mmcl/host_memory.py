@@ -1,4 +1,5 @@
-"""Keep the memory a CPU training step frees for the next step, instead of giving it back to the system.
+"""Keep the memory a CPU training step (or an eval or scoring batch) frees for the next, instead of giving it
+back to the system.
 
 Why. On a CPU the model's activations, gradients and the optimizer's temporaries live in the process heap:
 gigabytes a step at ViT-B/32 and batch 32, freed at the end of the step and allocated again by the next.
@@ -6,7 +7,8 @@ glibc gives a freed block back to the kernel when it is mmap-ed (over 32 MiB, as
 gradient is) or when the heap's free top passes the trim threshold, and every page of it then faults in
 again, zero-filled, on its next use. At ViT-B/32 that is 0.3-0.6 million page faults and 2-6 s of system
 time a step on top of 15 s of compute (docs/BENCHMARKS.md, "The step at real size"); whether a run hits it
-depends on where its blocks happen to lie, so two trainers with the same compute differ by that much. With
+depends on where its blocks happen to lie, so two trainers with the same compute differ by that much.
+Inference pays it too: ViT-B/32's forward pass on 128 images faults in 0.9 million pages a batch. With
 trimming and mmap off, the heap grows to the step's peak once and is reused: a few faults a step.
 
 The peak memory is the same; only what a run holds between steps differs (the peak, not less). Settings
