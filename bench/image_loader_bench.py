@@ -308,16 +308,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         share = 100 * r["median"] / floor
         print(f"  {name:<28} {r['median']:8.1f} ({r['best']:.1f})  {share:5.1f} % of decode's rate")
-    bare, peer = results["decode + crop/resize uint8"]["median"], results["open_clip loader"]
-    print(
-        f"  mmcl CPU path: {100 * results['mmcl CPU path']['median'] / bare:.1f} % of the bare limit", end=""
-    )
-    if peer is not None:
-        cpu, device = (
-            results[name]["median"] / peer["median"] for name in ("mmcl CPU path", "mmcl device path, worker")
+    headline = {"CPU path / bare limit": ("mmcl CPU path", "decode + crop/resize uint8")}
+    if results["open_clip loader"] is not None:
+        headline["CPU path / open_clip's loader"] = ("mmcl CPU path", "open_clip loader")
+        headline["device path worker / open_clip's loader"] = ("mmcl device path, worker", "open_clip loader")
+    ratios = {}
+    for label, (side, base) in headline.items():
+        paired = [a / b for a, b in zip(results[side]["runs"], results[base]["runs"], strict=True)]
+        ratios[label] = {"of_medians": results[side]["median"] / results[base]["median"],
+                         "median_of_rounds": statistics.median(paired), "rounds": paired}  # fmt: skip
+        print(
+            f"  {label}: {ratios[label]['of_medians']:.3f} (ratio of the medians), "
+            f"{ratios[label]['median_of_rounds']:.3f} (median of the rounds' ratios, {min(paired):.2f}-"
+            f"{max(paired):.2f})"
         )
-        print(f"; of open_clip's loader: CPU path {cpu:.2f}x, device path's worker {device:.2f}x", end="")
-    print()
     mmcl_tar, tarfile_tar = (1e6 / results[f"tar reading, {n}"]["median"] for n in ("mmcl", "tarfile"))
     print(f"  tar reading, microseconds a sample: mmcl {mmcl_tar:.1f}, tarfile {tarfile_tar:.1f}")
     print(
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{3 * 224 * 224 * 4 // 1024} KiB float32)"
     )
     out = {"images": args.images, "repeat": args.repeat, "batch_size": BATCH, "host": host_facts(),
-           "handover_bytes_per_image": padded, "results": results}  # fmt: skip
+           "handover_bytes_per_image": padded, "results": results, "ratios": ratios}  # fmt: skip
     name = "results-quick.json" if args.quick else "results.json"
     (args.work_dir / name).write_text(json.dumps(out, indent=1))
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,15 +161,20 @@ def test_resize_weights_are_interpolates_antialiased_bicubic() -> None:
         assert (ours - theirs.clamp(0, 255)).abs().max() < 1e-3
 
 
-def test_crop_box_is_torchvisions_draw_under_the_sample_seed() -> None:
+@pytest.mark.parametrize(
+    ("scale", "ratio"),
+    [((0.9, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.0), (0.5, 2.0))],
+)
+def test_crop_box_is_torchvisions_draw_under_the_sample_seed(scale, ratio) -> None:
     """sample_crop_box is RandomResizedCrop.get_params on the full image's geometry under the same seed,
-    fallback included (strips, tiny images): the same boxes, so the same scale and aspect distribution."""
-    spec = device_image_spec(image_transform(224, is_train=True))
-    sizes = [(342, 256), (256, 342), (4000, 3000), (300, 40), (40, 300), (7, 5), (224, 224)]
-    for n in range(3000):
+    bit for bit, fallback included (strips, tiny images): the same boxes, so the same scale and aspect
+    distribution. open_clip's scale (0.9-1) and torchvision's default (0.08-1)."""
+    spec = replace(device_image_spec(image_transform(224, is_train=True)), scale=scale, ratio=ratio)
+    sizes = [(342, 256), (256, 342), (4000, 3000), (300, 40), (40, 300), (7, 5), (224, 224), (256, 256)]
+    for n in range(4000):
         width, height = sizes[n % len(sizes)]
         torch.manual_seed(n)
-        want = RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
+        want = RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
         assert sample_crop_box(width, height, spec, n) == want
 
 

@@ -44,15 +44,24 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
-def call_seeded(fn: Callable[[T], R], arg: T, seed: int) -> R:
-    """`fn(arg)` with Python's, NumPy's and torch's CPU generators seeded from `seed`.
+def call_seeded(fn: Callable[[T], R], arg: T, seed: int, *, torch_only: bool = False) -> R:
+    """`fn(arg)` with Python's, NumPy's and torch's CPU generators seeded from `seed` (`torch_only`: torch's
+    alone, for a function that draws from nothing else; seeding NumPy's costs ~0.02 ms).
 
     In the training process (data.workers: 0) the generators are restored afterwards, so the model's
     own randomness (init, dropout) does not depend on the data; a DataLoader worker has no other
     user of them and skips that (NumPy's save/restore alone costs ~0.13 ms a sample). Only the CPU
     torch generator is touched, so CUDA's stays as it is.
     """
-    if get_worker_info() is not None:
+    in_worker = get_worker_info() is not None
+    if torch_only:
+        if in_worker:
+            torch.default_generator.manual_seed(seed)
+            return fn(arg)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return fn(arg)
+    if in_worker:
         _seed_all(seed)
         return fn(arg)
     py_state, np_state = random.getstate(), np.random.get_state()

@@ -14,6 +14,7 @@ over the crop unresized.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -67,12 +68,66 @@ def image_media(
 
 
 def sample_crop_box(width: int, height: int, spec: DeviceImageSpec, seed: int) -> tuple[int, int, int, int]:
-    """(top, left, crop height, crop width) in a width x height image: torchvision's
-    RandomResizedCrop.get_params itself, run under `seed` as the CPU path runs open_clip's transform, so a
+    """(top, left, crop height, crop width) in a width x height image: the box torchvision's
+    RandomResizedCrop.get_params draws under `seed`, as the CPU path runs open_clip's transform, so a
     sample gets the box it would get there (the crop is that transform's first random draw)."""
-    shape_only = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads the shape only
-    scale, ratio = list(spec.scale), list(spec.ratio)
-    return call_seeded(lambda image: RandomResizedCrop.get_params(image, scale, ratio), shape_only, seed)
+    scale, ratio = spec.scale, spec.ratio
+    return call_seeded(lambda _: _crop_box(width, height, scale, ratio), None, seed, torch_only=True)
+
+
+CROP_ATTEMPTS = 10  # RandomResizedCrop.get_params's tries before its central-crop fallback
+NEAR_HALF = 1e-4  # pixels: a side this close to rounding either way is left to get_params itself
+
+
+@functools.cache
+def _log_bounds(ratio: tuple[float, float]) -> tuple[float, float]:
+    """get_params's torch.log(torch.tensor(ratio)), float32 as it has it."""
+    low, high = torch.log(torch.tensor(ratio)).tolist()
+    return low, high
+
+
+def _crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop.get_params's box from torch's CPU generator, at a fraction of its cost.
+
+    get_params draws a scale and a log-ratio per attempt with a torch call each (up to 10 attempts: ~0.2 ms
+    an image, a tenth of the device path worker's time). The generator gives one 32-bit
+    number per float whatever the bounds, so the attempts' scales are the even draws of one call with the
+    scale bounds and their log-ratios the odd draws of one with the ratio bounds, replayed from the same
+    state. The side lengths are then get_params's arithmetic; the one step that may differ by an ulp
+    (exp over ten values against exp of one) cannot change a side that is not within NEAR_HALF of rounding
+    the other way, and such an attempt goes to get_params itself. The offsets of a fitting box are
+    get_params's own torch.randint calls from the same generator position. Bit for bit get_params
+    (tests/test_image_device_path.py, over many seeds, sizes and scales)."""
+    generator = torch.default_generator
+    start = generator.get_state()
+    scales = torch.empty(2 * CROP_ATTEMPTS).uniform_(scale[0], scale[1])[0::2].tolist()
+    generator.set_state(start)
+    aspects = torch.exp(torch.empty(2 * CROP_ATTEMPTS).uniform_(*_log_bounds(ratio))[1::2]).tolist()
+    area = width * height
+    for attempt in range(CROP_ATTEMPTS):
+        target_area = area * scales[attempt]
+        exact_w = math.sqrt(target_area * aspects[attempt])
+        exact_h = math.sqrt(target_area / aspects[attempt])
+        if abs(exact_w % 1 - 0.5) < NEAR_HALF or abs(exact_h % 1 - 0.5) < NEAR_HALF:
+            generator.set_state(start)
+            return RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width), scale, ratio)
+        w, h = int(round(exact_w)), int(round(exact_h))
+        if 0 < w <= width and 0 < h <= height:
+            generator.set_state(start)
+            torch.empty(2 * (attempt + 1)).uniform_()  # the draws get_params made before its randint calls
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return top, left, h, w
+    in_ratio = width / height  # get_params's fallback: the central crop at the nearest allowed ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def image_resized(sample: dict, spec: DeviceImageSpec, seed: int, size_hint: int | None) -> np.ndarray:
