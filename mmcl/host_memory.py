@@ -1,5 +1,5 @@
-"""Keep the memory a CPU training step (or an eval or scoring batch) frees for the next, instead of giving it
-back to the system.
+"""Keep the memory a CPU training step (or an eval or scoring batch, or a loader worker's batch) frees for
+the next, instead of giving it back to the system.
 
 Why. On a CPU the model's activations, gradients and the optimizer's temporaries live in the process heap:
 gigabytes a step at ViT-B/32 and batch 32, freed at the end of the step and allocated again by the next.
