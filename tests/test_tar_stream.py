@@ -4,7 +4,8 @@ A local plain tar is read by mmcl's own header reader for as long as its headers
 files, and by tarfile from the first header that is not. Read as a non-seekable stream, the same bytes
 go through tarfile alone. Every archive below must give the same members both ways (names, bytes,
 refusals): tars written by tarfile in each of its formats, with the records the header reader hands on
-(pax headers, GNU long names, name prefixes, directories, links, sparse members) in the middle of a shard.
+(pax headers, GNU long names, name prefixes, directories old and new, links, sparse members) in the middle
+of a shard.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ ARCHIVES = {
     "directory and link": lambda: _tar(
         tarfile.PAX_FORMAT, [("000002", b"", tarfile.DIRTYPE), ("000002.png", b"", tarfile.SYMTYPE)]
     ),
+    "old-style directory": lambda: _tar(tarfile.USTAR_FORMAT, [("000002/", b"", tarfile.AREGTYPE)]),
     "over the cap": lambda: _tar(tarfile.PAX_FORMAT, [("000002.jpg", bytes(CAP + 1), tarfile.REGTYPE)]),
     "caption over its cap": lambda: _tar(
         tarfile.PAX_FORMAT, [("000002.txt", b"x" * (2 << 20), tarfile.REGTYPE)]
