@@ -32,7 +32,7 @@ import subprocess
 import tarfile
 import time
 import urllib.request
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -109,12 +109,9 @@ def iter_members(
     a header (tarfile stops there without a word; detected for seekable plain tars).
     """
     try:
-        start = None if stream else fileobj.tell()
-        if not stream:
-            yield from _ustar_members(fileobj, max_member_bytes, wanted)
+        resumed = not stream and (yield from _ustar_members(fileobj, max_member_bytes, wanted))
         # the rest (all of a compressed or streamed tar) through tarfile; a plain tar the header reader
         # began is known to be uncompressed, so tarfile must not try to inflate its middle
-        resumed = start is not None and fileobj.tell() != start
         with open_tarfile(fileobj, "r:" if resumed else "r|*" if stream else "r:*") as tar:
             plain = tar.fileobj is fileobj  # not inflated through gzip/bz2/xz, not a stream
             for info in tar:
@@ -154,17 +151,18 @@ _NOT_OCTAL = bytes(b for b in range(256) if b not in b"01234567")
 
 def _ustar_members(
     fileobj: BinaryIO, max_member_bytes: int, wanted: Callable[[str], bool] | None
-) -> Iterator[Member]:
-    """iter_members over a plain seekable tar for as long as its headers are `_ustar_regular`; returns with
-    `fileobj` at the first header that is not (or at the end), for tarfile to go on from."""
-    offset = fileobj.tell()
+) -> Generator[Member, None, bool]:
+    """iter_members over a plain seekable tar for as long as its headers are `_ustar_regular`; returns
+    whether it read any, with `fileobj` at the first header that is not (or at the end), for tarfile to go
+    on from."""
+    offset = start = fileobj.tell()
     end = fileobj.seek(0, os.SEEK_END)
     fileobj.seek(offset)
     while True:
         found = _ustar_regular(fileobj.read(tarfile.BLOCKSIZE))
         if found is None:
             fileobj.seek(offset)
-            return
+            return offset != start
         name, size = found
         offset += tarfile.BLOCKSIZE + size + -size % tarfile.BLOCKSIZE
         problem = member_problem(name, size, max_member_bytes)
