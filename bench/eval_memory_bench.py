@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from host import host_facts  # noqa: E402
+from processes import MALLOC_AS_IS  # noqa: E402
 
-MALLOC_AS_IS = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}  # tcache_count's default: changes nothing
 CHILD = """
 import argparse, json, resource, sys, time
 import open_clip, torch

@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from host import host_facts, wait_for_quiet  # noqa: E402
+from processes import MALLOC_AS_IS  # noqa: E402
 from shard_bench import _write_image, _write_wav, write_manifest  # noqa: E402
 from train_bench import (  # noqa: E402
     MMCL_PROGRESS,
@@ -89,8 +90,6 @@ from train_bench import (  # noqa: E402
 )
 
 PHOTO_SIZE = 256
-# a glibc tunable at its default value: mmcl then leaves the allocator as it is (mmcl.host_memory)
-MALLOC_AS_IS = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
 AUDIO_RATE = 48000
 FORWARD_LABEL = "step_bench.forward"  # a profiler range around each side's model forward
 BACKWARD_PREFIX = "autograd::engine::evaluate_function"

@@ -27,6 +27,8 @@ HANG_GUARD_S = 300.0
 condition, processes exiting). Only a hung or broken process ever reaches it: tests wait for events and
 conditions, never for an amount of time, so a busy machine only makes them slower."""
 
+# a glibc tunable at its default value, a user setting: mmcl leaves the allocator as it is (mmcl.host_memory)
+MALLOC_AS_IS = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
 ADDRESS_IN_USE = ("eaddrinuse", "address already in use")
 LAUNCH_HANG_GUARD_S = 1800.0  # a whole 2-process training run on a loaded machine: minutes, never this long
 

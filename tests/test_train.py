@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from media_files import COLOURS, make_image, make_tone
-from processes import HANG_GUARD_S, REPO, run_mmcl, run_mmcl_on, wait_until
+from processes import HANG_GUARD_S, MALLOC_AS_IS, REPO, run_mmcl, run_mmcl_on, wait_until
 from safetensors.torch import load_file
 
 from mmcl.config import load_train_config
@@ -371,7 +371,7 @@ def test_a_cpu_step_reuses_the_memory_the_previous_step_freed(tmp_path: Path) ->
     assert device == "cpu" and eval_faults < default_faults / 5
     _, worker_faults = faults("loader-worker")
     assert worker_faults < default_faults / 5
-    _, worker_faults = faults("loader-worker", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+    _, worker_faults = faults("loader-worker", **MALLOC_AS_IS)
     assert worker_faults > 300_000
     kept, _ = faults("keep", MALLOC_TRIM_THRESHOLD_="1000000")
     assert kept == "False"
