@@ -12,7 +12,9 @@ core, the median over the rounds. The sides, over the same shards (open_clip's V
 
   decode                Pillow decodes every JPEG whole to RGB: the floor of any loader
   decode + crop/resize  the same, then RandomResizedCrop's box and Pillow's bicubic resize to 224, kept
-                        uint8: a loader that resizes on the CPU and leaves the float conversion out
+                        uint8: a loader that resizes on the CPU and leaves the float conversion out (the
+                        bare limit); "handed over": also stacked by 64 into shared memory, as a loader
+                        must hand its images over
   open_clip transform   decode + open_clip's train transform (crop + resize, ToTensor, Normalize)
   open_clip loader      open_clip_train.data.get_wds_dataset over the shards, iterated with workers=0 (tar
                         reading, shuffling, decode, transform, tokenizing, batching)
@@ -28,7 +30,8 @@ core, the median over the rounds. The sides, over the same shards (open_clip's V
                         (shards_tools.tar_stream.iter_samples, grouped into samples) and tarfile's
                         as webdataset's tar_file_iterator uses it (stream mode, extractfile().read())
 
-Streams are timed over whole batches of 64 (fresh iterators each round, tar reading included). The images
+Streams are timed over whole batches of 64 (fresh iterators each round, tar reading included), each batch
+handed over as a worker sends it to the training process (its tensors put into shared memory). The images
 are bench/shard_bench.py's photo-like pictures cut to 342 x 256 (landscape and portrait alternate), JPEG
 quality 95, written as mmcl shards of 50 in --work-dir (default bench/out/image_loader/, git-ignored) and
 reused. Results: a table on stdout and WORK_DIR/results.json (results-quick.json with --quick).
@@ -45,7 +48,7 @@ import sys
 import tarfile
 import time
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +67,7 @@ from host import host_facts  # noqa: E402
 from shard_bench import QUALITY, photo_like  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
+from mmcl.data.common import batch_buffer  # noqa: E402
 from mmcl.data.device_transform import DeviceImageSpec, crops_to_model_input, device_image_spec  # noqa: E402
 from mmcl.data.pipeline import init_loader_worker  # noqa: E402
 from shards_tools.tar_stream import iter_samples  # noqa: E402
@@ -126,13 +130,33 @@ def decode(jpegs: list[bytes]) -> Callable[[], None]:
     return run
 
 
+def crop_resized(jpegs: list[bytes]) -> Iterator[np.ndarray]:
+    """The bare limit's work: decode, RandomResizedCrop's box, Pillow's bicubic resize, uint8."""
+    for data in jpegs:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        top, left, height, width = RandomResizedCrop.get_params(image, list(SPEC.scale), list(SPEC.ratio))
+        box = (left, top, left + width, top + height)
+        yield np.asarray(image.resize(SPEC.size[::-1], Image.Resampling.BICUBIC, box=box))
+
+
 def decode_crop_resize(jpegs: list[bytes]) -> Callable[[], None]:
     def run() -> None:
-        for data in jpegs:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-            top, left, height, width = RandomResizedCrop.get_params(image, list(SPEC.scale), list(SPEC.ratio))
-            box = (left, top, left + width, top + height)
-            np.asarray(image.resize(SPEC.size[::-1], Image.Resampling.BICUBIC, box=box))
+        for _ in crop_resized(jpegs):
+            pass
+
+    return run
+
+
+def decode_crop_resize_handed_over(jpegs: list[bytes]) -> Callable[[], None]:
+    """The bare limit, its images handed over as a loader must: stacked by 64 into shared memory."""
+
+    def run() -> None:
+        batch: list[np.ndarray] = []
+        for image in crop_resized(jpegs):
+            batch.append(image)
+            if len(batch) == BATCH:
+                np.stack(batch, out=batch_buffer((BATCH, *image.shape), torch.uint8).numpy())
+                batch = []
 
     return run
 
@@ -162,7 +186,7 @@ def open_clip_loader(shards: list[Path], images: int) -> Callable[[], None] | No
         from open_clip_train.data import get_wds_dataset
 
         info = get_wds_dataset(args, TRANSFORM, is_train=True, tokenizer=TOKENIZER)
-        batches = sum(1 for _ in info.dataloader)
+        batches = sum(1 for batch in info.dataloader if hand_over(batch))
         assert batches * BATCH == images, (batches, images)
 
     return run
@@ -177,9 +201,19 @@ def mmcl_stream(shards: Path, images: int, spec: DeviceImageSpec | None) -> Call
                                device_images=spec)
         )  # fmt: skip
         for _ in range(images // BATCH):
-            next(stream)
+            hand_over(next(stream))
 
     return run
+
+
+def hand_over(batch: dict | list | tuple) -> bool:
+    """What a loader worker does to send a batch to the training process: every tensor goes into shared
+    memory (torch's reduce_storage when the batch is pickled onto the result queue), copied there unless it
+    was built there."""
+    for value in batch.values() if isinstance(batch, dict) else batch:
+        if isinstance(value, torch.Tensor):
+            value.share_memory_()
+    return True
 
 
 def tar_reading_mmcl(shards: list[Path]) -> Callable[[], None]:
@@ -286,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     sides: dict[str, tuple[Callable[[], None] | None, int]] = {
         "decode": (decode(jpegs), len(jpegs)),
         "decode + crop/resize uint8": (decode_crop_resize(jpegs), len(jpegs)),
+        "decode + crop/resize, handed over": (decode_crop_resize_handed_over(jpegs), len(jpegs)),
         "open_clip transform": (open_clip_transform(jpegs), len(jpegs)),
         "open_clip loader": (open_clip_loader(shards, streamed), streamed),
         "mmcl CPU path": (mmcl_stream(folder, streamed, replace(SPEC, resize_on_device=False)), streamed),
@@ -304,11 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     floor = results["decode"]["median"]
     for name, r in results.items():
         if r is None:
-            print(f"  {name:<28} (needs open_clip_train and .venv/wds-0.2.86: make install)")
+            print(f"  {name:<34} (needs open_clip_train and .venv/wds-0.2.86: make install)")
             continue
         share = 100 * r["median"] / floor
-        print(f"  {name:<28} {r['median']:8.1f} ({r['best']:.1f})  {share:5.1f} % of decode's rate")
-    headline = {"CPU path / bare limit": ("mmcl CPU path", "decode + crop/resize uint8")}
+        print(f"  {name:<34} {r['median']:8.1f} ({r['best']:.1f})  {share:5.1f} % of decode's rate")
+    headline = {
+        "CPU path / bare limit": ("mmcl CPU path", "decode + crop/resize uint8"),
+        "CPU path / bare limit handed over": ("mmcl CPU path", "decode + crop/resize, handed over"),
+    }
     if results["open_clip loader"] is not None:
         headline["CPU path / open_clip's loader"] = ("mmcl CPU path", "open_clip loader")
         headline["device path worker / open_clip's loader"] = ("mmcl device path, worker", "open_clip loader")

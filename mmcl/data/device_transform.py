@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmcl.data.common import logger
+from mmcl.data.common import batch_buffer, logger
 from mmcl.errors import UsageError
 
 BICUBIC_A = -0.5  # Pillow's bicubic, which interpolate(antialias=True) reproduces (its plain bicubic: -0.75)
@@ -134,11 +134,12 @@ def pad_crops(crops: list[np.ndarray], boxes: list[tuple[float, float, float, fl
     ("media" zero-padded to the largest crop, "media_boxes", "media_sizes"; see the module docstring)."""
     height = max(c.shape[0] for c in crops)
     width = max(c.shape[1] for c in crops)
-    padded = np.zeros((len(crops), height, width, 3), dtype=np.uint8)
+    media = batch_buffer((len(crops), height, width, 3), torch.uint8)
+    padded = media.numpy()
     for k, crop in enumerate(crops):
         padded[k, : crop.shape[0], : crop.shape[1]] = crop
     return {
-        "media": torch.from_numpy(padded),
+        "media": media,
         BOXES: torch.tensor(boxes, dtype=torch.float32),
         SIZES: torch.tensor([c.shape[:2] for c in crops], dtype=torch.int32),
     }

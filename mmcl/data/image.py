@@ -39,11 +39,18 @@ def decode_image(data: bytes, key: str, size_hint: int | None = None) -> Image.I
         with open_image(data) as image:
             if size_hint is not None:
                 image.draft("RGB", (size_hint, size_hint))
-            return image.convert("RGB")
+            return as_rgb(image)
     except DecodeError as err:
         raise _bad_image(key, err) from None
     except (OSError, ValueError, SyntaxError) as err:
         raise _bad_image(key, err) from err
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The decoded image in RGB: `image` itself when it decodes to RGB (most JPEGs), where convert("RGB")
+    would copy it (~60 us at 342 x 256)."""
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _bad_image(key: str, err: Exception) -> BadSample:
@@ -161,7 +168,7 @@ def image_crop(sample: dict, spec: DeviceImageSpec, seed: int) -> tuple[np.ndarr
             at_least = (math.ceil(width * out_w / crop_w), math.ceil(height * out_h / crop_h))
             drafted = image.draft("RGB", at_least)
             scale = drafted[1][2] / width if drafted else 1.0  # decoded pixels per full-size pixel
-            rgb = image.convert("RGB")
+            rgb = as_rgb(image)
     except DecodeError as err:
         raise _bad_image(key, err) from None
     except (OSError, ValueError, SyntaxError) as err:

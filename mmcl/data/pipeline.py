@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.audio import audio_media
-from mmcl.data.common import BadSample, derive_seed, log_and_continue, logger
+from mmcl.data.common import BadSample, batch_buffer, derive_seed, log_and_continue, logger
 from mmcl.data.config import DataConfig
 from mmcl.data.device_transform import DeviceImageSpec, pad_crops
 from mmcl.data.image import image_crop, image_media, image_resized
@@ -459,13 +459,18 @@ def collate(items: list[dict], tokenizer: Callable[[list[str]], torch.Tensor]) -
     are None when no sample has them;
     otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1. uint8 images
     stack into uint8 "media" [B, H, W, 3]; crops to resize on the device become "media" (padded uint8),
-    "media_boxes" and "media_sizes" (mmcl.data.device_transform)."""
+    "media_boxes" and "media_sizes" (mmcl.data.device_transform). In a loader worker the media are stacked
+    straight into shared memory (common.batch_buffer), so sending the batch copies nothing."""
     if "media_box" in items[0]:
         media = pad_crops([item["media"] for item in items], [item["media_box"] for item in items])
     elif isinstance(items[0]["media"], np.ndarray):
-        media = {"media": torch.from_numpy(np.stack([item["media"] for item in items]))}
+        stacked = batch_buffer((len(items), *items[0]["media"].shape), torch.uint8)
+        np.stack([item["media"] for item in items], out=stacked.numpy())
+        media = {"media": stacked}
     else:
-        media = {"media": torch.stack([item["media"] for item in items])}
+        first = items[0]["media"]
+        stacked = batch_buffer((len(items), *first.shape), first.dtype)
+        media = {"media": torch.stack([item["media"] for item in items], out=stacked)}
     return {
         **media,
         "text": tokenizer([item["caption"] for item in items]).long(),
