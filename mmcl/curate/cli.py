@@ -56,7 +56,27 @@ def add_score_parser(shard_commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run, prog_name="mmcl shard score")
 
 
+def check_score_flags(args: argparse.Namespace) -> tuple[int, int]:
+    """The flags that need no model or torch, checked before either is imported (a mistyped command fails
+    in a fraction of a second, not after seconds of imports); returns --part as (K, N)."""
+    from mmcl.errors import UsageError
+    from shards_tools.cli import parse_part
+
+    models = [args.checkpoint, args.open_clip, args.hf_clap, args.from_run]
+    if sum(m is not None for m in models) != 1:
+        raise UsageError("give exactly one of --checkpoint, --open-clip, --hf-clap and --from-run")
+    if args.pretrained and not args.open_clip:
+        raise UsageError("--pretrained goes with --open-clip")
+    if args.until_step is not None and (args.from_run is None or args.until_step < 1):
+        raise UsageError("--until-step takes a step >= 1, with --from-run")
+    part = parse_part(args.part) or (0, 1)
+    if not 0 <= part[0] < part[1]:
+        raise UsageError(f"--part {args.part}: K must be in 0..N-1")
+    return part
+
+
 def _run(args: argparse.Namespace) -> int:
+    part = check_score_flags(args)
     from mmcl.curate.score import run_score
 
-    return run_score(args)
+    return run_score(args, part)

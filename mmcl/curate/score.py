@@ -43,23 +43,13 @@ from shards_tools.shard_format import MEDIA_EXTENSIONS, META_EXTENSIONS, sample_
 from shards_tools.tar_stream import ReadOptions
 
 
-def run_score(args) -> int:
-    """Check the flags, then score (or export) the shards of this part and process."""
+def run_score(args, part: tuple[int, int]) -> int:
+    """Score (or export) the shards of part (K, N) taken by this process; the flags that need no torch were
+    checked by mmcl.curate.cli.check_score_flags."""
     from mmcl.eval.cli import check_run_flags
-    from shards_tools.cli import parse_part
     from shards_tools.shard_format import check_shard_url
 
-    models = [args.checkpoint, args.open_clip, args.hf_clap, args.from_run]
-    if sum(m is not None for m in models) != 1:
-        raise UsageError("give exactly one of --checkpoint, --open-clip, --hf-clap and --from-run")
-    if args.pretrained and not args.open_clip:
-        raise UsageError("--pretrained goes with --open-clip")
-    if args.until_step is not None and (args.from_run is None or args.until_step < 1):
-        raise UsageError("--until-step takes a step >= 1, with --from-run")
     device = check_run_flags(args)
-    part = parse_part(args.part) or (0, 1)
-    if not 0 <= part[0] < part[1]:
-        raise UsageError(f"--part {args.part}: K must be in 0..N-1")
     check_shard_url(args.shards, allow_pipe=args.allow_pipe, where="SHARDS", allow_hint="pass --allow-pipe")
     urls = expand_urls([args.shards], "SHARDS")
     options = ReadOptions(max_member_bytes=args.max_bytes, allow_pipe=args.allow_pipe)
