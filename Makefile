@@ -31,8 +31,12 @@ sysdeps:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
 	fi
 
+# Test processes (pytest-xdist): most tests wait on subprocesses that import torch, so two share two cores
+# well; `make test TEST_PROCESSES=1` runs them one at a time.
+TEST_PROCESSES ?= 2
+
 test: $(STAMP) sysdeps
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) tests
 
 LINT_PATHS := mmcl shards_tools pipelines tests bench
 
