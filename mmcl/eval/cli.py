@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmcl.errors import UsageError
+from mmcl.eval.config import check_model_choice
 
 if TYPE_CHECKING:
     from mmcl.eval.loading import ModelSource
@@ -178,10 +179,6 @@ def _read_options(args: argparse.Namespace):
 def check_run_flags(args: argparse.Namespace) -> str:
     """Validate the numeric flags; returns the device to use. On a CPU the process keeps the memory a batch
     frees for the next (mmcl.host_memory): with glibc's defaults every batch's activations fault in anew."""
-    import torch
-
-    from mmcl.host_memory import keep_freed_memory
-
     for flag, value, least in (
         ("--batch-size", args.batch_size, 1),
         ("--workers", args.workers, 0),
@@ -189,6 +186,10 @@ def check_run_flags(args: argparse.Namespace) -> str:
     ):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
+    import torch
+
+    from mmcl.host_memory import keep_freed_memory
+
     if args.device == "auto":
         chosen = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -250,6 +251,9 @@ def _protocol_audio(args: argparse.Namespace, audio: dict) -> dict:
 
 
 def _run_zero_shot(args: argparse.Namespace) -> int:
+    # the flags first: a mistyped command fails before seconds of model-library imports
+    check_model_choice(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
+    device = check_run_flags(args)
     from mmcl.eval.datasets import detect_format, open_classification
     from mmcl.eval.loading import load_eval_model, model_source
     from mmcl.eval.protocols import zero_shot_settings
@@ -257,7 +261,6 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
     from mmcl.eval.templates import load_templates
     from mmcl.eval.zero_shot import evaluate_zero_shot
 
-    device = check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
     audio, folds, padding = _audio_overrides(args), args.folds, "repeat"
     if args.protocol is not None:
@@ -317,13 +320,14 @@ def _run_zero_shot(args: argparse.Namespace) -> int:
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:
+    check_model_choice(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
+    device = check_run_flags(args)
     from mmcl.eval.datasets import open_retrieval
     from mmcl.eval.loading import load_eval_model, model_source
     from mmcl.eval.protocols import LAION_PADDING, check_retrieval_options
     from mmcl.eval.report import write_report
     from mmcl.eval.retrieval import evaluate_retrieval
 
-    device = check_run_flags(args)
     source = model_source(args.checkpoint, args.open_clip, args.pretrained, args.hf_clap)
     audio, padding = _audio_overrides(args), "repeat"
     if args.protocol is not None:

@@ -1,14 +1,18 @@
-"""The typed schema of evaluation during training (the `eval:` section of a train config).
+"""The typed schema of evaluation during training (the `eval:` section of a train config), and the check of
+an evaluation's model flags.
 
-No torch import, so a train config is checked before anything expensive is built; unknown keys are
-errors, and every default lives here.
+No torch import, so a train config or an `mmcl eval` command line is checked before anything expensive is
+built; unknown keys are errors, and every default lives here.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mmcl.errors import UsageError
 
 ClassificationFormat = Literal[
     "auto", "shards", "class-folder", "cifar10", "cifar100", "esc50", "urbansound8k"
@@ -58,3 +62,17 @@ class EvalConfig(_Strict):
         if repeated:
             raise ValueError(f"eval task names must be unique (they prefix the metrics): {repeated} repeat")
         return self
+
+
+def check_model_choice(
+    checkpoint: Path | None, open_clip_name: str | None, pretrained: str | None, hf_clap: str | None = None
+) -> None:
+    """Exactly one model (--checkpoint, --open-clip or --hf-clap), and --pretrained only with --open-clip;
+    UsageError otherwise."""
+    if sum(x is not None for x in (checkpoint, open_clip_name, hf_clap)) != 1:
+        raise UsageError(
+            "give exactly one model: --checkpoint RUN/checkpoints/step-..., --open-clip NAME or "
+            "--hf-clap NAME"
+        )
+    if pretrained is not None and open_clip_name is None:
+        raise UsageError("--pretrained goes with --open-clip; --checkpoint and --hf-clap hold their weights")

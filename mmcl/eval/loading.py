@@ -28,6 +28,7 @@ from mmcl.checkpoint_folder import (
     list_checkpoints,
 )
 from mmcl.errors import UsageError
+from mmcl.eval.config import check_model_choice
 from mmcl.models import AudioTowerConfig, DualEncoder, ModelConfig, build_model
 from mmcl.models.factory import resolve_open_clip_name
 from mmcl.models.weights import TORCH_SUFFIXES, load_weights, read_state_dict
@@ -106,7 +107,7 @@ def load_eval_model(
     name or save_pretrained folder) must be given. `audio` overrides settings of an audio model's
     model.audio section (long_clips, max_seconds) for this evaluation.
     """
-    _check_choice(checkpoint, open_clip_name, pretrained, hf_clap)
+    check_model_choice(checkpoint, open_clip_name, pretrained, hf_clap)
     if checkpoint is not None:
         folder = resolve_checkpoint(checkpoint)
         weights = folder / MODEL_WEIGHTS
@@ -161,7 +162,7 @@ def model_source(
     hf_clap: str | None = None,
 ) -> ModelSource:
     """What `load_eval_model` with the same arguments loads, described for reports."""
-    _check_choice(checkpoint, open_clip_name, pretrained, hf_clap)
+    check_model_choice(checkpoint, open_clip_name, pretrained, hf_clap)
     if checkpoint is not None:
         folder = resolve_checkpoint(checkpoint)
         config = checkpoint_config(folder)
@@ -188,15 +189,3 @@ def audio_config(checkpoint: Path | None = None, hf_clap: str | None = None) -> 
 def _trained_clap_name(folder: Path) -> str:
     """The CLAP model a run fine-tuned, as its config named it."""
     return str(json.loads((folder / MODEL_CONFIG).read_text("utf-8")).get("hf_clap"))
-
-
-def _check_choice(
-    checkpoint: Path | None, open_clip_name: str | None, pretrained: str | None, hf_clap: str | None = None
-) -> None:
-    if sum(x is not None for x in (checkpoint, open_clip_name, hf_clap)) != 1:
-        raise UsageError(
-            "give exactly one model: --checkpoint RUN/checkpoints/step-..., --open-clip NAME or "
-            "--hf-clap NAME"
-        )
-    if pretrained is not None and open_clip_name is None:
-        raise UsageError("--pretrained goes with --open-clip; --checkpoint and --hf-clap hold their weights")
