@@ -186,7 +186,10 @@ def open_clip_loader(shards: list[Path], images: int) -> Callable[[], None] | No
         from open_clip_train.data import get_wds_dataset
 
         info = get_wds_dataset(args, TRANSFORM, is_train=True, tokenizer=TOKENIZER)
-        batches = sum(1 for batch in info.dataloader if hand_over(batch))
+        batches = 0
+        for batch in info.dataloader:
+            hand_over(batch)
+            batches += 1
         assert batches * BATCH == images, (batches, images)
 
     return run
@@ -206,14 +209,13 @@ def mmcl_stream(shards: Path, images: int, spec: DeviceImageSpec | None) -> Call
     return run
 
 
-def hand_over(batch: dict | list | tuple) -> bool:
+def hand_over(batch: dict | list | tuple) -> None:
     """What a loader worker does to send a batch to the training process: every tensor goes into shared
     memory (torch's reduce_storage when the batch is pickled onto the result queue), copied there unless it
     was built there."""
     for value in batch.values() if isinstance(batch, dict) else batch:
         if isinstance(value, torch.Tensor):
             value.share_memory_()
-    return True
 
 
 def tar_reading_mmcl(shards: list[Path]) -> Callable[[], None]:
