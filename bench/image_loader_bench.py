@@ -14,7 +14,8 @@ core, the median over the rounds. The sides, over the same shards (open_clip's V
   decode + crop/resize  the same, then RandomResizedCrop's box and Pillow's bicubic resize to 224, kept
                         uint8: a loader that resizes on the CPU and leaves the float conversion out (the
                         bare limit); "handed over": also stacked by 64 into shared memory, as a loader
-                        must hand its images over
+                        must hand its images over (into a worker's batch buffers, given back at once:
+                        mmcl.data.batch_buffers)
   open_clip transform   decode + open_clip's train transform (crop + resize, ToTensor, Normalize)
   open_clip loader      open_clip_train.data.get_wds_dataset over the shards, iterated with workers=0 (tar
                         reading, shuffling, decode, transform, tokenizing, batching)
@@ -23,7 +24,9 @@ core, the median over the rounds. The sides, over the same shards (open_clip's V
   mmcl whole transform  mmcl's stream running the model's whole transform in the worker (float hand-over),
                         as for transforms the uint8 hand-over does not take (colour jitter, timm's)
   mmcl device path      mmcl's stream with the device path: the worker's half (decode, with JPEG draft when
-                        the crop allows, crop, uint8 hand-over padded per batch)
+                        the crop allows, crop, uint8 hand-over padded per batch); "not given back": the
+                        same with every batch in a fresh shared-memory segment, as for a consumer that
+                        never gives batches back (mmcl.data.batch_buffers)
   device half on CPU    mmcl.data.device_transform.crops_to_model_input on those batches (resize, float,
                         normalise), timed on this CPU at 1 thread; on a GPU it runs on the training device
   tar reading           the part of the streams that reads the shards into samples: mmcl's reader
@@ -31,7 +34,9 @@ core, the median over the rounds. The sides, over the same shards (open_clip's V
                         as webdataset's tar_file_iterator uses it (stream mode, extractfile().read())
 
 Streams are timed over whole batches of 64 (fresh iterators each round, tar reading included), each batch
-handed over as a worker sends it to the training process (its tensors put into shared memory). The images
+handed over as a worker sends it to the training process (its tensors put into shared memory); mmcl's
+batches are then given back, as the trainer gives each back after its step, and open_clip's are not (torch's
+collate puts every batch in a fresh segment). The images
 are bench/shard_bench.py's photo-like pictures cut to 342 x 256 (landscape and portrait alternate), JPEG
 quality 95, written as mmcl shards of 50 in --work-dir (default bench/out/image_loader/, git-ignored) and
 reused. Results: a table on stdout and WORK_DIR/results.json (results-quick.json with --quick).
@@ -67,7 +72,7 @@ from host import host_facts  # noqa: E402
 from shard_bench import QUALITY, photo_like  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
-from mmcl.data.common import batch_buffer  # noqa: E402
+from mmcl.data.batch_buffers import TICKET, BatchBuffers  # noqa: E402
 from mmcl.data.device_transform import DeviceImageSpec, crops_to_model_input, device_image_spec  # noqa: E402
 from mmcl.data.pipeline import init_loader_worker  # noqa: E402
 from shards_tools.tar_stream import iter_samples  # noqa: E402
@@ -148,14 +153,18 @@ def decode_crop_resize(jpegs: list[bytes]) -> Callable[[], None]:
 
 
 def decode_crop_resize_handed_over(jpegs: list[bytes]) -> Callable[[], None]:
-    """The bare limit, its images handed over as a loader must: stacked by 64 into shared memory."""
+    """The bare limit, its images handed over as a loader must: stacked by 64 into shared memory (a
+    worker's batch buffers, each given back at once)."""
+    buffers = BatchBuffers(1)
 
     def run() -> None:
         batch: list[np.ndarray] = []
         for image in crop_resized(jpegs):
             batch.append(image)
             if len(batch) == BATCH:
-                np.stack(batch, out=batch_buffer((BATCH, *image.shape), torch.uint8).numpy())
+                stacked, ticket = buffers.allocate((BATCH, *image.shape), torch.uint8)
+                np.stack(batch, out=stacked.numpy())
+                buffers.give_back({TICKET: ticket})
                 batch = []
 
     return run
@@ -195,16 +204,20 @@ def open_clip_loader(shards: list[Path], images: int) -> Callable[[], None] | No
     return run
 
 
-def mmcl_stream(shards: Path, images: int, spec: DeviceImageSpec | None) -> Callable[[], None]:
+def mmcl_stream(
+    shards: Path, images: int, spec: DeviceImageSpec | None, give_back: bool = True
+) -> Callable[[], None]:
     cfg = DataConfig(sources=[{"urls": str(shards)}], batch_size=BATCH, workers=1)
 
     def run() -> None:
-        stream = iter(
-            build_train_stream(cfg, modality="image", media_transform=TRANSFORM, tokenizer=TOKENIZER,
-                               device_images=spec)
-        )  # fmt: skip
+        stream = build_train_stream(cfg, modality="image", media_transform=TRANSFORM, tokenizer=TOKENIZER,
+                                    device_images=spec)  # fmt: skip
+        batches = iter(stream)
         for _ in range(images // BATCH):
-            hand_over(next(stream))
+            batch = next(batches)
+            hand_over(batch)
+            if give_back:
+                stream.give_back([batch])
 
     return run
 
@@ -328,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "mmcl CPU path": (mmcl_stream(folder, streamed, replace(SPEC, resize_on_device=False)), streamed),
         "mmcl whole transform": (mmcl_stream(folder, streamed, None), streamed),
         "mmcl device path, worker": (mmcl_stream(folder, streamed, SPEC), streamed),
+        "mmcl device path, not given back": (mmcl_stream(folder, streamed, SPEC, give_back=False), streamed),
         "device half on CPU": (device_half(handed_over), streamed),
         "tar reading, mmcl": (tar_reading_mmcl(shards), len(jpegs)),
         "tar reading, tarfile": (tar_reading_tarfile(shards), len(jpegs)),

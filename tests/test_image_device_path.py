@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import ColorJitter, Compose, InterpolationMode, Normalize, RandomResizedCrop
 
 from mmcl.config import load_train_config
-from mmcl.data import DataConfig, DataProgress, build_train_stream
+from mmcl.data import DataConfig, DataProgress, build_loader, build_train_stream
+from mmcl.data.batch_buffers import BatchBuffers
 from mmcl.data.common import call_seeded
 from mmcl.data.device_transform import (
     DeviceImageSpec,
@@ -87,7 +89,7 @@ def device_path(spec: DeviceImageSpec, images: list[bytes], seeds: list[int]) ->
         image_crop({"__key__": "k", "jpg": data}, spec, seed)
         for data, seed in zip(images, seeds, strict=True)
     ]
-    batch = pad_crops([c for c, _ in crops], [box for _, box in crops])
+    batch, _ = pad_crops([c for c, _ in crops], [box for _, box in crops], BatchBuffers(0))
     return crops_to_model_input(batch["media"], batch["media_boxes"], batch["media_sizes"], spec)
 
 
@@ -299,6 +301,64 @@ def test_a_worker_builds_its_batch_where_sending_copies_nothing(tmp_path: Path, 
         if hand_over == "device path":
             for crop, (height, width) in zip(batch["media"], batch["media_sizes"].tolist(), strict=True):
                 assert not crop[height:].any() and not crop[:, width:].any()
+
+
+def _segment(tensor: torch.Tensor) -> int:
+    """The shared-memory segment a received tensor lies in (its inode)."""
+    fd, _ = tensor.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+@pytest.mark.parametrize("hand_over", ["device path", "CPU path", "whole transform"])
+def test_a_worker_reuses_the_memory_of_batches_given_back(tmp_path: Path, hand_over: str) -> None:
+    """A loader worker fills a batch's shared memory again once the consumer gives the batch back (as the
+    trainer does after each step), and never while the consumer holds it: batches held through later
+    ones still equal an in-process stream's, and so does every batch whose memory was reused (the device
+    path's padding zeroed again). A consumer that gives nothing back gets a fresh segment per batch."""
+    write_shards(tmp_path / "shards", count=24, per_shard=6)
+    transform = image_transform(64, is_train=True)
+    spec = {
+        "device path": choose_image_path(True, "cpu", transform),
+        "CPU path": choose_image_path(False, "cpu", transform),
+        "whole transform": None,
+    }[hand_over]
+    loader_args = {"modality": "image", "media_transform": transform, "tokenizer": TOKENIZER,
+                   "device_images": spec}  # fmt: skip
+
+    def config(workers: int) -> DataConfig:
+        return DataConfig(
+            sources=[{"urls": str(tmp_path / "shards")}], batch_size=4, workers=workers, shuffle_buffer=8
+        )
+
+    in_process = iter(build_train_stream(config(0), **loader_args))
+    wanted = [next(in_process) for _ in range(14)]
+
+    def same(batch: dict, want: dict) -> None:
+        assert batch["keys"] == want["keys"] and torch.equal(batch["media"], want["media"])
+        if hand_over == "device path":
+            for crop, (height, width) in zip(batch["media"], batch["media_sizes"].tolist(), strict=True):
+                assert not crop[height:].any() and not crop[:, width:].any()
+
+    loader = build_loader(config(1), **loader_args)
+    held, segments = [], []
+    for i, batch in enumerate(itertools.islice(loader, 14)):
+        same(batch, wanted[i])
+        segments.append(_segment(batch["media"]))
+        if i < 3:
+            held.append(batch)
+        else:
+            loader.dataset.give_back([batch])
+    for i, batch in enumerate(held):
+        same(batch, wanted[i])
+    # the held three, the one in hand and two prefetched (one more: a slot grown for a larger padded batch)
+    assert len(set(segments)) <= 3 + 3 + 1
+    kept = loader.dataset
+    loader.dataset.give_back(held)
+
+    never_given_back = build_loader(config(1), **loader_args)
+    assert never_given_back.dataset is not kept
+    fresh = [_segment(batch["media"]) for batch in itertools.islice(never_given_back, 10)]
+    assert len(set(fresh)) == 10
 
 
 def test_device_path_stream_resumes_exactly(tmp_path: Path) -> None:

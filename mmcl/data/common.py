@@ -1,4 +1,4 @@
-"""Pieces every data stage shares: the bad-sample error, error handlers, per-sample seeding and batch buffers.
+"""Pieces every data stage shares: the bad-sample error, error handlers and per-sample seeding.
 
 Exact resume needs every random choice to be a pure function of what identifies it, never of how
 much of the stream a process happens to have seen. `derive_seed` turns such an identity, e.g.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 from collections.abc import Callable
 from typing import TypeVar
@@ -79,15 +78,3 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
-
-
-def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled tensor for a batch that a loader worker assembles. In a DataLoader worker it is made in
-    shared memory, as torch's default_collate makes its batches, so handing it to the training process
-    copies nothing (a tensor in private memory is copied into shared memory when it is sent: ~22 MB a
-    device-path batch of 64 images). A new shared segment reads as zeros, so it needs no filling."""
-    if get_worker_info() is None:
-        return torch.zeros(shape, dtype=dtype)
-    count = math.prod(shape)
-    storage = torch.UntypedStorage._new_shared(count * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmcl.data.common import batch_buffer, logger
+from mmcl.data.batch_buffers import BatchBuffers
+from mmcl.data.common import logger
 from mmcl.errors import UsageError
 
 BICUBIC_A = -0.5  # Pillow's bicubic, which interpolate(antialias=True) reproduces (its plain bicubic: -0.75)
@@ -129,20 +130,26 @@ def choose_image_path(
     return replace(spec, resize_on_device=on_device)
 
 
-def pad_crops(crops: list[np.ndarray], boxes: list[tuple[float, float, float, float]]) -> dict[str, Tensor]:
+def pad_crops(
+    crops: list[np.ndarray], boxes: list[tuple[float, float, float, float]], buffers: BatchBuffers
+) -> tuple[dict[str, Tensor], tuple | None]:
     """Worker side: crops (uint8 [h, w, 3], sizes differ) and their boxes -> the batch's hand-over tensors
-    ("media" zero-padded to the largest crop, "media_boxes", "media_sizes"; see the module docstring)."""
+    ("media" zero-padded to the largest crop, "media_boxes", "media_sizes"; see the module docstring), and
+    the ticket of the buffer "media" lies in (`buffers.allocate`)."""
     height = max(c.shape[0] for c in crops)
     width = max(c.shape[1] for c in crops)
-    media = batch_buffer((len(crops), height, width, 3), torch.uint8)
+    media, ticket = buffers.allocate((len(crops), height, width, 3), torch.uint8)
     padded = media.numpy()
     for k, crop in enumerate(crops):
         padded[k, : crop.shape[0], : crop.shape[1]] = crop
-    return {
+        padded[k, : crop.shape[0], crop.shape[1] :] = 0  # a reused buffer holds an earlier batch
+        padded[k, crop.shape[0] :] = 0
+    tensors = {
         "media": media,
         BOXES: torch.tensor(boxes, dtype=torch.float32),
         SIZES: torch.tensor([c.shape[:2] for c in crops], dtype=torch.int32),
     }
+    return tensors, ticket
 
 
 def _bicubic(x: Tensor) -> Tensor:

@@ -49,7 +49,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.audio import audio_media
-from mmcl.data.common import BadSample, batch_buffer, derive_seed, log_and_continue, logger
+from mmcl.data.batch_buffers import TICKET, BatchBuffers
+from mmcl.data.common import BadSample, derive_seed, log_and_continue, logger
 from mmcl.data.config import DataConfig
 from mmcl.data.device_transform import DeviceImageSpec, pad_crops
 from mmcl.data.image import image_crop, image_media, image_resized
@@ -453,23 +454,28 @@ def _optional(items: list[dict], name: str, dtype: torch.dtype, missing: object)
     return torch.tensor([missing if v is None else v for v in values], dtype=dtype)
 
 
-def collate(items: list[dict], tokenizer: Callable[[list[str]], torch.Tensor]) -> dict[str, Any]:
+def collate(
+    items: list[dict], tokenizer: Callable[[list[str]], torch.Tensor], buffers: BatchBuffers
+) -> dict[str, Any]:
     """Prepared samples -> the batch's tensors, the captions tokenized in one call (every tokenizer mmcl
     builds pads to its context length, so a batch's tokens equal its samples' one by one). Optional fields
     are None when no sample has them;
     otherwise samples without them read noisy=False, alignment_score=NaN, label_index=-1. uint8 images
     stack into uint8 "media" [B, H, W, 3]; crops to resize on the device become "media" (padded uint8),
-    "media_boxes" and "media_sizes" (mmcl.data.device_transform). In a loader worker the media are stacked
-    straight into shared memory (common.batch_buffer), so sending the batch copies nothing."""
+    "media_boxes" and "media_sizes" (mmcl.data.device_transform). The media are stacked into `buffers`
+    (in a loader worker, shared memory that sending does not copy and the trainer gives back to reuse),
+    and the batch's TICKET names its buffer."""
     if "media_box" in items[0]:
-        media = pad_crops([item["media"] for item in items], [item["media_box"] for item in items])
+        media, ticket = pad_crops(
+            [item["media"] for item in items], [item["media_box"] for item in items], buffers
+        )
     elif isinstance(items[0]["media"], np.ndarray):
-        stacked = batch_buffer((len(items), *items[0]["media"].shape), torch.uint8)
+        stacked, ticket = buffers.allocate((len(items), *items[0]["media"].shape), torch.uint8)
         np.stack([item["media"] for item in items], out=stacked.numpy())
         media = {"media": stacked}
     else:
         first = items[0]["media"]
-        stacked = batch_buffer((len(items), *first.shape), first.dtype)
+        stacked, ticket = buffers.allocate((len(items), *first.shape), first.dtype)
         media = {"media": torch.stack([item["media"] for item in items], out=stacked)}
     return {
         **media,
@@ -478,6 +484,7 @@ def collate(items: list[dict], tokenizer: Callable[[list[str]], torch.Tensor]) -
         "noisy": _optional(items, "noisy", torch.bool, False),
         "alignment_score": _optional(items, "alignment_score", torch.float32, float("nan")),
         "label_index": _optional(items, "label_index", torch.long, -1),
+        TICKET: ticket,
     }
 
 
@@ -486,6 +493,7 @@ def batched(
     batch_size: int,
     state: ReaderState,
     tokenizer: Callable[[list[str]], torch.Tensor],
+    buffers: BatchBuffers,
 ) -> Iterator[dict[str, Any]]:
     """Full batches only (`collate`), each stamped with the reader's position after its last sample and
     "consumed": where the raw samples it accounts for lie (its own and the bad ones dropped since the
@@ -497,7 +505,7 @@ def batched(
             consumed = torch.tensor([item["where"] for item in batch] + state.dropped, dtype=torch.long)
             state.dropped = []
             yield {
-                **collate(batch, tokenizer),
+                **collate(batch, tokenizer, buffers),
                 "worker": state.worker,
                 "epoch": state.epoch,
                 "position": state.position,
@@ -578,6 +586,14 @@ class TrainStream(IterableDataset):
             max_seconds=cfg.max_seconds,
             device_images=device_images if modality == "image" else None,
         )
+        self.buffers = BatchBuffers(cfg.workers)
+
+    def give_back(self, batches: list[dict[str, Any]]) -> None:
+        """The consumer is done with `batches` (nothing reads their media any more): the workers may fill
+        their memory with later batches (mmcl.data.batch_buffers). A consumer that never calls it loses
+        nothing but that reuse."""
+        for batch in batches:
+            self.buffers.give_back(batch)
 
     def new_state(self) -> StreamState:
         """An empty StreamState for this stream's layout."""
@@ -629,7 +645,7 @@ class TrainStream(IterableDataset):
         # stream: decoded, transformed, tokenized samples; bad ones skipped and counted
         items = prepare(fresh, self.preparer, state, self.handler)
         # stream: batches with the reader's metadata
-        return batched(items, self.cfg.batch_size, state, self.preparer.tokenizer)
+        return batched(items, self.cfg.batch_size, state, self.preparer.tokenizer, self.buffers)
 
 
 def read_options(cfg: DataConfig) -> ReadOptions:

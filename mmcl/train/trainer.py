@@ -134,7 +134,7 @@ class Trainer:
             device_images=self.device_images,
             pin_memory=acc.device.type == "cuda",  # lets the batch's copy to the GPU overlap the step
         )
-        stream = self.loader.dataset
+        self.stream = stream = self.loader.dataset
         self.data_state = stream.initial_state()
         self.progress = stream.progress  # the main process records every rank's into it at each checkpoint
         # different augmentations per rank; a replayed resume restores each rank's generators as they were
@@ -352,6 +352,9 @@ class Trainer:
                 self.data_state.update(batch)
 
             loss, negatives, all_finite = self._optimizer_step(batches)
+            # the workers may fill the batches' memory again: the step's .item() waited for the device, so
+            # no copy from it is still running
+            self.stream.give_back(batches)
             if all_finite:
                 bad_in_a_row = 0
             else:
