@@ -3,14 +3,19 @@
     .venv/bin/python bench/audio_loader_bench.py                  # 200 clips, 3 repeats
     .venv/bin/python bench/audio_loader_bench.py --clips 400 --repeat 5
 
-Everything runs in this one process on one core (torch at 1 thread, no loader workers), so each figure is
-clips/s per core. The sides, each over the same shards:
+The sides run in one DataLoader worker process (bench/worker_timing.py: torch at 1 thread, torch's worker
+info set, glibc keeping freed memory as mmcl's loader workers do), after a warm-up pass each, taking turns in
+every round; each figure is clips/s on that one core, the median over the rounds. The sides, each over the
+same shards:
 
   bare decode      soundfile decodes every clip whole; the floor any loader pays
   bare + mel       the same, then HTSAT's log-mel (transformers' ClapFeatureExtractor defaults: 48 kHz,
                    n_fft 1024, hop 480, 64 mels) clip by clip, float32 torch
   mmcl stream      mmcl's training stream (capped tar reading, the 10 s window decoded, crop, tokenizing)
-                   with data.sample_rate 48000 and data.clip_seconds 10: what a loader worker does per clip
+                   with data.sample_rate 48000 and data.clip_seconds 10: what a loader worker does per clip,
+                   each batch of 64 handed over as a worker sends it (1.9 MB of float32 a clip) and given
+                   back as the trainer gives it back after its step; "not given back": every batch in a
+                   fresh shared-memory segment (mmcl.data.batch_buffers)
   tower features   mmcl's CLAP feature module (mmcl/models/hf_audio.py ClapFeatures) on batches of 64
                    waveforms, float64 as on CPU/CUDA and float32: what an `hf` CLAP tower computes per clip
                    inside the model step, on the model's device
@@ -34,10 +39,8 @@ import io
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +50,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+
+from worker_timing import hand_over, in_worker  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
@@ -106,9 +111,9 @@ def bare_mel(flacs: list[bytes]) -> Callable[[], None]:
     return run
 
 
-def mmcl_stream(shards: Path, clips: int) -> Callable[[], None]:
+def mmcl_stream(shards: Path, clips: int, give_back: bool = True) -> Callable[[], None]:
     cfg = DataConfig(
-        sources=[{"urls": str(shards)}], batch_size=BATCH, workers=0, shuffle_buffer=0,
+        sources=[{"urls": str(shards)}], batch_size=BATCH, workers=1, shuffle_buffer=0,
         sample_rate=RATE, clip_seconds=SECONDS,
     )  # fmt: skip
 
@@ -116,9 +121,13 @@ def mmcl_stream(shards: Path, clips: int) -> Callable[[], None]:
         return torch.zeros(len(texts), 8, dtype=torch.long)
 
     def run() -> None:
-        stream = iter(build_train_stream(cfg, modality="audio", media_transform=None, tokenizer=tokenizer))
+        stream = build_train_stream(cfg, modality="audio", media_transform=None, tokenizer=tokenizer)
+        batches = iter(stream)
         for _ in range(clips // BATCH):
-            next(stream)
+            batch = next(batches)
+            hand_over(batch)
+            if give_back:
+                stream.give_back([batch])
 
     return run
 
@@ -146,17 +155,6 @@ def _float32_features(features, batch: torch.Tensor) -> torch.Tensor:
     window, filters = features.window.float(), features.filters.float()
     spec = torch.stft(features.pad(batch), features.n_fft, features.hop, window=window, return_complex=True)
     return 10 * (spec.abs().pow(2).transpose(1, 2) @ filters).clamp(min=1e-10).log10()
-
-
-def timed(run: Callable[[], None], clips: int, repeat: int) -> dict:
-    """clips/s of each repeat (after one warm-up run), the median and the best."""
-    run()
-    rates = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        rates.append(clips / (time.perf_counter() - start))
-    return {"median": statistics.median(rates), "best": max(rates), "runs": rates}
 
 
 def train_data_wait(work: Path, steps: int) -> dict:
@@ -212,13 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         "bare decode": (lambda: bare_decode(flacs), len(flacs)),
         "bare + mel": (bare_mel(flacs), len(flacs)),
         "mmcl stream": (mmcl_stream(args.work_dir / "shards", args.clips), streamed),
+        "mmcl stream, not given back": (mmcl_stream(args.work_dir / "shards", args.clips, False), streamed),
         "tower features, float64": (tower_features(flacs, torch.float64), streamed),
         "tower features, float32": (tower_features(flacs, torch.float32), streamed),
     }
-    results = {name: timed(run, clips, args.repeat) for name, (run, clips) in sides.items()}
+    results = in_worker(sides, args.repeat)
     print(f"{args.clips} clips of {SECONDS:g} s at {RATE} Hz, one core, median of {args.repeat} (best)")
     for name, r in results.items():
-        print(f"  {name:<26} {r['median']:8.1f} clips/s ({r['best']:.1f})")
+        print(f"  {name:<28} {r['median']:8.1f} clips/s ({r['best']:.1f})")
     out = {"clips": args.clips, "results": results}
     if args.train_steps:
         out["training"] = train_data_wait(args.work_dir, args.train_steps)

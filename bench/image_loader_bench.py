@@ -51,7 +51,6 @@ import json
 import statistics
 import sys
 import tarfile
-import time
 from argparse import Namespace
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -62,7 +61,6 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import RandomResizedCrop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +68,11 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from host import host_facts  # noqa: E402
 from shard_bench import QUALITY, photo_like  # noqa: E402
+from worker_timing import hand_over, in_worker  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from mmcl.data.batch_buffers import TICKET, BatchBuffers  # noqa: E402
 from mmcl.data.device_transform import DeviceImageSpec, crops_to_model_input, device_image_spec  # noqa: E402
-from mmcl.data.pipeline import init_loader_worker  # noqa: E402
 from shards_tools.tar_stream import iter_samples  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
 
@@ -222,15 +220,6 @@ def mmcl_stream(
     return run
 
 
-def hand_over(batch: dict | list | tuple) -> None:
-    """What a loader worker does to send a batch to the training process: every tensor goes into shared
-    memory (torch's reduce_storage when the batch is pickled onto the result queue), copied there unless it
-    was built there."""
-    for value in batch.values() if isinstance(batch, dict) else batch:
-        if isinstance(value, torch.Tensor):
-            value.share_memory_()
-
-
 def tar_reading_mmcl(shards: list[Path]) -> Callable[[], None]:
     def run() -> None:
         for shard in shards:
@@ -270,47 +259,6 @@ def device_path_batches(shards: Path, images: int) -> list[dict]:
                            device_images=SPEC)
     )  # fmt: skip
     return [next(stream) for _ in range(images // BATCH)]
-
-
-# ------------------------------------------------------------------------------------------------ timing
-
-
-def timed_interleaved(sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> dict[str, dict]:
-    """images/s of each side per round (after one warm-up run each), the median and the best. The sides
-    take turns within each round, so the machine's drift over the minutes of a run is shared among them."""
-    for run, _ in sides.values():
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(repeat):
-        for name, (run, images) in sides.items():
-            start = time.perf_counter()
-            run()
-            rates[name].append(images / (time.perf_counter() - start))
-    return {name: {"median": statistics.median(r), "best": max(r), "runs": r} for name, r in rates.items()}
-
-
-class _TimedInWorker(IterableDataset):
-    """Yields `timed_interleaved`'s result, measured inside the DataLoader worker that iterates it."""
-
-    def __init__(self, sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> None:
-        super().__init__()
-        self.sides, self.repeat = sides, repeat
-
-    def __iter__(self):
-        yield timed_interleaved(self.sides, self.repeat)
-
-
-def in_worker(sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> dict[str, dict]:
-    """`timed_interleaved` inside one forked DataLoader worker: one core, torch at 1 thread, worker info
-    set."""
-    loader = DataLoader(
-        _TimedInWorker(sides, repeat),
-        batch_size=None,
-        num_workers=1,
-        multiprocessing_context="fork",
-        worker_init_fn=init_loader_worker,
-    )
-    return next(iter(loader))
 
 
 def main(argv: list[str] | None = None) -> int:
