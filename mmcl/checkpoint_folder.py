@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmcl.errors import UsageError
+
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, in run.output_dir
 PREFIX = "step-"
 MODEL_WEIGHTS = "model.safetensors"
@@ -45,3 +47,23 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.exists():
         return []
     return sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir() and is_complete(p)), key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: Path, argument: str = "--checkpoint") -> Path:
+    """`path` itself if it is a checkpoint folder; for a run folder (or its checkpoints/), the newest
+    complete checkpoint in it. `argument` names it in the UsageError for a path that is neither."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(
+            f"{argument} {path} does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder"
+        )
+    if (path / MODEL_CONFIG).is_file():
+        return path
+    for root in (path / CHECKPOINTS, path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UsageError(
+        f"{argument} {path} holds no {MODEL_CONFIG}, and no complete checkpoint below it "
+        f"(RUN/{CHECKPOINTS}/{PREFIX}*/ with a {COMPLETE} marker); point it at a checkpoint folder"
+    )

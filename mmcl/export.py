@@ -23,6 +23,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from mmcl.checkpoint_folder import resolve_checkpoint
 from mmcl.errors import UsageError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -38,14 +39,15 @@ EXPORT_EXAMPLE = """example:
 def export_model(checkpoint: Path, output: Path, format: str = "hf") -> Path:
     """Write the model of `checkpoint` (a checkpoint folder, or a run folder: its newest checkpoint) to the
     new folder `output` in `format`; returns `output`."""
-    from mmcl.eval.loading import checkpoint_config, resolve_checkpoint
-
     if format != "hf":
         raise UsageError(f"--format {format!r}: the one export format is hf")
-    folder = resolve_checkpoint(checkpoint)
+    folder = resolve_checkpoint(checkpoint, argument="checkpoint")
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"{output} exists and is not empty; choose a new output folder")
+    # the arguments are checked; only now the model libraries (seconds to import)
+    from mmcl.eval.loading import checkpoint_config
+
     config = checkpoint_config(folder)
     if config.modality == "image":
         return _export_open_clip(folder, output)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -15,6 +17,8 @@ from mmcl.config import load_train_config
 from mmcl.eval.loading import load_eval_model
 from mmcl.export import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from mmcl.train.trainer import run_training
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +63,26 @@ def test_export_refuses_a_non_empty_output_and_names_it(trained_run: Path, tmp_p
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["export", str(trained_run), str(tmp_path / "taken")]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_is_not_there_fails_before_the_model_libraries_load(tmp_path: Path) -> None:
+    """`mmcl export` checks its arguments first: a checkpoint that does not exist, or a folder that holds
+    none, is one message naming it and exit code 2, before torch, open_clip or transformers are imported
+    (a mistyped path fails at once, not after the seconds those imports take)."""
+    script = (
+        "import sys; from mmcl.cli import main; code = main(['export', sys.argv[1], sys.argv[2]]); "
+        "print(code, sorted({'torch', 'open_clip', 'transformers'} & set(sys.modules)))"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for checkpoint, problem in [
+        (tmp_path / "missing", "does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder"),
+        (empty, "holds no model.json, and no complete checkpoint below it"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(checkpoint), str(tmp_path / "out")],
+            capture_output=True, text=True, cwd=REPO, check=True,
+        )  # fmt: skip
+        assert result.stdout.strip() == "2 []"
+        assert result.stderr.startswith(f"mmcl export: error: checkpoint {checkpoint} {problem}")
+        assert len(result.stderr.splitlines()) == 1

@@ -4,7 +4,7 @@ A DataLoader worker sends a tensor to the training process through shared memory
 its private memory there first. So a worker stacks a batch's media straight into a shared-memory segment,
 as torch's default_collate does, and sending copies nothing. A fresh segment still costs the kernel a
 fault and a zeroed page for every 4 KiB written (~5 us a page on a KVM guest: ~0.45 ms an image of the
-device path's padded crops, a quarter of its worker's time), so each worker keeps its segments and reuses
+device path's padded crops, a fifth of its worker's time), so each worker keeps its segments and reuses
 one once the training process is done with the batch in it.
 
 The training process says so with `BatchBuffers.give_back(batch)`: the trainer calls it after the optimizer

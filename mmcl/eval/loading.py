@@ -18,15 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mmcl.checkpoint_folder import (
-    CHECKPOINTS,
-    COMPLETE,
-    MODEL_CONFIG,
-    MODEL_FILES,
-    MODEL_WEIGHTS,
-    PREFIX,
-    list_checkpoints,
-)
+from mmcl.checkpoint_folder import MODEL_CONFIG, MODEL_FILES, MODEL_WEIGHTS, resolve_checkpoint
 from mmcl.errors import UsageError
 from mmcl.eval.config import check_model_choice
 from mmcl.models import AudioTowerConfig, DualEncoder, ModelConfig, build_model
@@ -41,26 +33,6 @@ class ModelSource:
     name: str  # open_clip architecture (for audio models: the text tower's)
     pretrained: str  # checkpoint folder, weights file, open_clip tag, or "none"
     modality: str
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint folder; for a run folder (or its checkpoints/), the newest
-    complete checkpoint in it."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UsageError(
-            f"--checkpoint {path} does not exist; give RUN/checkpoints/step-NNNNNNNN or a run folder"
-        )
-    if (path / MODEL_CONFIG).is_file():
-        return path
-    for root in (path / CHECKPOINTS, path):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
-    raise UsageError(
-        f"--checkpoint {path} holds no {MODEL_CONFIG}, and no complete checkpoint below it "
-        f"(RUN/{CHECKPOINTS}/{PREFIX}*/ with a {COMPLETE} marker); point it at a checkpoint folder"
-    )
 
 
 def checkpoint_config(checkpoint: Path) -> ModelConfig:
