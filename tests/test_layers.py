@@ -23,7 +23,7 @@ PACKAGES = ("shards_tools", "mmcl", "pipelines")
 # mmcl's parts, and which other parts each may import (besides itself and shards_tools)
 ALLOWED = {
     "mmcl.errors": set(),
-    "mmcl.checkpoint_folder": set(),
+    "mmcl.checkpoint_folder": {"mmcl.errors"},
     "mmcl.host_memory": set(),
     "mmcl.losses": set(),
     "mmcl.data": {"mmcl.errors", "mmcl.host_memory"},
@@ -31,7 +31,7 @@ ALLOWED = {
     "mmcl.noise": {"mmcl.errors", "mmcl.losses"},
     "mmcl.eval": {"mmcl.errors", "mmcl.checkpoint_folder", "mmcl.data", "mmcl.host_memory", "mmcl.models"},
     "mmcl.config": {"mmcl.errors", "mmcl.data", "mmcl.eval", "mmcl.models", "mmcl.noise"},
-    "mmcl.export": {"mmcl.errors", "mmcl.eval", "mmcl.models"},
+    "mmcl.export": {"mmcl.errors", "mmcl.checkpoint_folder", "mmcl.eval", "mmcl.models"},
     "mmcl.convert": {"mmcl.errors", "mmcl.models"},
     "mmcl.curate": {"mmcl.errors", "mmcl.data", "mmcl.eval", "mmcl.host_memory", "mmcl.models", "mmcl.noise"},
     "mmcl.train": {
