@@ -52,7 +52,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
-from worker_timing import hand_over, in_worker  # noqa: E402
+from worker_timing import drain, in_worker  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from shards_tools.writer import sample_bytes, tar_end  # noqa: E402
@@ -122,12 +122,7 @@ def mmcl_stream(shards: Path, clips: int, give_back: bool = True) -> Callable[[]
 
     def run() -> None:
         stream = build_train_stream(cfg, modality="audio", media_transform=None, tokenizer=tokenizer)
-        batches = iter(stream)
-        for _ in range(clips // BATCH):
-            batch = next(batches)
-            hand_over(batch)
-            if give_back:
-                stream.give_back([batch])
+        drain(stream, clips // BATCH, give_back)
 
     return run
 

@@ -68,7 +68,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from host import host_facts  # noqa: E402
 from shard_bench import QUALITY, photo_like  # noqa: E402
-from worker_timing import hand_over, in_worker  # noqa: E402
+from worker_timing import drain, hand_over, in_worker  # noqa: E402
 
 from mmcl.data import DataConfig, build_train_stream  # noqa: E402
 from mmcl.data.batch_buffers import TICKET, BatchBuffers  # noqa: E402
@@ -210,12 +210,7 @@ def mmcl_stream(
     def run() -> None:
         stream = build_train_stream(cfg, modality="image", media_transform=TRANSFORM, tokenizer=TOKENIZER,
                                     device_images=spec)  # fmt: skip
-        batches = iter(stream)
-        for _ in range(images // BATCH):
-            batch = next(batches)
-            hand_over(batch)
-            if give_back:
-                stream.give_back([batch])
+        drain(stream, images // BATCH, give_back)
 
     return run
 

@@ -23,6 +23,17 @@ def hand_over(batch: dict | list | tuple) -> None:
             value.share_memory_()
 
 
+def drain(stream, batches: int, give_back: bool) -> None:
+    """`batches` batches of an mmcl training stream (build_train_stream), each handed over as a worker
+    sends it and, with `give_back`, given back as the trainer gives each back after its step."""
+    iterator = iter(stream)
+    for _ in range(batches):
+        batch = next(iterator)
+        hand_over(batch)
+        if give_back:
+            stream.give_back([batch])
+
+
 def timed_interleaved(sides: dict[str, tuple[Callable[[], None], int]], repeat: int) -> dict[str, dict]:
     """Items/s of each side per round (after one warm-up run each), the median and the best. The sides
     take turns within each round, so the machine's drift over the minutes of a run is shared among them."""

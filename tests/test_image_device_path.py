@@ -268,39 +268,49 @@ class _SharedProbe(IterableDataset):
             yield batch, [n for n, v in batch.items() if isinstance(v, torch.Tensor) and not v.is_shared()]
 
 
-@pytest.mark.parametrize("hand_over", ["device path", "CPU path", "whole transform"])
-def test_a_worker_builds_its_batch_where_sending_copies_nothing(tmp_path: Path, hand_over: str) -> None:
-    """A loader worker stacks a batch's media straight into shared memory, as torch's default_collate does,
-    instead of a private array that the DataLoader would copy there to send it (~22 MB a device-path batch
-    of 64 at 224 px). The batches are those an in-process stream gives, and the device path's padding reads
-    as zeros."""
-    write_shards(tmp_path / "shards", count=24, per_shard=6)
+HAND_OVERS = ["device path", "CPU path", "whole transform"]
+
+
+def hand_over_stream(shards: Path, hand_over: str, workers: int, *, loader: bool = False):
+    """A stream of 64 px images over `shards` with one of HAND_OVERS (batches of 4), built for `workers`
+    loader workers; with `loader`, build_loader's DataLoader over it."""
     transform = image_transform(64, is_train=True)
     spec = {
         "device path": choose_image_path(True, "cpu", transform),
         "CPU path": choose_image_path(False, "cpu", transform),
         "whole transform": None,
     }[hand_over]
+    cfg = DataConfig(sources=[{"urls": str(shards)}], batch_size=4, workers=workers, shuffle_buffer=8)
+    build = build_loader if loader else build_train_stream
+    return build(cfg, modality="image", media_transform=transform, tokenizer=TOKENIZER, device_images=spec)
 
-    def stream(workers: int):
-        cfg = DataConfig(
-            sources=[{"urls": str(tmp_path / "shards")}], batch_size=4, workers=workers, shuffle_buffer=8
-        )
-        return build_train_stream(
-            cfg, modality="image", media_transform=transform, tokenizer=TOKENIZER, device_images=spec
-        )
 
-    in_process = iter(stream(0))
+def assert_same_batch(batch: dict, want: dict) -> None:
+    """`batch` has `want`'s keys and media, and a device-path batch's padding reads as zeros."""
+    assert batch["keys"] == want["keys"] and torch.equal(batch["media"], want["media"])
+    if "media_sizes" in batch:
+        for crop, (height, width) in zip(batch["media"], batch["media_sizes"].tolist(), strict=True):
+            assert not crop[height:].any() and not crop[:, width:].any()
+
+
+@pytest.mark.parametrize("hand_over", HAND_OVERS)
+def test_a_worker_builds_its_batch_where_sending_copies_nothing(tmp_path: Path, hand_over: str) -> None:
+    """A loader worker stacks a batch's media straight into shared memory, as torch's default_collate does,
+    instead of a private array that the DataLoader would copy there to send it (~22 MB a device-path batch
+    of 64 at 224 px). The batches are those an in-process stream gives, and the device path's padding reads
+    as zeros."""
+    shards = tmp_path / "shards"
+    write_shards(shards, count=24, per_shard=6)
+    in_process = iter(hand_over_stream(shards, hand_over, 0))
     loader = DataLoader(
-        _SharedProbe(stream(1)), batch_size=None, num_workers=1, worker_init_fn=init_loader_worker
+        _SharedProbe(hand_over_stream(shards, hand_over, 1)),
+        batch_size=None,
+        num_workers=1,
+        worker_init_fn=init_loader_worker,
     )
     for batch, private in itertools.islice(loader, 5):
         assert "media" not in private
-        want = next(in_process)
-        assert batch["keys"] == want["keys"] and torch.equal(batch["media"], want["media"])
-        if hand_over == "device path":
-            for crop, (height, width) in zip(batch["media"], batch["media_sizes"].tolist(), strict=True):
-                assert not crop[height:].any() and not crop[:, width:].any()
+        assert_same_batch(batch, next(in_process))
 
 
 def _segment(tensor: torch.Tensor) -> int:
@@ -309,54 +319,35 @@ def _segment(tensor: torch.Tensor) -> int:
     return os.fstat(fd).st_ino
 
 
-@pytest.mark.parametrize("hand_over", ["device path", "CPU path", "whole transform"])
+@pytest.mark.parametrize("hand_over", HAND_OVERS)
 def test_a_worker_reuses_the_memory_of_batches_given_back(tmp_path: Path, hand_over: str) -> None:
     """A loader worker fills a batch's shared memory again once the consumer gives the batch back (as the
     trainer does after each step), and never while the consumer holds it: batches held through later
     ones still equal an in-process stream's, and so does every batch whose memory was reused (the device
     path's padding zeroed again). A consumer that gives nothing back gets a fresh segment per batch."""
-    write_shards(tmp_path / "shards", count=24, per_shard=6)
-    transform = image_transform(64, is_train=True)
-    spec = {
-        "device path": choose_image_path(True, "cpu", transform),
-        "CPU path": choose_image_path(False, "cpu", transform),
-        "whole transform": None,
-    }[hand_over]
-    loader_args = {"modality": "image", "media_transform": transform, "tokenizer": TOKENIZER,
-                   "device_images": spec}  # fmt: skip
-
-    def config(workers: int) -> DataConfig:
-        return DataConfig(
-            sources=[{"urls": str(tmp_path / "shards")}], batch_size=4, workers=workers, shuffle_buffer=8
-        )
-
-    in_process = iter(build_train_stream(config(0), **loader_args))
+    shards = tmp_path / "shards"
+    write_shards(shards, count=24, per_shard=6)
+    in_process = iter(hand_over_stream(shards, hand_over, 0))
     wanted = [next(in_process) for _ in range(14)]
 
-    def same(batch: dict, want: dict) -> None:
-        assert batch["keys"] == want["keys"] and torch.equal(batch["media"], want["media"])
-        if hand_over == "device path":
-            for crop, (height, width) in zip(batch["media"], batch["media_sizes"].tolist(), strict=True):
-                assert not crop[height:].any() and not crop[:, width:].any()
-
-    loader = build_loader(config(1), **loader_args)
+    loader = hand_over_stream(shards, hand_over, 1, loader=True)
     held, segments = [], []
     for i, batch in enumerate(itertools.islice(loader, 14)):
-        same(batch, wanted[i])
+        assert_same_batch(batch, wanted[i])
         segments.append(_segment(batch["media"]))
         if i < 3:
             held.append(batch)
         else:
             loader.dataset.give_back([batch])
     for i, batch in enumerate(held):
-        same(batch, wanted[i])
+        assert_same_batch(batch, wanted[i])
     # the held three, the one in hand and the two the DataLoader has asked for (a segment has room for a
     # batch a quarter larger than the largest before it: these padded batches never outgrow one)
     assert len(set(segments)) <= 3 + 3
     kept = loader.dataset
     loader.dataset.give_back(held)
 
-    never_given_back = build_loader(config(1), **loader_args)
+    never_given_back = hand_over_stream(shards, hand_over, 1, loader=True)
     assert never_given_back.dataset is not kept
     fresh = [_segment(batch["media"]) for batch in itertools.islice(never_given_back, 10)]
     assert len(set(fresh)) == 10
